@@ -1,0 +1,191 @@
+// CPU implementations of fusedattn::attention_fwd / attention_bwd: argument checks, output
+// allocation and the mask's memory layout; the arithmetic is in attention_kernel.cpp.
+// The Python wrappers (fusedattn/api.py) validate first with friendlier ValueErrors; these
+// TORCH_CHECKs keep direct torch.ops.fusedattn calls from ever reading out of bounds.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "cpu/attention.h"
+
+namespace fusedattn::cpu {
+namespace {
+
+InDtype in_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return InDtype::kFloat32;
+    case at::kBFloat16: return InDtype::kBFloat16;
+    case at::kHalf: return InDtype::kFloat16;
+    default:
+      TORCH_CHECK(false, "fusedattn (cpu): q must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4, "fusedattn (cpu): q must be 4-D (B, Hq, Lq, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "fusedattn (cpu): k must be 4-D (B, Hkv, Lk, D), got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "fusedattn (cpu): v must be 4-D (B, Hkv, Lk, Dv), got shape ", v.sizes());
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu(), "fusedattn (cpu): q, k, v must be CPU tensors, got ", t->device());
+  in_dtype(q);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fusedattn (cpu): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fusedattn (cpu): batch sizes differ: q ",
+              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(v.size(1) == k.size(1), "fusedattn (cpu): k and v must have the same number of heads, got ",
+              k.size(1), " and ", v.size(1));
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
+              "fusedattn (cpu): the number of query heads (", q.size(1),
+              ") must be a multiple of the number of kv heads (", k.size(1), ")");
+  TORCH_CHECK(k.size(3) == q.size(3), "fusedattn (cpu): k head dim ", k.size(3), " != q head dim ", q.size(3));
+  TORCH_CHECK(v.size(2) == k.size(2), "fusedattn (cpu): v length ", v.size(2), " != k length ", k.size(2));
+}
+
+void check_window(int64_t left, int64_t right, double scale, double softcap) {
+  TORCH_CHECK(left >= -1 && right >= -1, "fusedattn (cpu): window sizes must be >= 0 or -1 (unbounded), got (",
+              left, ", ", right, ")");
+  TORCH_CHECK(std::isfinite(scale), "fusedattn (cpu): scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fusedattn (cpu): softcap must be >= 0, got ", softcap);
+}
+
+// Brings attn_mask to an additive float32 tensor broadcast (stride 0) to (B, Hq, Lq, Lk) whose
+// last dimension is contiguous, without materializing the broadcast dimensions.
+at::Tensor prepare_mask(const at::Tensor& mask, int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
+  TORCH_CHECK(mask.device().is_cpu(), "fusedattn (cpu): attn_mask must be on the CPU, got ", mask.device());
+  TORCH_CHECK(mask.dim() <= 4, "fusedattn (cpu): attn_mask must have at most 4 dims, got shape ", mask.sizes());
+  const int64_t full[4] = {B, Hq, Lq, Lk};
+  std::vector<int64_t> shape(4 - mask.dim(), 1);
+  for (int64_t s : mask.sizes()) shape.push_back(s);
+  for (int d = 0; d < 4; ++d)
+    TORCH_CHECK(shape[d] == 1 || shape[d] == full[d], "fusedattn (cpu): attn_mask of shape ", mask.sizes(),
+                " does not broadcast to (B, Hq, Lq, Lk) = (", B, ", ", Hq, ", ", Lq, ", ", Lk, ")");
+  at::Tensor m = mask.reshape(shape);
+  if (m.scalar_type() == at::kBool) {
+    m = at::where(m, at::zeros({}, m.options().dtype(at::kFloat)),
+                  at::full({}, -std::numeric_limits<float>::infinity(), m.options().dtype(at::kFloat)));
+  } else {
+    TORCH_CHECK(at::isFloatingType(m.scalar_type()), "fusedattn (cpu): attn_mask must be bool or floating, got ",
+                m.scalar_type());
+    m = m.to(at::kFloat);
+  }
+  if (m.size(3) != Lk) m = m.expand({m.size(0), m.size(1), m.size(2), Lk});
+  if (m.stride(3) != 1) m = m.contiguous();
+  return m.expand({B, Hq, Lq, Lk});
+}
+
+template <typename P>
+void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                 int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                 const at::Tensor* mask) {
+  p.dtype = in_dtype(q);
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.D = q.size(3);
+  p.Dv = v.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.mask.window_left = window_left;
+  p.mask.window_right = window_right;
+  p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
+  if (mask) {
+    p.mask.mask = mask->data_ptr<float>();
+    for (int d = 0; d < 3; ++d) p.mask.mask_stride[d] = mask->stride(d);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& attn_mask, double scale,
+                                                     int64_t window_left, int64_t window_right, bool bottom_right,
+                                                     double softcap) {
+  check_qkv(q, k, v);
+  check_window(window_left, window_right, scale, softcap);
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
+  at::Tensor out = at::empty({B, Hq, Lq, Dv}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  std::optional<at::Tensor> mask;
+  if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);
+  AttnFwdParams p{};
+  fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  attention_fwd_dispatch(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
+    int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& grad_lse) {
+  check_qkv(q, k, v);
+  check_window(window_left, window_right, scale, softcap);
+  const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3),
+                Dv = v.size(3);
+  const std::vector<int64_t> o_shape{B, Hq, Lq, Dv}, l_shape{B, Hq, Lq};
+  TORCH_CHECK(grad_out.sizes() == o_shape && grad_out.scalar_type() == q.scalar_type() && grad_out.device().is_cpu(),
+              "fusedattn (cpu): grad_out must be a CPU ", q.scalar_type(), " tensor of shape ", o_shape, ", got ",
+              grad_out.scalar_type(), " ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == o_shape && out.device().is_cpu(), "fusedattn (cpu): out must have shape ", o_shape,
+              ", got ", out.sizes());
+  TORCH_CHECK(lse.sizes() == l_shape && lse.scalar_type() == at::kFloat && lse.device().is_cpu(),
+              "fusedattn (cpu): lse must be a float32 CPU tensor of shape ", l_shape, ", got ", lse.scalar_type(),
+              " ", lse.sizes());
+  if (grad_lse.has_value())
+    TORCH_CHECK(grad_lse->sizes() == l_shape && grad_lse->device().is_cpu(),
+                "fusedattn (cpu): grad_lse must have shape ", l_shape, ", got ", grad_lse->sizes());
+
+  at::Tensor dq = at::empty({B, Hq, Lq, D}, q.options());
+  if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0)
+    return {dq, at::empty_like(k, at::MemoryFormat::Contiguous), at::empty_like(v, at::MemoryFormat::Contiguous)};
+  // delta_i = sum_d dout_id * out_id  (- dlse_i): the softmax Jacobian's row term.
+  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  at::Tensor lse_c = lse.contiguous();
+  at::Tensor dk_h = at::empty({B, Hq, Lk, D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_h = at::empty({B, Hq, Lk, Dv}, q.options().dtype(at::kFloat));
+  std::optional<at::Tensor> mask;
+  if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);
+
+  AttnBwdParams p{};
+  fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.dout = grad_out.data_ptr();
+  for (int d = 0; d < 4; ++d) p.dout_stride[d] = grad_out.stride(d);
+  p.lse = lse_c.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk_per_qhead = dk_h.data_ptr<float>();
+  p.dv_per_qhead = dv_h.data_ptr<float>();
+  attention_bwd_dispatch(p);
+
+  // Sum the per-query-head contributions of each GQA group (a no-op view for MHA).
+  const int64_t group = Hkv > 0 ? Hq / Hkv : 1;
+  at::Tensor dk = group == 1 ? dk_h : dk_h.view({B, Hkv, group, Lk, D}).sum(2);
+  at::Tensor dv = group == 1 ? dv_h : dv_h.view({B, Hkv, group, Lk, Dv}).sum(2);
+  return {dq, dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace fusedattn::cpu

@@ -1,0 +1,69 @@
+// Parameters shared by the CPU attention front-end (attention.cpp) and the per-ISA kernels
+// (attention_kernel.cpp, compiled once per instruction set, picked in dispatch.cpp).
+// Plain structs of pointers, sizes and element strides: the kernels never see an at::Tensor,
+// so validation and allocation live in exactly one place (attention.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace fusedattn::cpu {
+
+enum class InDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Which keys a query row may see. Query i, key j, off = Lk - Lq (bottom-right) or 0 (top-left):
+//   visible  <=>  i + off - window_left <= j <= i + off + window_right   (-1 = unbounded side)
+// causal is window_right = 0. An additive float32 mask is added on top of this.
+struct MaskSpec {
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+  int64_t diag_offset = 0;
+  const float* mask = nullptr;  // additive, broadcast to (B, Hq, Lq, Lk) by strides; last stride 1
+  int64_t mask_stride[3] = {0, 0, 0};  // b, h, i  (elements)
+};
+
+struct AttnFwdParams {
+  InDtype dtype;
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  const void* q; int64_t q_stride[4];  // q: (B, Hq, Lq, D)
+  const void* k; int64_t k_stride[4];  // k: (B, Hkv, Lk, D)
+  const void* v; int64_t v_stride[4];  // v: (B, Hkv, Lk, Dv)
+  void* out;                           // out: (B, Hq, Lq, Dv) contiguous, dtype of q
+  float* lse;                          // lse: (B, Hq, Lq) contiguous, natural log
+  float scale, softcap;
+  MaskSpec mask;
+};
+
+struct AttnBwdParams {
+  InDtype dtype;
+  int64_t B, Hq, Hkv, Lq, Lk, D, Dv;
+  const void* q; int64_t q_stride[4];
+  const void* k; int64_t k_stride[4];
+  const void* v; int64_t v_stride[4];
+  const void* dout; int64_t dout_stride[4];  // dout: (B, Hq, Lq, Dv), dtype of q
+  const float* lse;                          // (B, Hq, Lq) contiguous
+  const float* delta;                        // (B, Hq, Lq) contiguous: rowsum(dout * out) - grad_lse
+  void* dq;                                  // (B, Hq, Lq, D) contiguous, dtype of q
+  float* dk_per_qhead;                       // (B, Hq, Lk, D) contiguous fp32 (summed over GQA groups by caller)
+  float* dv_per_qhead;                       // (B, Hq, Lk, Dv) contiguous fp32
+  float scale, softcap;
+  MaskSpec mask;
+};
+
+// Implemented once per ISA in namespace fusedattn::cpu::<ISA>.
+#define FUSEDATTN_DECLARE_ISA(ISA)                          \
+  namespace ISA {                                           \
+  void attention_fwd_kernel(const AttnFwdParams& p);        \
+  void attention_bwd_kernel(const AttnBwdParams& p);        \
+  }
+FUSEDATTN_DECLARE_ISA(DEFAULT)
+FUSEDATTN_DECLARE_ISA(AVX2)
+FUSEDATTN_DECLARE_ISA(AVX512)
+#undef FUSEDATTN_DECLARE_ISA
+
+// Run-time choice (dispatch.cpp).
+void attention_fwd_dispatch(const AttnFwdParams& p);
+void attention_bwd_dispatch(const AttnBwdParams& p);
+// Name of the ISA the dispatcher uses on this machine ("AVX512", "AVX2" or "DEFAULT").
+const char* selected_isa();
+
+}  // namespace fusedattn::cpu

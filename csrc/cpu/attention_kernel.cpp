@@ -1,0 +1,563 @@
+// Fused flash-style attention on the CPU: forward (online softmax, LSE out) and backward
+// (recomputing the scores per tile). Compiled once per ISA (CMakeLists.txt sets CPU_CAPABILITY
+// and the -m flags), so at::vec::Vectorized<float> is 8 lanes on AVX2 and 16 on AVX-512.
+//
+// Design, and why it beats ATen's cpu_flash_attention on small core counts:
+//  * All arithmetic is fp32. bf16/fp16 inputs are converted exactly once, while K and V are
+//    packed (below); Q is converted per query block. No per-tile reduced-precision round trips.
+//  * K and V are packed once per (batch, kv-head) into the panel layouts our GEMM micro-kernel
+//    streams (NR = 2 vectors wide), instead of letting a BLAS re-pack them for every query block.
+//    The packed copies are O(L*D); GQA query heads share their kv head's packs (no K/V expansion).
+//  * The micro-kernel keeps an MR x NR tile of C in registers (6x16 on AVX2, 12x32 on AVX-512)
+//    and broadcasts A elements through arbitrary (row, k) strides, so P^T and dS^T products in
+//    the backward need no transposed copies.
+//  * Masking is range-based per row (causal / window in both alignments), blocks that are
+//    entirely invisible are skipped, the additive mask is added in the same pass as softcap,
+//    and the output rescale by exp(m_old - m_new) is folded into the P.V micro-kernel's load of O.
+//  * Work is handed out dynamically, heaviest query blocks first, so causal rows balance.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "cpu/attention.h"
+
+#ifndef CPU_CAPABILITY
+#error "attention_kernel.cpp must be compiled with -DCPU_CAPABILITY=<ISA> (see CMakeLists.txt)"
+#endif
+
+namespace fusedattn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t VL = Vec::size();  // fp32 lanes per vector
+constexpr int64_t NR = 2 * VL;       // micro-tile width: 2 vectors
+// Micro-tile height: MR*2 accumulators + 2 B vectors + 1 broadcast must fit the register file
+// (16 ymm on AVX2 -> 6, 32 zmm on AVX-512 -> 12).
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int MR = 12;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int MR = 6;
+#else
+constexpr int MR = 4;
+#endif
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline int64_t cdiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Tile sizes (query rows x keys). BLOCK_M x BLOCK_N fp32 scores (64 KiB) plus the K/V panels of
+// one key block (2 x 256 x D fp32) stay in a 512 KiB L2 next to the Q and O tiles.
+int64_t env_int(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (!s || !*s) return dflt;
+  int64_t v = std::atoll(s);
+  return v > 0 ? v : dflt;
+}
+int64_t block_m_fwd() { static int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_M", 64), MR); return v; }
+int64_t block_n_fwd() { static int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), NR); return v; }
+constexpr int64_t BLOCK_M_BWD = 64;
+constexpr int64_t BLOCK_N_BWD = 64;  // multiple of NR for every ISA
+
+// ---------------------------------------------------------------------------------------------
+// GEMM micro-kernel.  C[MxNR] (=|+=) A[MxK] * Bp[KxNR]
+//   A element (r, k) at A[r*a_rs + k*a_ks]  (row-major: a_rs=lda, a_ks=1; transposed: a_rs=1)
+//   Bp is one packed panel: K rows of NR contiguous floats.
+//   mode 0: C = AB;  mode 1: C += AB;  mode 2: C = row_scale[r]*C + AB (online-softmax rescale)
+// ---------------------------------------------------------------------------------------------
+template <int M>
+inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int64_t a_ks,
+                         const float* __restrict Bp, float* __restrict C, int64_t ldc, int mode,
+                         const float* row_scale) {
+  Vec c0[M], c1[M];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    c0[r] = Vec(0.f);
+    c1[r] = Vec(0.f);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const Vec b0 = Vec::loadu(Bp + k * NR);
+    const Vec b1 = Vec::loadu(Bp + k * NR + VL);
+    const float* a = A + k * a_ks;
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      const Vec av(a[r * a_rs]);
+      c0[r] = at::vec::fmadd(av, b0, c0[r]);
+      c1[r] = at::vec::fmadd(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    float* c = C + r * ldc;
+    if (mode == 0) {
+      c0[r].store(c);
+      c1[r].store(c + VL);
+    } else {
+      Vec o0 = Vec::loadu(c), o1 = Vec::loadu(c + VL);
+      if (mode == 2) {
+        const Vec s(row_scale[r]);
+        o0 = o0 * s;
+        o1 = o1 * s;
+      }
+      (o0 + c0[r]).store(c);
+      (o1 + c1[r]).store(c + VL);
+    }
+  }
+}
+
+template <int M>
+inline void micro_dispatch(int m, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
+                           const float* Bp, float* C, int64_t ldc, int mode, const float* rs) {
+  if constexpr (M > 0) {
+    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
+    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
+  }
+}
+
+// C[M x (n_panels*NR)] op= A[M x K] * B, with B packed as n_panels panels (panel p at
+// Bp + p*panel_stride, K rows of NR floats). Panel-outer order keeps one B panel in L1 while
+// the A rows stream through.
+void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t a_rs,
+                 int64_t a_ks, const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
+                 int mode, const float* row_scale = nullptr) {
+  if (M <= 0 || n_panels <= 0) return;
+  if (K == 0) {  // empty reduction: C = 0 (mode 0) or unchanged apart from the rescale
+    for (int64_t r = 0; r < M; ++r)
+      for (int64_t c = 0; c < n_panels * NR; ++c) {
+        float& x = C[r * ldc + c];
+        x = mode == 0 ? 0.f : (mode == 2 ? x * row_scale[r] : x);
+      }
+    return;
+  }
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const float* b = Bp + p * panel_stride;
+    float* c = C + p * NR;
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR)
+      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
+                       row_scale ? row_scale + r : nullptr);
+    if (r < M)
+      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b,
+                             c + r * ldc, ldc, mode, row_scale ? row_scale + r : nullptr);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and packing (the one place where input dtypes are converted to fp32).
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+// dst[i*ld_dst + d] = scale * src[i*rs + d*cs] for i < rows, d < cols; zero for cols..ld_pad.
+template <typename T>
+void load_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float scale,
+               float* dst, int64_t ld_dst, int64_t ld_pad) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = src + i * rs;
+    float* d = dst + i * ld_dst;
+    if (cs == 1) {
+      if constexpr (std::is_same_v<T, float>) {
+        at::vec::map([scale](Vec x) { return x * Vec(scale); }, d, s, cols);
+      } else {
+        for (int64_t c = 0; c < cols; ++c) d[c] = scale * to_f(s[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = scale * to_f(s[c * cs]);
+    }
+    for (int64_t c = cols; c < ld_pad; ++c) d[c] = 0.f;
+  }
+}
+
+// "Row panels": for a (rows x cols) matrix X, panel p holds X[:, p*NR : p*NR+NR] as rows of NR
+// floats: out[p*rows_alloc*NR + i*NR + c] = X[i][p*NR + c] (zero beyond cols). This is the B
+// layout for products whose reduction runs over rows (P.V, dS.K, P^T.dO, dS^T.Q).
+template <typename T>
+void pack_row_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                     int64_t rows_alloc, float scale, float* out) {
+  const int64_t n_panels = cdiv(cols, NR);
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* s = src + i * rs;
+    for (int64_t p = 0; p < n_panels; ++p) {
+      float* o = out + p * rows_alloc * NR + i * NR;
+      const int64_t c0 = p * NR, cn = std::min(NR, cols - c0);
+      for (int64_t c = 0; c < cn; ++c) o[c] = scale * to_f(s[(c0 + c) * cs]);
+      for (int64_t c = cn; c < NR; ++c) o[c] = 0.f;
+    }
+  }
+}
+
+// "Column panels" of X^T: for X (rows x cols), panel p holds rows p*NR..p*NR+NR of X,
+// transposed: out[p*cols*NR + d*NR + c] = X[p*NR + c][d] (zero rows beyond `rows`). This is the
+// B layout for Q.K^T and dO.V^T (reduction over the head dim).
+template <typename T>
+void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* out) {
+  const int64_t n_panels = cdiv(rows, NR);
+  for (int64_t p = 0; p < n_panels; ++p) {
+    float* o = out + p * cols * NR;
+    const int64_t r0 = p * NR, rn = std::min(NR, rows - r0);
+    for (int64_t c = 0; c < rn; ++c) {
+      const T* s = src + (r0 + c) * rs;
+      for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = to_f(s[d * cs]);
+    }
+    for (int64_t c = rn; c < NR; ++c)
+      for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = 0.f;
+  }
+}
+
+template <typename T>
+inline void store_row(const float* src, float mul, T* dst, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c] * mul);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Visibility: row i sees keys [lo(i), hi(i)) (clipped to [0, Lk)), then the additive mask.
+// ---------------------------------------------------------------------------------------------
+struct Band {
+  int64_t Lk, off, left, right;
+  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + off - left); }
+  int64_t hi(int64_t i) const {
+    return right < 0 ? Lk : std::min<int64_t>(Lk, std::max<int64_t>(0, i + off + right + 1));
+  }
+};
+
+// softcap: s <- cap * tanh(s / cap) over a whole scores row (width a multiple of VL).
+inline void apply_softcap(float* s, int64_t width, float cap) {
+  const Vec capv(cap), inv(1.f / cap);
+  for (int64_t c = 0; c < width; c += VL) ((Vec::loadu(s + c) * inv).tanh() * capv).store(s + c);
+}
+
+// One scores row s[0..width) for keys n0..n0+width (width a multiple of NR): add the additive
+// mask to the n_valid keys that exist, then -inf outside [lo, hi) (both relative to n0).
+inline void mask_scores_row(float* s, int64_t width, int64_t n_valid, int64_t lo, int64_t hi,
+                            const float* mask_row) {
+  if (mask_row) {
+    int64_t c = 0;
+    for (; c + VL <= n_valid; c += VL) (Vec::loadu(s + c) + Vec::loadu(mask_row + c)).store(s + c);
+    for (; c < n_valid; ++c) s[c] += mask_row[c];
+  }
+  lo = std::max<int64_t>(lo, 0);
+  hi = std::min<int64_t>(hi, n_valid);
+  if (hi <= lo) lo = hi = 0;
+  for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf;
+  for (int64_t c = hi; c < width; ++c) s[c] = kNegInf;
+}
+
+inline float row_max(const float* s, int64_t width) {
+  Vec m(kNegInf);
+  for (int64_t c = 0; c < width; c += VL) m = at::vec::maximum(m, Vec::loadu(s + c));  // NaN-propagating
+  float buf[VL];
+  m.store(buf);
+  float r = kNegInf;
+  for (int64_t c = 0; c < VL; ++c) r = (std::isnan(buf[c]) || std::isnan(r)) ? NAN : std::max(r, buf[c]);
+  return r;
+}
+
+// s <- exp(s - m) in place; returns the sum. exp_u20: ATen's fast exp (<= 20 ulp), exp(-inf) = 0.
+inline float exp_sub_sum(float* s, int64_t width, float m) {
+  const Vec mv(m);
+  Vec acc(0.f);
+  for (int64_t c = 0; c < width; c += VL) {
+    Vec e = (Vec::loadu(s + c) - mv).exp_u20();
+    e.store(s + c);
+    acc = acc + e;
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+}
+
+// Work-stealing loop: tasks [0, n) handed out one at a time to at::parallel_for's threads.
+template <typename Init, typename Body>
+void run_tasks(int64_t n, Init&& init, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+    auto ctx = init();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(ctx, t);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void fwd_impl(const AttnFwdParams& p) {
+  const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
+  const int64_t group = Hq / Hkv;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const int64_t BM = block_m_fwd(), BN = block_n_fwd();
+  const int64_t Dv_pad = round_up(Dv, NR);
+  const Band band{Lk, p.mask.diag_offset, p.mask.window_left, p.mask.window_right};
+
+  // Pack K (column panels, for Q.K^T) and V (row panels, for P.V) once per (b, kv head).
+  const int64_t k_pack = round_up(Lk, NR) * D, v_pack = Dv_pad * Lk;
+  std::vector<float> kp(B * Hkv * k_pack), vp(B * Hkv * v_pack);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      pack_col_panels(k + b * p.k_stride[0] + h * p.k_stride[1], p.k_stride[2], p.k_stride[3], Lk, D,
+                      kp.data() + bh * k_pack);
+      pack_row_panels(v + b * p.v_stride[0] + h * p.v_stride[1], p.v_stride[2], p.v_stride[3], Lk, Dv,
+                      Lk, 1.f, vp.data() + bh * v_pack);
+    }
+  });
+
+  const int64_t nqb = cdiv(Lq, BM);
+  struct Ctx {
+    std::vector<float> qs, s, o, m, l, alpha;
+  };
+  run_tasks(
+      B * Hq * nqb,
+      [&] {
+        return Ctx{std::vector<float>(BM * std::max<int64_t>(D, 1)), std::vector<float>(BM * BN),
+                   std::vector<float>(BM * Dv_pad), std::vector<float>(BM), std::vector<float>(BM),
+                   std::vector<float>(BM)};
+      },
+      [&](Ctx& c, int64_t t) {
+        // Heaviest (last, for causal) query blocks first, heads interleaved.
+        const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
+        const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
+        const int64_t i0 = qb * BM, rows = std::min(BM, Lq - i0);
+        // qs: (rows, D) = scale * q[b, h, i0:i0+rows, :]
+        load_rows(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
+                  p.q_stride[3], rows, D, p.scale, c.qs.data(), D, D);
+        std::fill(c.o.begin(), c.o.end(), 0.f);
+        std::fill(c.m.begin(), c.m.end(), kNegInf);
+        std::fill(c.l.begin(), c.l.end(), 0.f);
+        const float* kpb = kp.data() + (b * Hkv + hk) * k_pack;
+        const float* vpb = vp.data() + (b * Hkv + hk) * v_pack;
+        const float* mask_b =
+            p.mask.mask ? p.mask.mask + b * p.mask.mask_stride[0] + h * p.mask.mask_stride[1] : nullptr;
+        // Keys any row of this block can see; start aligned to a K panel.
+        const int64_t n_lo = band.lo(i0) / NR * NR, n_hi = band.hi(i0 + rows - 1);
+        for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
+          const int64_t n_valid = std::min(BN, Lk - n0);       // keys that exist in this block
+          const int64_t width = round_up(n_valid, NR);         // scores columns computed
+          // s: (rows, width) = qs . K[n0:n0+width]^T   (already scaled)
+          gemm_panels(rows, width / NR, D, c.qs.data(), D, 1, kpb + (n0 / NR) * D * NR, D * NR,
+                      c.s.data(), BN, 0);
+          int64_t kv_used = 0;  // keys with a nonzero probability in some row: P.V runs over these
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t i = i0 + r;
+            float* s = c.s.data() + r * BN;
+            const int64_t lo = band.lo(i) - n0, hi = band.hi(i) - n0;
+            if (p.softcap > 0.f) apply_softcap(s, width, p.softcap);
+            mask_scores_row(s, width, n_valid, lo, hi,
+                            mask_b ? mask_b + i * p.mask.mask_stride[2] + n0 : nullptr);
+            const float rm = row_max(s, width), m_old = c.m[r];
+            const float m_new = (std::isnan(rm) || std::isnan(m_old)) ? NAN : std::max(m_old, rm);
+            if (!(m_new > kNegInf)) {
+              // Nothing visible so far, or a NaN score (the row is reported as NaN at the end).
+              if (std::isnan(m_new)) c.m[r] = NAN;
+              std::fill(s, s + width, 0.f);
+              c.alpha[r] = 1.f;
+              continue;
+            }
+            c.alpha[r] = std::exp(c.m[r] - m_new);  // exp(-inf) = 0 on the first visible block
+            c.l[r] = c.l[r] * c.alpha[r] + exp_sub_sum(s, width, m_new);
+            c.m[r] = m_new;
+            kv_used = std::max(kv_used, std::min(hi, n_valid));
+          }
+          if (kv_used == 0) continue;
+          // o: (rows, Dv_pad) = alpha * o + p[:, :kv_used] . V[n0:n0+kv_used]
+          gemm_panels(rows, Dv_pad / NR, kv_used, c.s.data(), BN, 1, vpb + n0 * NR, Lk * NR,
+                      c.o.data(), Dv_pad, 2, c.alpha.data());
+        }
+        T* out_rows = out + ((b * Hq + h) * Lq + i0) * Dv;
+        float* lse_rows = p.lse + (b * Hq + h) * Lq + i0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float m = c.m[r], l = c.l[r];
+          const float* o = c.o.data() + r * Dv_pad;
+          if (std::isnan(m)) {
+            store_row(o, NAN, out_rows + r * Dv, Dv);
+            lse_rows[r] = NAN;
+          } else if (l > 0.f) {
+            store_row(o, 1.f / l, out_rows + r * Dv, Dv);
+            lse_rows[r] = m + std::log(l);
+          } else {  // fully masked row: output 0, lse -inf
+            store_row(o, 0.f, out_rows + r * Dv, Dv);
+            lse_rows[r] = kNegInf;
+          }
+        }
+      });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward. One task per (b, query head): it owns dQ for that head and writes its own dK/dV
+// contribution (fp32, per query head; the caller sums GQA groups), so nothing is shared between
+// threads and the result does not depend on the thread count (deterministic).
+//   s  = scale * q.k^T  (softcap: s_c = cap * tanh(s / cap)),  p = exp(s_c + mask - lse)
+//   dv += p^T . do;  dp = do . v^T;  ds = p * (dp - delta) * (1 - (s_c / cap)^2)
+//   dq += scale * ds . k;  dk += scale * ds^T . q
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void bwd_impl(const AttnBwdParams& p) {
+  const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
+  const int64_t group = Hq / Hkv;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  T* dq = static_cast<T*>(p.dq);
+  const int64_t BM = BLOCK_M_BWD, BN = BLOCK_N_BWD;
+  const int64_t D_pad = round_up(D, NR), Dv_pad = round_up(Dv, NR);
+  const int64_t Lk_pad = round_up(Lk, NR), Lq_alloc = std::max<int64_t>(Lq, 1);
+  const Band band{Lk, p.mask.diag_offset, p.mask.window_left, p.mask.window_right};
+
+  // Per kv head: K as column panels (for q.k^T) and row panels (for ds.k), V as column panels
+  // (for do.v^T).
+  const int64_t kc_sz = Lk_pad * D, kr_sz = D_pad * Lk, vc_sz = Lk_pad * Dv;
+  std::vector<float> kc(B * Hkv * kc_sz), kr(B * Hkv * kr_sz), vc(B * Hkv * vc_sz);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      const T* kb = k + b * p.k_stride[0] + h * p.k_stride[1];
+      const T* vb = v + b * p.v_stride[0] + h * p.v_stride[1];
+      pack_col_panels(kb, p.k_stride[2], p.k_stride[3], Lk, D, kc.data() + bh * kc_sz);
+      pack_row_panels(kb, p.k_stride[2], p.k_stride[3], Lk, D, Lk, 1.f, kr.data() + bh * kr_sz);
+      pack_col_panels(vb, p.v_stride[2], p.v_stride[3], Lk, Dv, vc.data() + bh * vc_sz);
+    }
+  });
+
+  struct Ctx {
+    std::vector<float> qs, qr, dor, dorp, dqa, s, sc, dp, dka, dva;
+  };
+  run_tasks(
+      B * Hq,
+      [&] {
+        return Ctx{std::vector<float>(Lq_alloc * std::max<int64_t>(D, 1)),  // qs rows (scaled)
+                   std::vector<float>(D_pad * Lq_alloc),                   // q row panels (scaled)
+                   std::vector<float>(Lq_alloc * std::max<int64_t>(Dv, 1)),  // do rows
+                   std::vector<float>(Dv_pad * Lq_alloc),                  // do row panels
+                   std::vector<float>(Lq_alloc * D_pad),                   // dq accumulator
+                   std::vector<float>(BM * BN),                            // p
+                   std::vector<float>(p.softcap > 0.f ? BM * BN : 0),      // capped scores
+                   std::vector<float>(BM * BN),                            // dp -> ds
+                   std::vector<float>(BN * D_pad),                         // dk block
+                   std::vector<float>(BN * Dv_pad)};                       // dv block
+      },
+      [&](Ctx& c, int64_t bh) {
+        const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
+        const T* qb = q + b * p.q_stride[0] + h * p.q_stride[1];
+        const T* dob = dout + b * p.dout_stride[0] + h * p.dout_stride[1];
+        load_rows(qb, p.q_stride[2], p.q_stride[3], Lq, D, p.scale, c.qs.data(), D, D);
+        pack_row_panels(qb, p.q_stride[2], p.q_stride[3], Lq, D, Lq_alloc, p.scale, c.qr.data());
+        load_rows(dob, p.dout_stride[2], p.dout_stride[3], Lq, Dv, 1.f, c.dor.data(), Dv, Dv);
+        pack_row_panels(dob, p.dout_stride[2], p.dout_stride[3], Lq, Dv, Lq_alloc, 1.f, c.dorp.data());
+        std::fill(c.dqa.begin(), c.dqa.end(), 0.f);
+        const float* lse = p.lse + (b * Hq + h) * Lq;
+        const float* delta = p.delta + (b * Hq + h) * Lq;
+        const float* kcb = kc.data() + (b * Hkv + hk) * kc_sz;
+        const float* krb = kr.data() + (b * Hkv + hk) * kr_sz;
+        const float* vcb = vc.data() + (b * Hkv + hk) * vc_sz;
+        const float* mask_b =
+            p.mask.mask ? p.mask.mask + b * p.mask.mask_stride[0] + h * p.mask.mask_stride[1] : nullptr;
+        float* dk_out = p.dk_per_qhead + (b * Hq + h) * Lk * D;
+        float* dv_out = p.dv_per_qhead + (b * Hq + h) * Lk * Dv;
+        const float cap = p.softcap;
+
+        for (int64_t n0 = 0; n0 < Lk; n0 += BN) {
+          const int64_t n_valid = std::min(BN, Lk - n0), width = round_up(n_valid, NR);
+          std::fill(c.dka.begin(), c.dka.end(), 0.f);
+          std::fill(c.dva.begin(), c.dva.end(), 0.f);
+          for (int64_t i0 = 0; i0 < Lq; i0 += BM) {
+            const int64_t rows = std::min(BM, Lq - i0);
+            // Skip query blocks that see none of keys [n0, n0 + n_valid).
+            if (band.hi(i0 + rows - 1) <= n0 || band.lo(i0) >= n0 + n_valid) continue;
+            float* s = c.s.data();
+            gemm_panels(rows, width / NR, D, c.qs.data() + i0 * D, D, 1, kcb + (n0 / NR) * D * NR,
+                        D * NR, s, BN, 0);
+            bool any = false;
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t i = i0 + r;
+              float* sr = s + r * BN;
+              if (cap > 0.f) {
+                apply_softcap(sr, width, cap);
+                std::copy(sr, sr + width, c.sc.data() + r * BN);  // capped, before the mask
+              }
+              mask_scores_row(sr, width, n_valid, band.lo(i) - n0, band.hi(i) - n0,
+                              mask_b ? mask_b + i * p.mask.mask_stride[2] + n0 : nullptr);
+              const float m = lse[i];
+              if (m == kNegInf) {  // fully masked row: no gradient
+                std::fill(sr, sr + width, 0.f);
+                continue;
+              }
+              const Vec mv(m);
+              for (int64_t col = 0; col < width; col += VL) (Vec::loadu(sr + col) - mv).exp().store(sr + col);
+              any = true;
+            }
+            if (!any) continue;
+            // dv[n0:] += p^T . do[i0:]
+            gemm_panels(n_valid, Dv_pad / NR, rows, s, 1, BN, c.dorp.data() + i0 * NR, Lq_alloc * NR,
+                        c.dva.data(), Dv_pad, 1);
+            // dp = do[i0:] . v[n0:]^T
+            float* dp = c.dp.data();
+            gemm_panels(rows, width / NR, Dv, c.dor.data() + i0 * Dv, Dv, 1, vcb + (n0 / NR) * Dv * NR,
+                        Dv * NR, dp, BN, 0);
+            // ds = p * (dp - delta) (* softcap derivative), in place in dp
+            for (int64_t r = 0; r < rows; ++r) {
+              float* dpr = dp + r * BN;
+              const float* pr = s + r * BN;
+              const Vec dl(delta[i0 + r]);
+              if (cap > 0.f) {
+                const float* scr = c.sc.data() + r * BN;
+                const Vec inv(1.f / cap), one(1.f);
+                for (int64_t col = 0; col < width; col += VL) {
+                  const Vec t = Vec::loadu(scr + col) * inv;
+                  (Vec::loadu(pr + col) * (Vec::loadu(dpr + col) - dl) * (one - t * t)).store(dpr + col);
+                }
+              } else {
+                for (int64_t col = 0; col < width; col += VL)
+                  (Vec::loadu(pr + col) * (Vec::loadu(dpr + col) - dl)).store(dpr + col);
+              }
+            }
+            // dq[i0:] += ds . k[n0:]      (scale applied when dq is written)
+            gemm_panels(rows, D_pad / NR, n_valid, dp, BN, 1, krb + n0 * NR, Lk * NR,
+                        c.dqa.data() + i0 * D_pad, D_pad, 1);
+            // dk[n0:] += ds^T . (scale * q[i0:])
+            gemm_panels(n_valid, D_pad / NR, rows, dp, 1, BN, c.qr.data() + i0 * NR, Lq_alloc * NR,
+                        c.dka.data(), D_pad, 1);
+          }
+          for (int64_t j = 0; j < n_valid; ++j) {
+            std::copy(c.dka.data() + j * D_pad, c.dka.data() + j * D_pad + D, dk_out + (n0 + j) * D);
+            std::copy(c.dva.data() + j * Dv_pad, c.dva.data() + j * Dv_pad + Dv, dv_out + (n0 + j) * Dv);
+          }
+        }
+        T* dq_rows = dq + (b * Hq + h) * Lq * D;
+        for (int64_t i = 0; i < Lq; ++i) store_row(c.dqa.data() + i * D_pad, p.scale, dq_rows + i * D, D);
+      });
+}
+
+}  // namespace
+
+void attention_fwd_kernel(const AttnFwdParams& p) {
+  switch (p.dtype) {
+    case InDtype::kFloat32: return fwd_impl<float>(p);
+    case InDtype::kBFloat16: return fwd_impl<c10::BFloat16>(p);
+    case InDtype::kFloat16: return fwd_impl<c10::Half>(p);
+  }
+}
+
+void attention_bwd_kernel(const AttnBwdParams& p) {
+  switch (p.dtype) {
+    case InDtype::kFloat32: return bwd_impl<float>(p);
+    case InDtype::kBFloat16: return bwd_impl<c10::BFloat16>(p);
+    case InDtype::kFloat16: return bwd_impl<c10::Half>(p);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedattn::cpu

@@ -1,0 +1,25 @@
+// fusedattn._C: importing it registers the ops (static TORCH_LIBRARY initializers in this
+// shared object) and exposes what this binary was built with, for `python -m fusedattn info`.
+#include <pybind11/pybind11.h>
+
+#include "cpu/attention.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedattn compiled kernels; the ops live in torch.ops.fusedattn";
+  m.def(
+      "build_info",
+      [] {
+        py::dict d;
+        d["torch_version"] = FUSEDATTN_TORCH_VERSION;   // torch the binary was built against
+        d["cpu_isas"] = FUSEDATTN_CPU_ISAS;             // kernel builds inside this binary
+        d["cpu_isa_selected"] = fusedattn::cpu::selected_isa();
+        d["cuda"] = false;
+        d["cuda_reason"] = FUSEDATTN_CUDA_REASON;
+        d["compiler"] = __VERSION__;
+        d["sanitized"] = static_cast<bool>(FUSEDATTN_SANITIZED);
+        return d;
+      },
+      "What this binary was compiled with and which CPU kernel build it uses here.");
+}

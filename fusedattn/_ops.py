@@ -1,0 +1,59 @@
+"""Loads the compiled kernels and registers what torch needs around them.
+
+The schemas are declared once in C++ (csrc/torch_bindings.cpp); this module adds, per op:
+  * a fake (meta) implementation, so torch.compile / FakeTensor tracing knows output shapes;
+  * autograd (``attention_fwd`` -> ``attention_bwd``), so gradients flow through the op.
+torch imports this module by itself when it needs the fake impls (``set_python_module``).
+"""
+from __future__ import annotations
+
+import torch
+
+_C = None
+_C_IMPORT_ERROR: str | None = None
+try:  # the compiled extension registers torch.ops.fusedattn.* when it is loaded
+    from . import _C  # type: ignore[attr-defined,no-redef]
+except ImportError as e:  # not built, or built against another torch
+    _C_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def build_info() -> dict:
+    """What the compiled extension was built with (empty when it did not load)."""
+    return dict(_C.build_info()) if _C is not None else {}
+
+
+if _C is not None:
+
+    @torch.library.register_fake("fusedattn::attention_fwd")
+    def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
+        B, Hq, Lq, _ = q.shape
+        out = q.new_empty((B, Hq, Lq, v.shape[-1]))  # (B, Hq, Lq, Dv)
+        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fusedattn::attention_bwd")
+    def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right,
+                            bottom_right, softcap, grad_lse):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+    def _attention_fwd_setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.params = (scale, window_left, window_right, bottom_right, softcap)
+        ctx.set_materialize_grads(False)
+
+    def _attention_fwd_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        if grad_out is None and grad_lse is None:
+            return None, None, None, None, None, None, None, None, None
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        scale, window_left, window_right, bottom_right, softcap = ctx.params
+        dq, dk, dv = torch.ops.fusedattn.attention_bwd(
+            grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
+            softcap, grad_lse)
+        return dq, dk, dv, None, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context)

@@ -1,0 +1,85 @@
+"""Backend choice, in one place.
+
+Backends: ``"cpu"`` (C++ kernels in fusedattn._C), ``"triton"`` and ``"cuda"`` (GPU kernels),
+``"reference"`` (plain PyTorch, fusedattn/reference.py). ``"auto"`` picks the fused kernel for
+the tensors' device; when none exists it falls back to the reference **visibly** (a warning that
+names the reason), never silently.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from . import _ops
+
+BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+log = logging.getLogger("fusedattn")
+
+
+def _unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else why not."""
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if _ops._C is None:
+            return f"the compiled extension fusedattn._C did not load ({_ops._C_IMPORT_ERROR})"
+        return None
+    if name == "cuda":
+        if _ops._C is None:
+            return f"the compiled extension fusedattn._C did not load ({_ops._C_IMPORT_ERROR})"
+        if not _ops.build_info().get("cuda", False):
+            return f"fusedattn._C has no CUDA kernels ({_ops.build_info().get('cuda_reason', 'unknown')})"
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        return None
+    if name == "triton":
+        return "the Triton attention kernels are not part of this build yet (kernels/ has no attention op)"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def available_backends() -> dict[str, str | None]:
+    """Map each backend name to None (available) or the reason it is not."""
+    return {name: _unavailable_reason(name) for name in BACKENDS if name != "auto"}
+
+
+def warn_fallback(reason: str, *, target: str) -> None:
+    """A visible fallback: a UserWarning (shown once per call site by Python's default filter)."""
+    msg = f"fusedattn: falling back to {target}: {reason}"
+    log.debug(msg)
+    warnings.warn(msg, UserWarning, stacklevel=4)
+
+
+def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``requested`` for tensors on ``device`` with ``dtype``; raises RuntimeError when an
+    explicitly requested backend cannot run, warns when "auto" has to use the reference."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested != "auto":
+        reason = _unavailable_reason(requested)
+        if reason is not None:
+            raise RuntimeError(f"fusedattn backend {requested!r} is unavailable: {reason}")
+        if requested == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"fusedattn backend 'cpu' needs CPU tensors, got {device}")
+        if requested in ("cuda", "triton") and device.type != "cuda":
+            raise RuntimeError(f"fusedattn backend {requested!r} needs CUDA tensors, got {device}")
+        if requested != "reference" and dtype not in FUSED_DTYPES:
+            raise RuntimeError(f"fusedattn backend {requested!r} supports {FUSED_DTYPES}, got {dtype}")
+        return requested
+    candidates = ("cpu",) if device.type == "cpu" else ("cuda", "triton") if device.type == "cuda" else ()
+    reasons = []
+    if dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype {dtype} is not one of {FUSED_DTYPES}")
+    else:
+        for name in candidates:
+            reason = _unavailable_reason(name)
+            if reason is None:
+                return name
+            reasons.append(f"{name}: {reason}")
+    if not candidates:
+        reasons.append(f"no fused kernel for device type {device.type!r}")
+    warn_fallback("; ".join(reasons), target="the reference implementation")
+    return "reference"

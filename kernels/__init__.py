@@ -1,0 +1,1 @@
+"""Triton kernels (installed as fusedattn.kernels): one module per op family."""

@@ -1,0 +1,65 @@
+"""Build fusedattn: setuptools drives CMake (CMakeLists.txt) to build the extension fusedattn._C.
+
+    pip install -e . --no-build-isolation        # development install (uses the torch you have)
+    pip wheel . --no-build-isolation -w dist      # a wheel
+
+Environment:
+    MAX_JOBS=N                 parallel compile jobs (default: number of CPUs)
+    FUSEDATTN_SANITIZE=1       build the CPU kernels with -fsanitize=address,undefined
+    FUSEDATTN_BUILD_TYPE=...   CMake build type (default Release)
+    TORCH_CUDA_ARCH_LIST       CUDA archs when torch has CUDA (default "8.0;9.0")
+"""
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import pybind11
+        import torch
+
+        ext_path = os.path.abspath(self.get_ext_fullpath(ext.name))
+        out_dir = os.path.dirname(ext_path)
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        os.makedirs(build_dir, exist_ok=True)
+        cfg = os.environ.get("FUSEDATTN_BUILD_TYPE", "Release")
+        args = [
+            f"-DCMAKE_BUILD_TYPE={cfg}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DFUSEDATTN_OUTPUT_DIR={out_dir}",
+            f"-DFUSEDATTN_SANITIZE={'ON' if os.environ.get('FUSEDATTN_SANITIZE') == '1' else 'OFF'}",
+        ]
+        if shutil.which("ninja"):
+            args.append("-GNinja")
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "-S", ROOT, "-B", build_dir, *args], check=True)
+        subprocess.run(["cmake", "--build", build_dir, "--config", cfg, "-j", jobs], check=True)
+        if not os.path.exists(ext_path):
+            raise RuntimeError(f"CMake did not produce {ext_path}")
+
+
+setup(
+    packages=["fusedattn", "fusedattn.kernels", "fusedattn.transformer"],
+    package_dir={
+        "fusedattn": "fusedattn",
+        "fusedattn.kernels": "kernels",
+        "fusedattn.transformer": "transformer",
+    },
+    ext_modules=[CMakeExtension("fusedattn._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)

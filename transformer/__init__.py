@@ -1,0 +1,1 @@
+"""Model blocks on fusedattn kernels (installed as fusedattn.transformer)."""
