@@ -26,6 +26,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -76,42 +77,52 @@ constexpr int64_t BLOCK_N_BWD = 64;  // multiple of NR for every ISA
 //   Bp is one packed panel: K rows of NR contiguous floats.
 //   mode 0: C = AB;  mode 1: C += AB;  mode 2: C = row_scale[r]*C + AB (online-softmax rescale)
 // ---------------------------------------------------------------------------------------------
+// Register tiles use GCC vector extensions rather than at::vec::Vectorized: GCC keeps arrays of
+// these in registers (scalar replacement), while arrays of Vectorized objects were spilled to the
+// stack on every k step, halving the FMA rate.
+typedef float vfloat __attribute__((vector_size(VL * sizeof(float))));
+inline vfloat load_v(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
+
 template <int M>
 inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int64_t a_ks,
                          const float* __restrict Bp, float* __restrict C, int64_t ldc, int mode,
                          const float* row_scale) {
-  Vec c0[M], c1[M];
+  vfloat c0[M], c1[M];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) {
-    c0[r] = Vec(0.f);
-    c1[r] = Vec(0.f);
+    c0[r] = vfloat{} ;
+    c1[r] = vfloat{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const Vec b0 = Vec::loadu(Bp + k * NR);
-    const Vec b1 = Vec::loadu(Bp + k * NR + VL);
+    const vfloat b0 = load_v(Bp + k * NR);
+    const vfloat b1 = load_v(Bp + k * NR + VL);
     const float* a = A + k * a_ks;
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {
-      const Vec av(a[r * a_rs]);
-      c0[r] = at::vec::fmadd(av, b0, c0[r]);
-      c1[r] = at::vec::fmadd(av, b1, c1[r]);
+      const float av = a[r * a_rs];
+      c0[r] += av * b0;  // contracted to FMA (-ffp-contract=fast)
+      c1[r] += av * b1;
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) {
     float* c = C + r * ldc;
     if (mode == 0) {
-      c0[r].store(c);
-      c1[r].store(c + VL);
+      store_v(c, c0[r]);
+      store_v(c + VL, c1[r]);
     } else {
-      Vec o0 = Vec::loadu(c), o1 = Vec::loadu(c + VL);
+      vfloat o0 = load_v(c), o1 = load_v(c + VL);
       if (mode == 2) {
-        const Vec s(row_scale[r]);
-        o0 = o0 * s;
-        o1 = o1 * s;
+        o0 *= row_scale[r];
+        o1 *= row_scale[r];
       }
-      (o0 + c0[r]).store(c);
-      (o1 + c1[r]).store(c + VL);
+      store_v(c, o0 + c0[r]);
+      store_v(c + VL, o1 + c1[r]);
     }
   }
 }
