@@ -17,9 +17,14 @@ except ImportError as e:  # not built, or built against another torch
     _C_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 
+# Read once: the public functions consult it while torch.compile traces them, where a call into
+# the pybind module would break the graph.
+_BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {}
+
+
 def build_info() -> dict:
     """What the compiled extension was built with (empty when it did not load)."""
-    return dict(_C.build_info()) if _C is not None else {}
+    return dict(_BUILD_INFO)
 
 
 if _C is not None:

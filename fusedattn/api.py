@@ -134,11 +134,9 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -
     if attn_mask is not None and attn_mask.requires_grad:
         return "attn_mask requires grad (the fused kernels give no mask gradient)"
     if query.device.type != "cpu":
-        reason = dispatch.available_backends()["cuda"] if query.device.type == "cuda" else None
+        reason = dispatch._unavailable_reason("cuda") if query.device.type == "cuda" else None
         return f"no fused kernel for {query.device} tensors" + (f" ({reason})" if reason else "")
-    if dispatch.available_backends()["cpu"] is not None:
-        return dispatch.available_backends()["cpu"]
-    return None
+    return dispatch._unavailable_reason("cpu")
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -163,7 +161,8 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
             and query.shape[-3] % key.shape[-3] == 0))
     mask_ok = attn_mask is None or (isinstance(attn_mask, torch.Tensor) and attn_mask.device == query.device and (
         attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype) and attn_mask.dim() <= query.dim())
-    if not (heads_ok and mask_ok) or (is_causal and attn_mask is not None):
+    scale_ok = scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale))
+    if not (heads_ok and mask_ok and scale_ok) or (is_causal and attn_mask is not None):
         # Not something our kernel should interpret: torch either runs it or raises its own error.
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)

@@ -20,8 +20,8 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 log = logging.getLogger("fusedattn")
 
 
-def _unavailable_reason(name: str) -> str | None:
-    """None when backend `name` can run here, else why not."""
+def _probe(name: str) -> str | None:
+    """None when backend `name` can run here, else why not (evaluated once, at import)."""
     if name == "reference":
         return None
     if name == "cpu":
@@ -31,8 +31,8 @@ def _unavailable_reason(name: str) -> str | None:
     if name == "cuda":
         if _ops._C is None:
             return f"the compiled extension fusedattn._C did not load ({_ops._C_IMPORT_ERROR})"
-        if not _ops.build_info().get("cuda", False):
-            return f"fusedattn._C has no CUDA kernels ({_ops.build_info().get('cuda_reason', 'unknown')})"
+        if not _ops._BUILD_INFO.get("cuda", False):
+            return f"fusedattn._C has no CUDA kernels ({_ops._BUILD_INFO.get('cuda_reason', 'unknown')})"
         if not torch.cuda.is_available():
             return "torch sees no CUDA device"
         return None
@@ -41,9 +41,19 @@ def _unavailable_reason(name: str) -> str | None:
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
+# Fixed for the life of the process; a plain dict so torch.compile can trace lookups into it.
+_REASONS: dict[str, str | None] = {name: _probe(name) for name in BACKENDS if name != "auto"}
+
+
+def _unavailable_reason(name: str) -> str | None:
+    if name not in _REASONS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return _REASONS[name]
+
+
 def available_backends() -> dict[str, str | None]:
     """Map each backend name to None (available) or the reason it is not."""
-    return {name: _unavailable_reason(name) for name in BACKENDS if name != "auto"}
+    return dict(_REASONS)
 
 
 def warn_fallback(reason: str, *, target: str) -> None:

@@ -1,0 +1,400 @@
+"""CPU attention kernel (fusedattn.attention(backend="cpu") and the raw torch.ops.fusedattn ops) against the
+reference under FlashAttention's 2x rule (3x for gradients).
+
+The main grids are pairwise over dtype x causal x head_dim x (Lq, Lk) x GQA x mask: every pair of values meets in
+some case (55 cases) instead of the 5832 of the full product. Top-left causal goes through the raw op
+(bottom_right=False); the other cases go through the public function, whose causal is bottom-right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedattn
+from conftest import assert_close_2x, case_id, max_abs_err, pairwise, randn
+from fusedattn.reference import attention_ref
+
+fwd_op = torch.ops.fusedattn.attention_fwd
+bwd_op = torch.ops.fusedattn.attention_bwd
+
+B = 2
+HEADS = {"mha": (2, 2), "gqa": (8, 2), "mqa": (4, 1)}  # name -> (Hq, Hkv)
+LENGTHS = [(1, 1), (1, 97), (17, 17), (17, 257), (97, 17), (97, 97), (257, 1), (257, 97), (257, 257)]
+GRID = pairwise({
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "causal": ["none", "top_left", "bottom_right"],
+    "head_dim": [1, 8, 64, 80, 128, 256],
+    "lens": LENGTHS,
+    "heads": ["mha", "gqa", "mqa"],
+    "mask": ["none", "bool", "additive", "fully_masked"],
+})
+# 1025-long sequences are slow in the float64 reference: a handful, with few heads.
+LONG = [
+    dict(dtype=torch.float32, causal="bottom_right", head_dim=64, lens=(1025, 1025), heads="mha", mask="none"),
+    dict(dtype=torch.bfloat16, causal="none", head_dim=128, lens=(1, 1025), heads="gqa", mask="bool"),
+    dict(dtype=torch.float16, causal="top_left", head_dim=64, lens=(1025, 257), heads="mqa", mask="additive"),
+    dict(dtype=torch.bfloat16, causal="bottom_right", head_dim=80, lens=(257, 1025), heads="mqa",
+         mask="fully_masked"),
+]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def make_mask(kind, Hq, Lq, Lk, dtype, gen):
+    """User mask in the shapes torch's SDPA accepts: bool (True = keep) or additive in the input dtype."""
+    if kind == "none":
+        return None
+    if kind == "bool":  # (B, 1, Lq, Lk)
+        return torch.rand(B, 1, Lq, Lk, generator=gen) > 0.25
+    if kind == "additive":  # (1, Hq, Lq, Lk), with some -inf entries
+        mask = torch.randn(1, Hq, Lq, Lk, generator=gen)
+        mask[torch.rand(1, Hq, Lq, Lk, generator=gen) < 0.1] = -math.inf
+        return mask.to(dtype)
+    if kind == "fully_masked":  # (Lq, Lk) bool with some rows entirely False
+        mask = torch.rand(Lq, Lk, generator=gen) > 0.2
+        mask[::3] = False
+        return mask
+    raise AssertionError(kind)
+
+
+def additive_full(mask, shape):
+    """The raw op's mask: additive float32, expanded (stride 0 allowed) to (B, Hq, Lq, Lk)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+    return mask.float().expand(shape)
+
+
+def run_kernel(q, k, v, *, causal="none", attn_mask=None, window=(-1, -1), softcap=0.0, scale=None):
+    """(out, lse) from the CPU kernel. top_left uses the raw op (the public function is bottom-right)."""
+    if causal == "top_left":
+        Bq, Hq, Lq, D = q.shape
+        mask = additive_full(attn_mask, (Bq, Hq, Lq, k.shape[2]))
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        return fwd_op(q, k, v, mask, scale, window[0], 0, False, softcap)
+    return fusedattn.attention(q, k, v, causal=causal == "bottom_right", attn_mask=attn_mask, window=window,
+                               softcap=softcap, scale=scale, return_lse=True, backend="cpu")
+
+
+def ref_kwargs(causal, attn_mask, **kw):
+    return dict(causal=causal != "none", causal_align="top_left" if causal == "top_left" else "bottom_right",
+                attn_mask=attn_mask, **kw)
+
+
+def reference_pair(q, k, v, **kwargs):
+    """(ref, base): float64 ground truth from float64 inputs, and the same math in the input dtype."""
+    mask = kwargs.pop("attn_mask", None)
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    ref = attention_ref(q.double(), k.double(), v.double(), attn_mask=mask64, return_lse=True,
+                        compute_dtype=torch.float64, **kwargs)
+    base = attention_ref(q, k, v, attn_mask=mask, return_lse=True, compute_dtype=q.dtype, **kwargs)
+    return ref, base
+
+
+def grads(fn, inputs, g_out, g_lse=None):
+    """Gradients of <out, g_out> (+ <lse, g_lse>) with respect to `inputs`, through fn(*inputs) -> (out, lse)."""
+    inputs = [x.detach().requires_grad_() for x in inputs]  # detach keeps the strides
+    out, lse = fn(*inputs)
+    outputs, cotangents = [out], [g_out.to(out.dtype)]
+    if g_lse is not None:
+        outputs.append(lse)
+        cotangents.append(g_lse.to(lse.dtype))
+    return torch.autograd.grad(outputs, inputs, cotangents)
+
+
+def check_forward(q, k, v, causal="none", attn_mask=None, **kw):
+    out, lse = run_kernel(q, k, v, causal=causal, attn_mask=attn_mask, **kw)
+    (ref, ref_lse), (base, base_lse) = reference_pair(q, k, v, **ref_kwargs(causal, attn_mask, **kw))
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert_close_2x(out, ref, base)
+    assert_close_2x(lse, ref_lse, base_lse, name="lse")
+
+
+def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, **kw):
+    Bq, Hq, Lq, _ = q.shape
+    g_out = randn(Bq, Hq, Lq, v.shape[-1], dtype=q.dtype, gen=gen)
+    g_lse = randn(Bq, Hq, Lq, gen=gen) if use_lse else None
+    rkw = ref_kwargs(causal, attn_mask, **kw)
+    mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
+    rkw64 = dict(rkw, attn_mask=mask64)
+
+    def ref_fn(*x):
+        return attention_ref(*x, return_lse=True, compute_dtype=torch.float64, **rkw64)
+
+    def base_fn(*x):
+        return attention_ref(*x, return_lse=True, compute_dtype=q.dtype, **rkw)
+
+    def kernel_fn(*x):
+        return run_kernel(*x, causal=causal, attn_mask=attn_mask, **kw)
+
+    ref = grads(ref_fn, [q.double(), k.double(), v.double()], g_out.double(),
+                None if g_lse is None else g_lse.double())
+    base = grads(base_fn, [q, k, v], g_out, g_lse)
+    got = grads(kernel_fn, [q, k, v], g_out, g_lse)
+    # Absolute floor: 1e-5 relative to the largest gradient. The baseline can be exactly right where the kernel
+    # cannot be (Lk = 1: autograd's softmax backward gives dS = 0 exactly, a flash backward's dP - rowsum(dO * O)
+    # cancels to rounding noise of the size of |dO| |v|), so a fixed 1e-5 would fail correct fp32 kernels.
+    atol = 1e-5 * max([1.0] + [r.abs().max().item() for r in ref if r.numel()])
+    for name, g, r, b in zip(("dq", "dk", "dv"), got, ref, base):
+        assert g.shape == b.shape, name
+        assert_close_2x(g, r, b, factor=3, atol=atol, name=name)
+
+
+def make_qkv(case, gen):
+    D = case["head_dim"]
+    Lq, Lk = case["lens"]
+    Hq, Hkv = HEADS[case["heads"]]
+    dt = case["dtype"]
+    q = randn(B, Hq, Lq, D, dtype=dt, gen=gen)
+    k = randn(B, Hkv, Lk, D, dtype=dt, gen=gen)
+    v = randn(B, Hkv, Lk, D, dtype=dt, gen=gen)
+    mask = make_mask(case["mask"], Hq, Lq, Lk, dt, gen)
+    return q, k, v, mask
+
+
+# ---------------------------------------------------------------------------------------------- main grids
+
+
+@pytest.mark.parametrize("case", GRID + LONG, ids=case_id)
+def test_forward(case, gen):
+    q, k, v, mask = make_qkv(case, gen)
+    check_forward(q, k, v, causal=case["causal"], attn_mask=mask)
+
+
+@pytest.mark.parametrize("case", GRID + LONG[-1:], ids=case_id)
+def test_backward(case, gen):
+    q, k, v, mask = make_qkv(case, gen)
+    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- window, softcap
+
+
+WINDOWS = [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1), (0, -1), (-1, 0)]
+
+
+@pytest.mark.parametrize("case", pairwise({
+    "window": WINDOWS,
+    "causal": ["none", "top_left", "bottom_right"],
+    "lens": [(97, 97), (33, 129), (129, 33)],
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+}), ids=case_id)
+def test_window(case, gen):
+    Lq, Lk = case["lens"]
+    q, k, v = (randn(B, 4, Lq, 32, dtype=case["dtype"], gen=gen), randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen),
+               randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen))
+    check_forward(q, k, v, causal=case["causal"], window=case["window"])
+    check_backward(q, k, v, gen, causal=case["causal"], window=case["window"])
+
+
+@pytest.mark.parametrize("case", pairwise({
+    "softcap": [1.0, 5.0, 30.0],
+    "causal": ["none", "top_left", "bottom_right"],
+    "mask": ["none", "additive", "fully_masked"],
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+}), ids=case_id)
+def test_softcap(case, gen):
+    dt = case["dtype"]
+    q = randn(B, 4, 37, 64, dtype=dt, gen=gen) * 3  # large scores so the cap bites
+    k, v = randn(B, 4, 53, 64, dtype=dt, gen=gen), randn(B, 4, 53, 64, dtype=dt, gen=gen)
+    mask = make_mask(case["mask"], 4, 37, 53, dt, gen)
+    check_forward(q, k, v, causal=case["causal"], attn_mask=mask, softcap=case["softcap"])
+    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask, softcap=case["softcap"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_softcap_scale_combined(gen, dtype):
+    q, k, v = (randn(B, 6, 45, 48, dtype=dtype, gen=gen), randn(B, 2, 70, 48, dtype=dtype, gen=gen),
+               randn(B, 2, 70, 48, dtype=dtype, gen=gen))
+    mask = make_mask("additive", 6, 45, 70, dtype, gen)
+    kw = dict(window=(12, 3), softcap=8.0, scale=0.3, attn_mask=mask)
+    check_forward(q, k, v, causal="bottom_right", **kw)
+    check_backward(q, k, v, gen, causal="bottom_right", **kw)
+    check_forward(q, k, v, causal="none", **kw)
+    check_backward(q, k, v, gen, causal="none", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- shapes and layout
+
+
+@pytest.mark.parametrize("D,Dv", [(64, 32), (32, 80), (8, 128), (128, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_head_dim_differs(gen, D, Dv, dtype):
+    q, k, v = (randn(B, 4, 29, D, dtype=dtype, gen=gen), randn(B, 2, 41, D, dtype=dtype, gen=gen),
+               randn(B, 2, 41, Dv, dtype=dtype, gen=gen))
+    check_forward(q, k, v, causal="bottom_right")
+    check_backward(q, k, v, gen, causal="bottom_right")
+    check_forward(q, k, v, causal="top_left")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", ["none", "bottom_right", "top_left"])
+def test_non_contiguous_inputs(gen, dtype, causal):
+    # (B, L, H, D) storage viewed as (B, H, L, D), the layout most models produce.
+    Lq, Lk = 33, 47
+    q = randn(B, Lq, 4, 64, dtype=dtype, gen=gen).transpose(1, 2)
+    k = randn(B, Lk, 2, 64, dtype=dtype, gen=gen).transpose(1, 2)
+    v = randn(B, Lk, 2, 96, dtype=dtype, gen=gen)[..., ::2].transpose(1, 2)  # also a strided head dim
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    mask = make_mask("bool", 4, Lq, Lk, dtype, gen)
+    check_forward(q, k, v, causal=causal, attn_mask=mask)
+    check_backward(q, k, v, gen, causal=causal, attn_mask=mask)
+    # same numbers as contiguous copies
+    out = run_kernel(q, k, v, causal=causal, attn_mask=mask)[0]
+    out_c = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, attn_mask=mask)[0]
+    torch.testing.assert_close(out, out_c, atol=0, rtol=0)
+
+
+def test_expanded_mask_strides(gen):
+    """Masks broadcast with stride 0 along batch, head and query rows."""
+    q, k, v = randn(B, 4, 19, 32, gen=gen), randn(B, 4, 23, 32, gen=gen), randn(B, 4, 23, 32, gen=gen)
+    for mask in (torch.randn(23, generator=gen), torch.randn(B, 1, 1, 23, generator=gen),
+                 torch.randn(1, 4, 19, 1, generator=gen), torch.randn(19, 23, generator=gen)):
+        check_forward(q, k, v, attn_mask=mask)
+        check_forward(q, k, v, causal="top_left", attn_mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- lse gradient, NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_backward_through_lse(gen, dtype, causal):
+    q, k, v = (randn(B, 4, 31, 64, dtype=dtype, gen=gen), randn(B, 2, 31, 64, dtype=dtype, gen=gen),
+               randn(B, 2, 31, 64, dtype=dtype, gen=gen))
+    mask = make_mask("additive", 4, 31, 31, dtype, gen).clamp_min(-1e4)  # finite: every row keeps a key
+    check_backward(q, k, v, gen, causal=causal, attn_mask=mask, use_lse=True)
+
+
+def test_backward_through_lse_only_raw_op(gen):
+    q, k, v = randn(1, 2, 9, 16, gen=gen), randn(1, 2, 12, 16, gen=gen), randn(1, 2, 12, 16, gen=gen)
+    g_lse = randn(1, 2, 9, gen=gen)
+    for t in (q, k, v):
+        t.requires_grad_()
+    _, lse = fwd_op(q, k, v, None, 0.25, -1, 0, True, 0.0)
+    dq, dk, dv = torch.autograd.grad(lse, (q, k, v), g_lse, allow_unused=True)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    _, lse64 = attention_ref(q64, k64, v64, causal=True, scale=0.25, return_lse=True, compute_dtype=torch.float64)
+    rq, rk, _ = torch.autograd.grad(lse64, (q64, k64, v64), g_lse.double(), allow_unused=True)
+    torch.testing.assert_close(dq.double(), rq, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dk.double(), rk, atol=1e-5, rtol=1e-4)
+    assert dv is None or (dv == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal):
+    q, k, v = (randn(B, 4, 21, 32, dtype=dtype, gen=gen), randn(B, 2, 21, 32, dtype=dtype, gen=gen),
+               randn(B, 2, 21, 32, dtype=dtype, gen=gen))
+    q[1, 3, 7, 5] = math.nan
+    out, lse = run_kernel(q, k, v, causal=causal)
+    assert out[1, 3, 7].isnan().all(), "NaN in q[1, 3, 7] must reach out[1, 3, 7]"
+    assert lse[1, 3, 7].isnan(), "NaN in q[1, 3, 7] must reach lse[1, 3, 7]"
+    bad = torch.zeros(out.shape[:-1], dtype=torch.bool)
+    bad[1, 3, 7] = True
+    assert not out[~bad].isnan().any() and not lse[~bad].isnan().any()
+
+
+# ---------------------------------------------------------------------------------------------- empty inputs
+
+
+@pytest.mark.parametrize("Bz,Lq,Lk", [(0, 5, 7), (2, 0, 7), (2, 5, 0), (2, 0, 0)])
+@pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
+def test_empty_inputs(gen, Bz, Lq, Lk, causal):
+    q = randn(Bz, 4, Lq, 16, gen=gen, requires_grad=True)
+    k = randn(Bz, 2, Lk, 16, gen=gen, requires_grad=True)
+    v = randn(Bz, 2, Lk, 24, gen=gen, requires_grad=True)
+    out, lse = run_kernel(q, k, v, causal=causal)
+    assert out.shape == (Bz, 4, Lq, 24) and lse.shape == (Bz, 4, Lq)
+    assert (out == 0).all(), "a query that sees no key must output 0"
+    ref_lse = attention_ref(q, k, v, return_lse=True)[1]
+    assert max_abs_err(lse, ref_lse) == 0, "lse of a row with no key is -inf"
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (q.grad == 0).all()
+    assert k.grad.shape == k.shape and v.grad.shape == v.shape
+
+
+# ---------------------------------------------------------------------------------------------- opcheck
+
+
+def _fwd_args(gen, dtype, with_mask, requires_grad, bottom_right=True, window=(-1, 0), softcap=0.0):
+    q = randn(2, 4, 5, 8, dtype=dtype, gen=gen, requires_grad=requires_grad)
+    k = randn(2, 2, 7, 8, dtype=dtype, gen=gen, requires_grad=requires_grad)
+    v = randn(2, 2, 7, 12, dtype=dtype, gen=gen, requires_grad=requires_grad)
+    mask = torch.randn(1, 1, 5, 7, generator=gen).expand(2, 4, 5, 7) if with_mask else None
+    return (q, k, v, mask, 0.35, window[0], window[1], bottom_right, softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_fwd(gen, dtype, with_mask, requires_grad):
+    args = _fwd_args(gen, dtype, with_mask, requires_grad)
+    torch.library.opcheck(fwd_op.default, args)
+
+
+def test_opcheck_fwd_window_softcap_top_left(gen):
+    args = _fwd_args(gen, torch.float32, True, True, bottom_right=False, window=(2, 1), softcap=3.0)
+    torch.library.opcheck(fwd_op.default, args)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_grad_lse", [False, True])
+def test_opcheck_bwd(gen, with_mask, with_grad_lse):
+    q, k, v, mask, scale, wl, wr, br, cap = _fwd_args(gen, torch.float32, with_mask, False)
+    out, lse = fwd_op(q, k, v, mask, scale, wl, wr, br, cap)
+    grad_out = randn(*out.shape, gen=gen)
+    grad_lse = randn(*lse.shape, gen=gen) if with_grad_lse else None
+    args = (grad_out, q, k, v, out, lse, mask, scale, wl, wr, br, cap, grad_lse)
+    torch.library.opcheck(bwd_op.default, args)
+    # and the op's numbers: the reference's autograd
+    dq, dk, dv = bwd_op(*args)
+    ref_dq, ref_dk, ref_dv = grads(
+        lambda *x: attention_ref(*x, attn_mask=None if mask is None else mask.double(), causal=True, scale=scale,
+                                 return_lse=True, compute_dtype=torch.float64),
+        [q.double(), k.double(), v.double()], grad_out.double(), None if grad_lse is None else grad_lse.double())
+    for got, ref in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
+        torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+
+
+class _FlashStyle(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        out, lse = fusedattn.attention(q, k, v, causal=True, attn_mask=mask, return_lse=True)
+        return out, lse
+
+
+class _DropIn(torch.nn.Module):
+    def forward(self, q, k, v, mask):
+        out = fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return out, out.sum(-1)
+
+
+@pytest.mark.parametrize("module", [_FlashStyle, _DropIn])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(gen, module, backend):
+    torch._dynamo.reset()
+    q = randn(2, 4, 11, 16, gen=gen, requires_grad=True)
+    k = randn(2, 2, 13, 16, gen=gen, requires_grad=True)
+    v = randn(2, 2, 13, 16, gen=gen, requires_grad=True)
+    mask = torch.rand(2, 1, 11, 13, generator=gen) > 0.3
+    mask[..., -1] = True
+    model = module()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    out_c, lse_c = compiled(q, k, v, mask)
+    out_e, lse_e = model(q, k, v, mask)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse_c, lse_e, atol=1e-5, rtol=1e-5)
+    g = randn(*out_e.shape, gen=gen)
+    grads_c = torch.autograd.grad((out_c * g).sum() + lse_c.sum(), (q, k, v))
+    grads_e = torch.autograd.grad((out_e * g).sum() + lse_e.sum(), (q, k, v))
+    for gc, ge in zip(grads_c, grads_e):
+        torch.testing.assert_close(gc, ge, atol=1e-5, rtol=1e-5)
