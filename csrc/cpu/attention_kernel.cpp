@@ -3,17 +3,17 @@
 // and the -m flags), so at::vec::Vectorized<float> is 8 lanes on AVX2 and 16 on AVX-512.
 //
 // Design, and why it beats ATen's cpu_flash_attention on small core counts:
-//  * All arithmetic is fp32. bf16/fp16 inputs are converted exactly once, while K and V are
-//    packed (below); Q is converted per query block. No per-tile reduced-precision round trips.
-//  * K and V are packed once per (batch, kv-head) into the panel layouts our GEMM micro-kernel
-//    streams (NR = 2 vectors wide), instead of letting a BLAS re-pack them for every query block.
-//    The packed copies are O(L*D); GQA query heads share their kv head's packs (no K/V expansion).
-//  * The micro-kernel keeps an MR x NR tile of C in registers (6x16 on AVX2, 12x32 on AVX-512)
-//    and broadcasts A elements through arbitrary (row, k) strides, so P^T and dS^T products in
-//    the backward need no transposed copies.
-//  * Masking is range-based per row (causal / window in both alignments), blocks that are
-//    entirely invisible are skipped, the additive mask is added in the same pass as softcap,
-//    and the output rescale by exp(m_old - m_new) is folded into the P.V micro-kernel's load of O.
+//  * All arithmetic is fp32. bf16/fp16 inputs are converted exactly once (K to row-major fp32,
+//    V into GEMM panels, Q per query block); fp32 K is read in place, whatever its strides.
+//  * Our own register-tiled GEMM micro-kernel (MR x NR = 6x16 on AVX2, 12x32 on AVX-512, ~94%
+//    of one core's FMA peak measured) instead of BLAS calls that re-pack K for every query block.
+//    It broadcasts A elements through arbitrary (row, k) strides, so K, P^T and dS^T need no
+//    transposed copies.
+//  * The forward computes scores transposed (keys x queries), so the softmax statistics are
+//    vertical vector operations (one vector = VL queries) with no horizontal reductions.
+//  * Masking is range-based (causal / window in both alignments, applied only to blocks the
+//    band cuts), blocks that are entirely invisible are skipped, and the rescale of O by
+//    exp(m_old - m_new) is folded into the P.V micro-kernel's load of O.
 //  * Work is handed out dynamically, heaviest query blocks first, so causal rows balance.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +29,9 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/attention.h"
 
@@ -66,15 +69,14 @@ int64_t env_int(const char* name, int64_t dflt) {
   int64_t v = std::atoll(s);
   return v > 0 ? v : dflt;
 }
-int64_t block_m_fwd() { static int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_M", 64), MR); return v; }
-int64_t block_n_fwd() { static int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), NR); return v; }
 constexpr int64_t BLOCK_M_BWD = 64;
 constexpr int64_t BLOCK_N_BWD = 64;  // multiple of NR for every ISA
 
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernel.  C[MxNR] (=|+=) A[MxK] * Bp[KxNR]
 //   A element (r, k) at A[r*a_rs + k*a_ks]  (row-major: a_rs=lda, a_ks=1; transposed: a_rs=1)
-//   Bp is one packed panel: K rows of NR contiguous floats.
+//   Bp is one panel: K rows of NR contiguous floats, row k at Bp + k*b_ks (b_ks = NR when packed;
+//   a row-major fp32 matrix with NR-aligned columns can be used in place with b_ks = its ld).
 //   mode 0: C = AB;  mode 1: C += AB;  mode 2: C = row_scale[r]*C + AB (online-softmax rescale)
 // ---------------------------------------------------------------------------------------------
 // Register tiles use GCC vector extensions rather than at::vec::Vectorized: GCC keeps arrays of
@@ -90,8 +92,8 @@ inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <int M>
 inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int64_t a_ks,
-                         const float* __restrict Bp, float* __restrict C, int64_t ldc, int mode,
-                         const float* row_scale) {
+                         const float* __restrict Bp, int64_t b_ks, float* __restrict C, int64_t ldc,
+                         int mode, const float* row_scale) {
   vfloat c0[M], c1[M];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) {
@@ -99,8 +101,8 @@ inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int
     c1[r] = vfloat{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const vfloat b0 = load_v(Bp + k * NR);
-    const vfloat b1 = load_v(Bp + k * NR + VL);
+    const vfloat b0 = load_v(Bp + k * b_ks);
+    const vfloat b1 = load_v(Bp + k * b_ks + VL);
     const float* a = A + k * a_ks;
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {
@@ -129,19 +131,19 @@ inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int
 
 template <int M>
 inline void micro_dispatch(int m, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
-                           const float* Bp, float* C, int64_t ldc, int mode, const float* rs) {
+                           const float* Bp, int64_t b_ks, float* C, int64_t ldc, int mode, const float* rs) {
   if constexpr (M > 0) {
-    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
-    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
+    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, b_ks, C, ldc, mode, rs);
+    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, b_ks, C, ldc, mode, rs);
   }
 }
 
-// C[M x (n_panels*NR)] op= A[M x K] * B, with B packed as n_panels panels (panel p at
-// Bp + p*panel_stride, K rows of NR floats). Panel-outer order keeps one B panel in L1 while
-// the A rows stream through.
+// C[M x (n_panels*NR)] op= A[M x K] * B, with B as n_panels panels (panel p at
+// Bp + p*panel_stride, K rows of NR floats b_ks apart). Panel-outer order keeps one B panel in
+// L1 while the A rows stream through.
 void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t a_rs,
                  int64_t a_ks, const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
-                 int mode, const float* row_scale = nullptr) {
+                 int mode, const float* row_scale = nullptr, int64_t b_ks = NR) {
   if (M <= 0 || n_panels <= 0) return;
   if (K == 0) {  // empty reduction: C = 0 (mode 0) or unchanged apart from the rescale
     for (int64_t r = 0; r < M; ++r)
@@ -156,13 +158,32 @@ void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t
     float* c = C + p * NR;
     int64_t r = 0;
     for (; r + MR <= M; r += MR)
-      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
+      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, b_ks, c + r * ldc, ldc, mode,
                        row_scale ? row_scale + r : nullptr);
     if (r < M)
-      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b,
+      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b, b_ks,
                              c + r * ldc, ldc, mode, row_scale ? row_scale + r : nullptr);
   }
 }
+
+// Uninitialized fp32 scratch (the packers write every element). Large buffers ask for transparent
+// huge pages: a fresh 8 MiB pack otherwise costs ~2000 page faults per call.
+struct Scratch {
+  float* ptr = nullptr;
+  explicit Scratch(int64_t n) {
+    const size_t bytes = std::max<size_t>(64, (static_cast<size_t>(n) * sizeof(float) + 63) / 64 * 64);
+    const size_t align = bytes >= (size_t(2) << 20) ? (size_t(2) << 20) : 64;
+    ptr = static_cast<float*>(std::aligned_alloc(align, (bytes + align - 1) / align * align));
+    TORCH_CHECK(ptr != nullptr, "fusedattn (cpu): out of memory allocating ", bytes, " bytes of scratch");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (align > 64) madvise(ptr, bytes, MADV_HUGEPAGE);
+#endif
+  }
+  ~Scratch() { std::free(ptr); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  float* data() const { return ptr; }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Loading and packing (the one place where input dtypes are converted to fp32).
@@ -212,14 +233,15 @@ void pack_row_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
 // transposed: out[p*cols*NR + d*NR + c] = X[p*NR + c][d] (zero rows beyond `rows`). This is the
 // B layout for Q.K^T and dO.V^T (reduction over the head dim).
 template <typename T>
-void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* out) {
+void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* out,
+                     float scale = 1.f) {
   const int64_t n_panels = cdiv(rows, NR);
   for (int64_t p = 0; p < n_panels; ++p) {
     float* o = out + p * cols * NR;
     const int64_t r0 = p * NR, rn = std::min(NR, rows - r0);
     for (int64_t c = 0; c < rn; ++c) {
       const T* s = src + (r0 + c) * rs;
-      for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = to_f(s[d * cs]);
+      for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = scale * to_f(s[d * cs]);
     }
     for (int64_t c = rn; c < NR; ++c)
       for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = 0.f;
@@ -299,8 +321,17 @@ void run_tasks(int64_t n, Init&& init, Body&& body) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward
+// Forward, in the transposed form: for a block of BM queries and BN keys the kernel computes
+//   st (keys x queries) = K_blk . (scale * Q_blk)^T
+// so that K is the GEMM's A operand (broadcast element by element, any strides: fp32 K is read
+// in place, never transposed or packed) and the small Q block is the packed B operand. The
+// softmax statistics are then per column: the max, exp and sum run down the key rows with one
+// vector covering VL queries, with no horizontal reductions. P.V reads st transposed through
+// the A strides, and V (fp32, unit stride, Dv a multiple of NR) is also used in place.
 // ---------------------------------------------------------------------------------------------
+inline int64_t block_m_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_M", 64), NR); return v; }
+inline int64_t block_n_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), MR); return v; }
+
 template <typename T>
 void fwd_impl(const AttnFwdParams& p) {
   const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
@@ -312,29 +343,37 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t BM = block_m_fwd(), BN = block_n_fwd();
   const int64_t Dv_pad = round_up(Dv, NR);
   const Band band{Lk, p.mask.diag_offset, p.mask.window_left, p.mask.window_right};
+  constexpr bool kIsFloat = std::is_same_v<T, float>;
 
-  // Pack K (column panels, for Q.K^T) and V (row panels, for P.V) once per (b, kv head).
-  const int64_t k_pack = round_up(Lk, NR) * D, v_pack = Dv_pad * Lk;
-  std::vector<float> kp(B * Hkv * k_pack), vp(B * Hkv * v_pack);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / Hkv, h = bh % Hkv;
-      pack_col_panels(k + b * p.k_stride[0] + h * p.k_stride[1], p.k_stride[2], p.k_stride[3], Lk, D,
-                      kp.data() + bh * k_pack);
-      pack_row_panels(v + b * p.v_stride[0] + h * p.v_stride[1], p.v_stride[2], p.v_stride[3], Lk, Dv,
-                      Lk, 1.f, vp.data() + bh * v_pack);
-    }
-  });
+  // K as the A operand: fp32 inputs in place, others converted once to row-major fp32.
+  const bool k_in_place = kIsFloat;
+  // V is always packed into row panels (a cheap, contiguous copy): reading fp32 V in place, the
+  // panel's rows sit one V row apart and alias in L1 (measured ~7% slower at D=64).
+  const int64_t k_conv_sz = k_in_place ? 0 : Lk * D, v_pack_sz = Dv_pad * Lk;
+  Scratch k_conv(B * Hkv * k_conv_sz), v_pack(B * Hkv * v_pack_sz);
+  {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        if (!k_in_place)
+          load_rows(k + b * p.k_stride[0] + h * p.k_stride[1], p.k_stride[2], p.k_stride[3], Lk, D, 1.f,
+                    k_conv.data() + bh * k_conv_sz, D, D);
+        pack_row_panels(v + b * p.v_stride[0] + h * p.v_stride[1], p.v_stride[2], p.v_stride[3], Lk, Dv,
+                          Lk, 1.f, v_pack.data() + bh * v_pack_sz);
+      }
+    });
+  }
 
   const int64_t nqb = cdiv(Lq, BM);
   struct Ctx {
-    std::vector<float> qs, s, o, m, l, alpha;
+    std::vector<float> qt, st, o, m, l, alpha, lo, hi, nan;
   };
   run_tasks(
       B * Hq * nqb,
       [&] {
-        return Ctx{std::vector<float>(BM * std::max<int64_t>(D, 1)), std::vector<float>(BM * BN),
+        return Ctx{std::vector<float>(std::max<int64_t>(D, 1) * BM), std::vector<float>(BN * BM),
                    std::vector<float>(BM * Dv_pad), std::vector<float>(BM), std::vector<float>(BM),
+                   std::vector<float>(BM), std::vector<float>(BM), std::vector<float>(BM),
                    std::vector<float>(BM)};
       },
       [&](Ctx& c, int64_t t) {
@@ -342,57 +381,89 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
         const int64_t i0 = qb * BM, rows = std::min(BM, Lq - i0);
-        // qs: (rows, D) = scale * q[b, h, i0:i0+rows, :]
-        load_rows(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
-                  p.q_stride[3], rows, D, p.scale, c.qs.data(), D, D);
+        // qt: BM/NR column panels (D x NR) of scale * q[b, h, i0:i0+rows, :] (zero beyond rows)
+        pack_col_panels(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
+                        p.q_stride[3], rows, D, c.qt.data(), p.scale);
+        std::fill(c.qt.begin() + cdiv(rows, NR) * D * NR, c.qt.end(), 0.f);  // lanes past the last query
         std::fill(c.o.begin(), c.o.end(), 0.f);
         std::fill(c.m.begin(), c.m.end(), kNegInf);
         std::fill(c.l.begin(), c.l.end(), 0.f);
-        const float* kpb = kp.data() + (b * Hkv + hk) * k_pack;
-        const float* vpb = vp.data() + (b * Hkv + hk) * v_pack;
+        std::fill(c.nan.begin(), c.nan.end(), 0.f);
+        // Query lanes beyond `rows` see nothing.
+        for (int64_t r = 0; r < BM; ++r) {
+          c.lo[r] = r < rows ? static_cast<float>(band.lo(i0 + r)) : 0.f;
+          c.hi[r] = r < rows ? static_cast<float>(band.hi(i0 + r)) : 0.f;
+        }
+        const int64_t bk = b * Hkv + hk;
+        const float* ka = k_in_place ? reinterpret_cast<const float*>(k) + b * p.k_stride[0] + hk * p.k_stride[1]
+                                     : k_conv.data() + bk * k_conv_sz;
+        const int64_t ka_rs = k_in_place ? p.k_stride[2] : D, ka_ks = k_in_place ? p.k_stride[3] : 1;
+        const float* vb = v_pack.data() + bk * v_pack_sz;
         const float* mask_b =
             p.mask.mask ? p.mask.mask + b * p.mask.mask_stride[0] + h * p.mask.mask_stride[1] : nullptr;
-        // Keys any row of this block can see; start aligned to a K panel.
-        const int64_t n_lo = band.lo(i0) / NR * NR, n_hi = band.hi(i0 + rows - 1);
+        const int64_t n_lo = band.lo(i0), n_hi = band.hi(i0 + rows - 1);  // keys any row can see
+        const int64_t n_panels = BM / NR;
         for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
-          const int64_t n_valid = std::min(BN, Lk - n0);       // keys that exist in this block
-          const int64_t width = round_up(n_valid, NR);         // scores columns computed
-          // s: (rows, width) = qs . K[n0:n0+width]^T   (already scaled)
-          gemm_panels(rows, width / NR, D, c.qs.data(), D, 1, kpb + (n0 / NR) * D * NR, D * NR,
-                      c.s.data(), BN, 0);
-          int64_t kv_used = 0;  // keys with a nonzero probability in some row: P.V runs over these
-          for (int64_t r = 0; r < rows; ++r) {
-            const int64_t i = i0 + r;
-            float* s = c.s.data() + r * BN;
-            const int64_t lo = band.lo(i) - n0, hi = band.hi(i) - n0;
-            if (p.softcap > 0.f) apply_softcap(s, width, p.softcap);
-            mask_scores_row(s, width, n_valid, lo, hi,
-                            mask_b ? mask_b + i * p.mask.mask_stride[2] + n0 : nullptr);
-            const float rm = row_max(s, width), m_old = c.m[r];
-            const float m_new = (std::isnan(rm) || std::isnan(m_old)) ? NAN : std::max(m_old, rm);
-            if (!(m_new > kNegInf)) {
-              // Nothing visible so far, or a NaN score (the row is reported as NaN at the end).
-              if (std::isnan(m_new)) c.m[r] = NAN;
-              std::fill(s, s + width, 0.f);
-              c.alpha[r] = 1.f;
-              continue;
-            }
-            c.alpha[r] = std::exp(c.m[r] - m_new);  // exp(-inf) = 0 on the first visible block
-            c.l[r] = c.l[r] * c.alpha[r] + exp_sub_sum(s, width, m_new);
-            c.m[r] = m_new;
-            kv_used = std::max(kv_used, std::min(hi, n_valid));
+          const int64_t nk = std::min(BN, n_hi - n0);  // key rows of st
+          float* st = c.st.data();
+          // st (nk x BM) = k[n0:n0+nk] . qt
+          gemm_panels(nk, n_panels, D, ka + n0 * ka_rs, ka_rs, ka_ks, c.qt.data(), D * NR, st, BM, 0);
+          if (p.softcap > 0.f) {
+            const Vec capv(p.softcap), inv(1.f / p.softcap);
+            for (int64_t x = 0; x < nk * BM; x += VL) ((Vec::loadu(st + x) * inv).tanh() * capv).store(st + x);
           }
-          if (kv_used == 0) continue;
-          // o: (rows, Dv_pad) = alpha * o + p[:, :kv_used] . V[n0:n0+kv_used]
-          gemm_panels(rows, Dv_pad / NR, kv_used, c.s.data(), BN, 1, vpb + n0 * NR, Lk * NR,
-                      c.o.data(), Dv_pad, 2, c.alpha.data());
+          if (mask_b) {  // additive mask, transposed into st: (query r, key j) -> st[j][r]
+            for (int64_t r = 0; r < rows; ++r) {
+              const float* mr = mask_b + (i0 + r) * p.mask.mask_stride[2] + n0;
+              for (int64_t j = 0; j < nk; ++j) st[j * BM + r] += mr[j];
+            }
+          }
+          // Band (causal / window): needed unless every real query sees every key of the block.
+          const bool full = band.lo(i0 + rows - 1) <= n0 && band.hi(i0) >= n0 + nk && rows == BM;
+          if (!full) {
+            const Vec ninf(kNegInf);
+            for (int64_t j = 0; j < nk; ++j) {
+              const Vec jv(static_cast<float>(n0 + j));
+              float* sj = st + j * BM;
+              for (int64_t x = 0; x < BM; x += VL) {
+                const Vec vis = (jv >= Vec::loadu(c.lo.data() + x)) & (jv < Vec::loadu(c.hi.data() + x));
+                Vec::blendv(ninf, Vec::loadu(sj + x), vis).store(sj + x);
+              }
+            }
+          }
+          // Column statistics over the nk key rows, VL queries per vector.
+          for (int64_t x = 0; x < BM; x += VL) {
+            Vec mx(kNegInf);
+            for (int64_t j = 0; j < nk; ++j) mx = at::vec::maximum(mx, Vec::loadu(st + j * BM + x));  // NaN-propagating
+            const Vec isnan = mx.isnan();
+            (Vec::loadu(c.nan.data() + x) | isnan).store(c.nan.data() + x);
+            const Vec m_old = Vec::loadu(c.m.data() + x);
+            // A NaN lane is reported at the end; keep its statistics finite meanwhile.
+            Vec m_new = at::vec::maximum(m_old, Vec::blendv(mx, Vec(kNegInf), isnan));
+            m_new.store(c.m.data() + x);
+            // Lanes that have seen no key yet subtract 0: exp(-inf - 0) = 0.
+            const Vec m_use = Vec::blendv(m_new, Vec(0.f), m_new == Vec(kNegInf));
+            const Vec alpha = (m_old - m_use).exp_u20();
+            alpha.store(c.alpha.data() + x);
+            Vec sum(0.f);
+            for (int64_t j = 0; j < nk; ++j) {
+              float* sp = st + j * BM + x;
+              const Vec e = (Vec::loadu(sp) - m_use).exp_u20();
+              e.store(sp);
+              sum = sum + e;
+            }
+            (Vec::loadu(c.l.data() + x) * alpha + sum).store(c.l.data() + x);
+          }
+          // o (BM x Dv_pad) = alpha * o + st^T . v[n0:n0+nk]
+          gemm_panels(rows, Dv_pad / NR, nk, st, 1, BM, vb + n0 * NR, Lk * NR, c.o.data(), Dv_pad, 2,
+                      c.alpha.data());
         }
         T* out_rows = out + ((b * Hq + h) * Lq + i0) * Dv;
         float* lse_rows = p.lse + (b * Hq + h) * Lq + i0;
         for (int64_t r = 0; r < rows; ++r) {
           const float m = c.m[r], l = c.l[r];
           const float* o = c.o.data() + r * Dv_pad;
-          if (std::isnan(m)) {
+          if (c.nan[r] != 0.f) {
             store_row(o, NAN, out_rows + r * Dv, Dv);
             lse_rows[r] = NAN;
           } else if (l > 0.f) {
@@ -431,7 +502,7 @@ void bwd_impl(const AttnBwdParams& p) {
   // Per kv head: K as column panels (for q.k^T) and row panels (for ds.k), V as column panels
   // (for do.v^T).
   const int64_t kc_sz = Lk_pad * D, kr_sz = D_pad * Lk, vc_sz = Lk_pad * Dv;
-  std::vector<float> kc(B * Hkv * kc_sz), kr(B * Hkv * kr_sz), vc(B * Hkv * vc_sz);
+  Scratch kc(B * Hkv * kc_sz), kr(B * Hkv * kr_sz), vc(B * Hkv * vc_sz);
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
