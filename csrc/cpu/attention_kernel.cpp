@@ -75,8 +75,7 @@ constexpr int64_t BLOCK_N_BWD = 64;  // multiple of NR for every ISA
 // ---------------------------------------------------------------------------------------------
 // GEMM micro-kernel.  C[MxNR] (=|+=) A[MxK] * Bp[KxNR]
 //   A element (r, k) at A[r*a_rs + k*a_ks]  (row-major: a_rs=lda, a_ks=1; transposed: a_rs=1)
-//   Bp is one panel: K rows of NR contiguous floats, row k at Bp + k*b_ks (b_ks = NR when packed;
-//   a row-major fp32 matrix with NR-aligned columns can be used in place with b_ks = its ld).
+//   Bp is one packed panel: K rows of NR contiguous floats.
 //   mode 0: C = AB;  mode 1: C += AB;  mode 2: C = row_scale[r]*C + AB (online-softmax rescale)
 // ---------------------------------------------------------------------------------------------
 // Register tiles use GCC vector extensions rather than at::vec::Vectorized: GCC keeps arrays of
@@ -92,8 +91,8 @@ inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
 
 template <int M>
 inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int64_t a_ks,
-                         const float* __restrict Bp, int64_t b_ks, float* __restrict C, int64_t ldc,
-                         int mode, const float* row_scale) {
+                         const float* __restrict Bp, float* __restrict C, int64_t ldc, int mode,
+                         const float* row_scale) {
   vfloat c0[M], c1[M];
 #pragma GCC unroll 16
   for (int r = 0; r < M; ++r) {
@@ -101,8 +100,8 @@ inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int
     c1[r] = vfloat{};
   }
   for (int64_t k = 0; k < K; ++k) {
-    const vfloat b0 = load_v(Bp + k * b_ks);
-    const vfloat b1 = load_v(Bp + k * b_ks + VL);
+    const vfloat b0 = load_v(Bp + k * NR);
+    const vfloat b1 = load_v(Bp + k * NR + VL);
     const float* a = A + k * a_ks;
 #pragma GCC unroll 16
     for (int r = 0; r < M; ++r) {
@@ -131,19 +130,19 @@ inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int
 
 template <int M>
 inline void micro_dispatch(int m, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
-                           const float* Bp, int64_t b_ks, float* C, int64_t ldc, int mode, const float* rs) {
+                           const float* Bp, float* C, int64_t ldc, int mode, const float* rs) {
   if constexpr (M > 0) {
-    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, b_ks, C, ldc, mode, rs);
-    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, b_ks, C, ldc, mode, rs);
+    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
+    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
   }
 }
 
-// C[M x (n_panels*NR)] op= A[M x K] * B, with B as n_panels panels (panel p at
-// Bp + p*panel_stride, K rows of NR floats b_ks apart). Panel-outer order keeps one B panel in
-// L1 while the A rows stream through.
+// C[M x (n_panels*NR)] op= A[M x K] * B, with B packed as n_panels panels (panel p at
+// Bp + p*panel_stride, K rows of NR floats). Panel-outer order keeps one B panel in L1 while
+// the A rows stream through.
 void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t a_rs,
                  int64_t a_ks, const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
-                 int mode, const float* row_scale = nullptr, int64_t b_ks = NR) {
+                 int mode, const float* row_scale = nullptr) {
   if (M <= 0 || n_panels <= 0) return;
   if (K == 0) {  // empty reduction: C = 0 (mode 0) or unchanged apart from the rescale
     for (int64_t r = 0; r < M; ++r)
@@ -158,10 +157,10 @@ void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t
     float* c = C + p * NR;
     int64_t r = 0;
     for (; r + MR <= M; r += MR)
-      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, b_ks, c + r * ldc, ldc, mode,
+      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
                        row_scale ? row_scale + r : nullptr);
     if (r < M)
-      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b, b_ks,
+      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b,
                              c + r * ldc, ldc, mode, row_scale ? row_scale + r : nullptr);
   }
 }
@@ -286,28 +285,6 @@ inline void mask_scores_row(float* s, int64_t width, int64_t n_valid, int64_t lo
   for (int64_t c = hi; c < width; ++c) s[c] = kNegInf;
 }
 
-inline float row_max(const float* s, int64_t width) {
-  Vec m(kNegInf);
-  for (int64_t c = 0; c < width; c += VL) m = at::vec::maximum(m, Vec::loadu(s + c));  // NaN-propagating
-  float buf[VL];
-  m.store(buf);
-  float r = kNegInf;
-  for (int64_t c = 0; c < VL; ++c) r = (std::isnan(buf[c]) || std::isnan(r)) ? NAN : std::max(r, buf[c]);
-  return r;
-}
-
-// s <- exp(s - m) in place; returns the sum. exp_u20: ATen's fast exp (<= 20 ulp), exp(-inf) = 0.
-inline float exp_sub_sum(float* s, int64_t width, float m) {
-  const Vec mv(m);
-  Vec acc(0.f);
-  for (int64_t c = 0; c < width; c += VL) {
-    Vec e = (Vec::loadu(s + c) - mv).exp_u20();
-    e.store(s + c);
-    acc = acc + e;
-  }
-  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-}
-
 // Work-stealing loop: tasks [0, n) handed out one at a time to at::parallel_for's threads.
 template <typename Init, typename Body>
 void run_tasks(int64_t n, Init&& init, Body&& body) {
@@ -327,7 +304,7 @@ void run_tasks(int64_t n, Init&& init, Body&& body) {
 // in place, never transposed or packed) and the small Q block is the packed B operand. The
 // softmax statistics are then per column: the max, exp and sum run down the key rows with one
 // vector covering VL queries, with no horizontal reductions. P.V reads st transposed through
-// the A strides, and V (fp32, unit stride, Dv a multiple of NR) is also used in place.
+// the A strides; V is packed once per kv head into row panels (a contiguous copy).
 // ---------------------------------------------------------------------------------------------
 inline int64_t block_m_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_M", 64), NR); return v; }
 inline int64_t block_n_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), MR); return v; }
