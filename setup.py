@@ -53,9 +53,10 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["fusedattn", "fusedattn.kernels", "fusedattn.transformer"],
+    packages=["fusedattn", "fusedattn.bench", "fusedattn.kernels", "fusedattn.transformer"],
     package_dir={
         "fusedattn": "fusedattn",
+        "fusedattn.bench": "fusedattn/bench",
         "fusedattn.kernels": "kernels",
         "fusedattn.transformer": "transformer",
     },

@@ -1,7 +1,8 @@
-"""Command line: ``python -m fusedattn {info,demo}``.
+"""Command line: ``python -m fusedattn {info,demo,bench}``.
 
-    python -m fusedattn info    # versions, compiled backends, and why a missing one is missing
-    python -m fusedattn demo    # fusedattn vs torch SDPA on this machine's default device
+    python -m fusedattn info                 # versions, compiled backends, why a missing one is missing
+    python -m fusedattn demo                 # fusedattn vs torch SDPA on this machine's default device
+    python -m fusedattn bench --quick --out DIR   # benchmark tables, CSV/JSON and plots (see fusedattn.bench)
 """
 from __future__ import annotations
 
@@ -78,12 +79,20 @@ def demo(L: int) -> None:
 
 
 def main(argv=None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: python -m fusedattn bench --help
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m fusedattn", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled backends and why a missing one is missing")
     d = sub.add_parser("demo", help="fusedattn vs torch SDPA on the default device")
     d.add_argument("--seq-len", type=int, default=1024)
+    sub.add_parser("bench", help="benchmark tables and plots: python -m fusedattn bench --help")
     args = ap.parse_args(argv)
     if args.cmd == "info":
         info()

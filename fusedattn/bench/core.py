@@ -1,0 +1,306 @@
+"""The benchmark engine behind ``python -m fusedattn bench`` and ``benchmarks/bench_*.py``.
+
+Method (stated again in every result file):
+  * every backend gets the same inputs; its output is compared with the float64 reference before
+    its time is reported (a backend that fails the check is listed as WRONG, with no time);
+  * warm-up call, then ``repeats`` timed calls: median with the min..max spread; on CUDA, CUDA
+    events around each call and a 256 MiB buffer rewritten between calls (flushes L2); on the
+    CPU, ``time.perf_counter`` and, for memory-bound families, a 64 MiB buffer rewritten between
+    calls so the cache does not hold the data;
+  * peak extra memory: CUDA ``max_memory_allocated`` minus what was allocated before the call;
+    CPU the peak resident set during one call minus the resident set before it, in a fresh child
+    process (Linux VmHWM, reset through /proc/self/clear_refs). Both include the output.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass
+class Row:
+    family: str
+    case: dict
+    backend: str
+    status: str                    # "ok", "WRONG (err ...)", "absent: ...", "error: ..."
+    median_ms: Optional[float] = None
+    min_ms: Optional[float] = None
+    max_ms: Optional[float] = None
+    metric: Optional[float] = None  # GFLOP/s (compute families) or GB/s (memory-bound families)
+    metric_name: str = ""
+    peak_extra_mib: Optional[float] = None
+    max_err: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def machine_info(device: str) -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from .. import _ops
+
+    bi = _ops.build_info()
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "cpu": cpu, "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "fusedattn_cpu_isa": bi.get("cpu_isa_selected"), "fusedattn_cuda": bi.get("cuda"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.limit",
+                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["gpu_clocks"] = q.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            info["gpu_clocks"] = None
+    return info
+
+
+class _Flusher:
+    """Rewrites a buffer larger than the last-level cache between timed calls."""
+
+    def __init__(self, device: str, enabled: bool):
+        self.buf = None
+        if enabled:
+            mib = 256 if device == "cuda" else 64
+            self.buf = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        if self.buf is not None:
+            self.buf.fill_(1.0)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, repeats: int, flush: bool) -> list[float]:
+    """Milliseconds per call, one entry per repeat, after one warm-up call."""
+    flusher = _Flusher(device, flush)
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        flusher()
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()  # noqa: F841  (kept alive until the peak is read)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+_MEM_CHILD = r"""
+import json, sys, torch
+import fusedattn.bench as fb
+fam = fb.FAMILIES[sys.argv[1]]
+case = json.loads(sys.argv[2]); backend = sys.argv[3]
+torch.set_num_threads(int(sys.argv[4]))
+fn = fam.backends("cpu")[backend]
+inputs = fam.make_inputs(case, "cpu", requires_grad=False)
+def rss(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024.0
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = rss("VmRSS:")
+with torch.no_grad():
+    out = fam.call(fn, inputs, case)
+print(json.dumps(rss("VmHWM:") - base))
+"""
+
+
+def cpu_peak_extra_mib(family: str, case: dict, backend: str) -> Optional[float]:
+    """Peak resident memory added by one call, measured in a fresh process (Linux only)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    try:
+        res = subprocess.run([sys.executable, "-c", _MEM_CHILD, family, json.dumps(case), backend,
+                              str(torch.get_num_threads())], capture_output=True, text=True, timeout=3600,
+                             check=True)
+        return float(res.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def summarize(rows: list[Row], family, info: dict) -> list[str]:
+    """A markdown table: one line per case, fusedattn first, then every peer with its ratio."""
+    names = []
+    for r in rows:
+        if r.backend not in names:
+            names.append(r.backend)
+    lines = [f"# {family.title} ({info['device']}, {info['date']})", "",
+             f"Machine: {info.get('gpu') or info['cpu']}; {info['threads']} CPU threads; torch {info['torch']}; "
+             f"triton {info.get('triton')}; fusedattn CPU kernel ISA {info.get('fusedattn_cpu_isa')}.",
+             "", family.formula, "Ratio = peer time / fusedattn time (> 1: fusedattn is faster). Time: median "
+             "[min..max] of the repeats. Extra MiB: peak memory added by one call (includes the output). "
+             "err: max |out - float64 reference|.", ""]
+    absent = [r for r in rows if r.status.startswith("absent")]
+    for r in {r.backend: r for r in absent}.values():
+        lines.append(f"- `{r.backend}`: {r.status}")
+    if absent:
+        lines.append("")
+    case_keys = list(rows[0].case.keys()) if rows else []
+    header = case_keys + ["fusedattn ms", family.metric_name, "extra MiB", "err"]
+    peers = [n for n in names if n != "fusedattn" and any(r.backend == n and r.status == "ok" for r in rows)]
+    for p in peers:
+        header += [f"{p} ms", f"ratio vs {p}"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    seen = []
+    for r in rows:
+        if r.case in seen:
+            continue
+        seen.append(r.case)
+        by = {x.backend: x for x in rows if x.case == r.case}
+        ours = by.get("fusedattn")
+        cells = [str(r.case[k]) for k in case_keys]
+        if ours and ours.status == "ok":
+            cells += [f"{ours.median_ms:.2f} [{ours.min_ms:.2f}..{ours.max_ms:.2f}]", f"{ours.metric:.1f}",
+                      "-" if ours.peak_extra_mib is None else f"{ours.peak_extra_mib:.0f}", f"{ours.max_err:.1e}"]
+        else:
+            cells += [ours.status if ours else "-", "-", "-", "-"]
+        for p in peers:
+            x = by.get(p)
+            if x is None or x.status != "ok":
+                cells += [x.status if x else "-", "-"]
+            else:
+                ratio = f"{x.median_ms / ours.median_ms:.2f}x" if ours and ours.status == "ok" else "-"
+                cells += [f"{x.median_ms:.2f}", ratio]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_results(rows: list[Row], family, info: dict, out_dir: str, tag: str) -> list[str]:
+    """Writes <tag>.md, .csv, .json (and .png plots when matplotlib is installed); returns paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    md = os.path.join(out_dir, f"{tag}.md")
+    with open(md, "w") as f:
+        f.write("\n".join(summarize(rows, family, info)) + "\n")
+    paths.append(md)
+    js = os.path.join(out_dir, f"{tag}.json")
+    with open(js, "w") as f:
+        json.dump({"machine": info, "method": __doc__, "formula": family.formula,
+                   "rows": [asdict(r) for r in rows]}, f, indent=1)
+    paths.append(js)
+    cs = os.path.join(out_dir, f"{tag}.csv")
+    case_keys = list(rows[0].case.keys()) if rows else []
+    with open(cs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(case_keys + ["backend", "status", "median_ms", "min_ms", "max_ms", family.metric_name,
+                                "peak_extra_mib", "max_err"])
+        for r in rows:
+            w.writerow([r.case[k] for k in case_keys] + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms,
+                                                         r.metric, r.peak_extra_mib, r.max_err])
+    paths.append(cs)
+    paths += family.plot(rows, info, out_dir, tag)
+    return paths
+
+
+def try_matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        return plt
+    except ImportError:
+        return None
+
+
+def progress(items, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+    except ImportError:
+        return items
+
+
+def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool, repeats: int, memory: bool,
+               out_dir: Optional[str]) -> list[Row]:
+    info = machine_info(device)
+    cases = family.cases(quick=quick, device=device, dtypes=dtypes)
+    backends = family.backends(device, quick=quick)
+    rows: list[Row] = []
+    for name, fn in backends.items():
+        if isinstance(fn, str):
+            rows.append(Row(family.name, {k: "-" for k in (cases[0] if cases else {})}, name, f"absent: {fn}"))
+    for case in progress(cases, family.name):
+        for name, fn in backends.items():
+            if isinstance(fn, str):
+                continue
+            rows.append(measure(family, case, name, fn, device, repeats, memory))
+            print(family.format_row(rows[-1], rows), flush=True)
+    rows = [r for r in rows if not r.status.startswith("absent")] + \
+           [r for r in rows if r.status.startswith("absent")]
+    if out_dir:
+        tag = f"{device}_{family.name}" + ("_quick" if quick else "")
+        for p in write_results([r for r in rows if not r.status.startswith("absent")] +
+                               [r for r in rows if r.status.startswith("absent")], family, info, out_dir, tag):
+            print(f"wrote {p}")
+    return rows
+
+
+def measure(family, case: dict, name: str, fn, device: str, repeats: int, memory: bool) -> Row:
+    row = Row(family.name, case, name, "ok", metric_name=family.metric_name)
+    try:
+        err, tol = family.check(fn, case, device)
+        row.max_err = err
+        if not err <= tol:
+            row.status = f"WRONG (err {err:.1e} > {tol:.1e})"
+            return row
+        if not family.should_time(case, name):
+            row.status = "skipped (too slow for this peer)"
+            return row
+        inputs = family.make_inputs(case, device, requires_grad=family.needs_grad(case))
+        times = time_fn(lambda: family.call(fn, inputs, case), device, family.repeats(case, repeats),
+                        flush=family.flush)
+        row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
+        row.metric = family.work(case) / (row.median_ms * 1e-3) / 1e9
+        if memory and family.measure_memory(case):
+            if device == "cuda":
+                row.peak_extra_mib = cuda_peak_extra_mib(lambda: family.call(fn, inputs, case))
+            else:
+                row.peak_extra_mib = cpu_peak_extra_mib(family.name, case, name)
+    except Exception as e:  # a peer that cannot run this case is reported, not fatal
+        row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    return row
