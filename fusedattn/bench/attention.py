@@ -57,6 +57,11 @@ def _sdpa_with(backend) -> Callable:
 def _flex(device: str) -> Callable:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    import torch._dynamo
+
+    # one compiled kernel per shape: raise the recompile limit so later shapes are not silently
+    # run by flex's unfused eager fallback
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     compiled = torch.compile(flex_attention, dynamic=False)
     masks = {}
 
