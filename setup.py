@@ -50,6 +50,10 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", build_dir, "--config", cfg, "-j", jobs], check=True)
         if not os.path.exists(ext_path):
             raise RuntimeError(f"CMake did not produce {ext_path}")
+        # Read by fusedattn/_ops.py before it loads the binary, to refuse a mismatched torch.
+        with open(os.path.join(out_dir, "_build_torch.py"), "w") as f:
+            f.write(f"# written by setup.py at build time\nTORCH_VERSION = {torch.__version__!r}\n"
+                    f"TORCH_CUDA = {torch.version.cuda!r}\n")
 
 
 setup(

@@ -9,11 +9,29 @@ from __future__ import annotations
 
 import torch
 
+
+def _check_torch_matches_build() -> None:
+    """A binary built for another torch (major.minor) can crash in the C++ ABI: refuse it with a
+    message that says what to do, before the library is loaded."""
+    try:
+        from ._build_torch import TORCH_VERSION
+    except ImportError:  # not built (no binary to protect) or built by plain CMake
+        return
+    built, running = TORCH_VERSION.split("+")[0].split(".")[:2], torch.__version__.split("+")[0].split(".")[:2]
+    if built != running:
+        raise ImportError(
+            f"fusedattn's compiled extension was built for torch {TORCH_VERSION}, but torch {torch.__version__} "
+            f"is installed. Install torch {'.'.join(built)}.x, or rebuild fusedattn against this torch: "
+            f"pip install --no-build-isolation --force-reinstall fusedattn (from source: pip install -e . "
+            f"--no-build-isolation).")
+
+
+_check_torch_matches_build()
 _C = None
 _C_IMPORT_ERROR: str | None = None
 try:  # the compiled extension registers torch.ops.fusedattn.* when it is loaded
     from . import _C  # type: ignore[attr-defined,no-redef]
-except ImportError as e:  # not built, or built against another torch
+except ImportError as e:  # not built
     _C_IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 

@@ -1,0 +1,38 @@
+"""What the build reports, and the import-time refusal of a binary built for another torch."""
+import sys
+import types
+
+import pytest
+import torch
+
+import fusedattn
+from fusedattn import _ops
+
+
+def test_build_info_names_what_was_compiled():
+    info = _ops.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert "DEFAULT" in info["cpu_isas"].split(",")
+    assert info["cpu_isa_selected"] in info["cpu_isas"].split(",")
+    assert isinstance(info["cuda"], bool) and info["cuda_reason"]
+
+
+def test_ops_are_registered():
+    for name in ("attention_fwd", "attention_bwd"):
+        assert hasattr(torch.ops.fusedattn, name)
+
+
+def test_mismatched_torch_is_refused(monkeypatch):
+    fake = types.ModuleType("fusedattn._build_torch")
+    fake.TORCH_VERSION, fake.TORCH_CUDA = "1.99.0+cu999", "99.9"
+    monkeypatch.setitem(sys.modules, "fusedattn._build_torch", fake)
+    with pytest.raises(ImportError, match=r"built for torch 1\.99\.0\+cu999.*rebuild"):
+        _ops._check_torch_matches_build()
+
+
+def test_matching_torch_is_accepted(monkeypatch):
+    fake = types.ModuleType("fusedattn._build_torch")
+    fake.TORCH_VERSION, fake.TORCH_CUDA = torch.__version__.split("+")[0] + "+other", None
+    monkeypatch.setitem(sys.modules, "fusedattn._build_torch", fake)
+    _ops._check_torch_matches_build()
+    assert fusedattn.available_backends()["cpu"] is None
