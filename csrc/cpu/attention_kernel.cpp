@@ -306,7 +306,91 @@ void run_tasks(int64_t n, Init&& init, Body&& body) {
 // vector covering VL queries, with no horizontal reductions. P.V reads st transposed through
 // the A strides; V is packed once per kv head into row panels (a contiguous copy).
 // ---------------------------------------------------------------------------------------------
-inline int64_t block_m_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_M", 64), NR); return v; }
+// Query rows per block: a compile-time constant so the per-column statistics of a whole block
+// (BM / VL vectors) live in registers while the key rows stream past.
+constexpr int64_t BLOCK_M_FWD = 64;  // multiple of NR on every ISA
+constexpr int XV = BLOCK_M_FWD / VL;  // vectors per scores row
+
+// exp(x) for x = t / log2(e) <= 0, given t: 2^t as 2^round(t) * 2^f with f in [-0.5, 0.5]
+// (Cephes' degree-6 polynomial, relative error ~1e-7), the integer part added to the exponent
+// bits. t < -126 (including -inf) gives exactly 0. ~15 vector ops against ~21 for exp_u20,
+// and the caller folds "s - m" and the log2(e) factor into one FMA.
+typedef int32_t vint __attribute__((vector_size(VL * sizeof(int32_t))));
+inline vfloat exp2_nonpositive(vfloat t) {
+  const vint tiny = t < -126.0f;
+  t = (vfloat)(((vint)t & ~tiny) | ((vint)(vfloat{} - 126.0f) & tiny));
+  const vfloat fx = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const vfloat f = t - fx;
+  vfloat p = vfloat{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  const vint e = __builtin_convertvector(fx, vint) << 23;
+  return (vfloat)(((vint)p + e) & ~tiny);
+}
+
+// Online-softmax update for one block of transposed scores st (nk key rows x BLOCK_M_FWD query
+// columns), in place: st <- exp(st - m_new); per query column updates the running max m, the
+// running sum l (l = alpha * l + sum), alpha = exp(m_old - m_new) for rescaling O, and a NaN flag
+// (a NaN score makes the row NaN at the end; its statistics are kept finite meanwhile).
+// Both passes walk st row by row (contiguous) with the column state in registers.
+void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alpha, float* nan_flag) {
+  constexpr int64_t BM = BLOCK_M_FWD;
+  constexpr float kLog2e = 1.4426950408889634f;
+  vfloat mx[XV];
+  vint isnan[XV];
+#pragma GCC unroll 16
+  for (int x = 0; x < XV; ++x) {
+    mx[x] = vfloat{} + kNegInf;
+    isnan[x] = vint{};
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* row = st + j * BM;
+#pragma GCC unroll 16
+    for (int x = 0; x < XV; ++x) {
+      const vfloat v = load_v(row + x * VL);
+      mx[x] = v > mx[x] ? v : mx[x];
+      isnan[x] |= (v != v);
+    }
+  }
+  vfloat neg_m_l2e[XV];  // -m_use * log2(e): exp(s - m) = 2^(s*log2e - m*log2e), one FMA
+#pragma GCC unroll 16
+  for (int x = 0; x < XV; ++x) {
+    const vfloat m_old = load_v(m + x * VL);
+    const vint nan_old = (vint)load_v(nan_flag + x * VL);
+    store_v(nan_flag + x * VL, (vfloat)(nan_old | isnan[x]));
+    const vfloat m_new = mx[x] > m_old ? mx[x] : m_old;
+    store_v(m + x * VL, m_new);
+    const vfloat m_use = m_new == kNegInf ? vfloat{} : m_new;  // nothing seen yet: exp(-inf - 0) = 0
+    store_v(alpha + x * VL, exp2_nonpositive((m_old - m_use) * kLog2e));
+    neg_m_l2e[x] = -m_use * kLog2e;
+  }
+  // Two halves of the columns per sweep: each keeps its offsets and sums in registers (AVX2
+  // has 16).
+  constexpr int XH = XV > 4 ? XV / 2 : XV;
+  for (int x0 = 0; x0 < XV; x0 += XH) {
+    vfloat sum[XH];
+#pragma GCC unroll 16
+    for (int x = 0; x < XH; ++x) sum[x] = vfloat{};
+    for (int64_t j = 0; j < nk; ++j) {
+      float* row = st + j * BM + x0 * VL;
+#pragma GCC unroll 16
+      for (int x = 0; x < XH; ++x) {
+        const vfloat e = exp2_nonpositive(load_v(row + x * VL) * kLog2e + neg_m_l2e[x0 + x]);
+        store_v(row + x * VL, e);
+        sum[x] += e;
+      }
+    }
+#pragma GCC unroll 16
+    for (int x = 0; x < XH; ++x) {
+      const int xi = x0 + x;
+      store_v(l + xi * VL, load_v(l + xi * VL) * load_v(alpha + xi * VL) + sum[x]);
+    }
+  }
+}
 inline int64_t block_n_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), MR); return v; }
 
 template <typename T>
@@ -317,7 +401,7 @@ void fwd_impl(const AttnFwdParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  const int64_t BM = block_m_fwd(), BN = block_n_fwd();
+  const int64_t BM = BLOCK_M_FWD, BN = block_n_fwd();
   const int64_t Dv_pad = round_up(Dv, NR);
   const Band band{Lk, p.mask.diag_offset, p.mask.window_left, p.mask.window_right};
   constexpr bool kIsFloat = std::is_same_v<T, float>;
@@ -408,29 +492,7 @@ void fwd_impl(const AttnFwdParams& p) {
               }
             }
           }
-          // Column statistics over the nk key rows, VL queries per vector.
-          for (int64_t x = 0; x < BM; x += VL) {
-            Vec mx(kNegInf);
-            for (int64_t j = 0; j < nk; ++j) mx = at::vec::maximum(mx, Vec::loadu(st + j * BM + x));  // NaN-propagating
-            const Vec isnan = mx.isnan();
-            (Vec::loadu(c.nan.data() + x) | isnan).store(c.nan.data() + x);
-            const Vec m_old = Vec::loadu(c.m.data() + x);
-            // A NaN lane is reported at the end; keep its statistics finite meanwhile.
-            Vec m_new = at::vec::maximum(m_old, Vec::blendv(mx, Vec(kNegInf), isnan));
-            m_new.store(c.m.data() + x);
-            // Lanes that have seen no key yet subtract 0: exp(-inf - 0) = 0.
-            const Vec m_use = Vec::blendv(m_new, Vec(0.f), m_new == Vec(kNegInf));
-            const Vec alpha = (m_old - m_use).exp_u20();
-            alpha.store(c.alpha.data() + x);
-            Vec sum(0.f);
-            for (int64_t j = 0; j < nk; ++j) {
-              float* sp = st + j * BM + x;
-              const Vec e = (Vec::loadu(sp) - m_use).exp_u20();
-              e.store(sp);
-              sum = sum + e;
-            }
-            (Vec::loadu(c.l.data() + x) * alpha + sum).store(c.l.data() + x);
-          }
+          column_softmax_block(st, nk, c.m.data(), c.l.data(), c.alpha.data(), c.nan.data());
           // o (BM x Dv_pad) = alpha * o + st^T . v[n0:n0+nk]
           gemm_panels(rows, Dv_pad / NR, nk, st, 1, BM, vb + n0 * NR, Lk * NR, c.o.data(), Dv_pad, 2,
                       c.alpha.data());

@@ -3,7 +3,8 @@
 Method (stated again in every result file):
   * every backend gets the same inputs; its output is compared with the float64 reference before
     its time is reported (a backend that fails the check is listed as WRONG, with no time);
-  * warm-up call, then ``repeats`` timed calls: median with the min..max spread; on CUDA, CUDA
+  * a warm-up call per backend, then ``repeats`` timed calls taken round-robin across the backends
+    (so drifts in machine speed hit all alike): median with the min..max spread; on CUDA, CUDA
     events around each call and a 256 MiB buffer rewritten between calls (flushes L2); on the
     CPU, ``time.perf_counter`` and, for memory-bound families, a 64 MiB buffer rewritten between
     calls so the cache does not hold the data;
@@ -96,26 +97,35 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
+    """Milliseconds per call for each of ``fns`` (name -> zero-argument callable), one entry per
+    repeat. Each backend is warmed up once, then the repeats go round-robin (A B C A B C ...), so a
+    drift in the machine's speed (turbo, a noisy neighbour) hits every backend alike."""
+    flusher = _Flusher(device, flush)
+    for fn in fns.values():
+        fn()
+    sync(device)
+    times: dict = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            flusher()
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
 def time_fn(fn: Callable[[], object], device: str, repeats: int, flush: bool) -> list[float]:
     """Milliseconds per call, one entry per repeat, after one warm-up call."""
-    flusher = _Flusher(device, flush)
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        flusher()
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_round_robin({"fn": fn}, device, repeats, flush)["fn"]
 
 
 def cuda_peak_extra_mib(fn: Callable[[], object]) -> float:
@@ -265,11 +275,11 @@ def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool,
         if isinstance(fn, str):
             rows.append(Row(family.name, {k: "-" for k in (cases[0] if cases else {})}, name, f"absent: {fn}"))
     for case in progress(cases, family.name):
-        for name, fn in backends.items():
-            if isinstance(fn, str):
-                continue
-            rows.append(measure(family, case, name, fn, device, repeats, memory))
-            print(family.format_row(rows[-1], rows), flush=True)
+        case_rows = measure_case(family, case, {n: f for n, f in backends.items() if not isinstance(f, str)},
+                                 device, repeats, memory)
+        rows += case_rows
+        for r in case_rows:
+            print(family.format_row(r, rows), flush=True)
     rows = [r for r in rows if not r.status.startswith("absent")] + \
            [r for r in rows if r.status.startswith("absent")]
     if out_dir:
@@ -280,27 +290,41 @@ def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool,
     return rows
 
 
-def measure(family, case: dict, name: str, fn, device: str, repeats: int, memory: bool) -> Row:
-    row = Row(family.name, case, name, "ok", metric_name=family.metric_name)
-    try:
-        err, tol = family.check(fn, case, device)
-        row.max_err = err
-        if not err <= tol:
-            row.status = f"WRONG (err {err:.1e} > {tol:.1e})"
-            return row
-        if not family.should_time(case, name):
-            row.status = "skipped (too slow for this peer)"
-            return row
-        inputs = family.make_inputs(case, device, requires_grad=family.needs_grad(case))
-        times = time_fn(lambda: family.call(fn, inputs, case), device, family.repeats(case, repeats),
-                        flush=family.flush)
-        row.median_ms, row.min_ms, row.max_ms = statistics.median(times), min(times), max(times)
-        row.metric = family.work(case) / (row.median_ms * 1e-3) / 1e9
-        if memory and family.measure_memory(case):
-            if device == "cuda":
-                row.peak_extra_mib = cuda_peak_extra_mib(lambda: family.call(fn, inputs, case))
+def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memory: bool) -> list[Row]:
+    """Check every backend on ``case``, then time those that passed, round-robin, on one set of inputs."""
+    rows = {name: Row(family.name, case, name, "ok", metric_name=family.metric_name) for name in fns}
+    timed = {}
+    inputs = None
+    for name, fn in fns.items():
+        row = rows[name]
+        try:
+            err, tol = family.check(fn, case, device)
+            row.max_err = err
+            if not err <= tol:
+                row.status = f"WRONG (err {err:.1e} > {tol:.1e})"
+            elif not family.should_time(case, name):
+                row.status = "skipped (too slow for this peer)"
             else:
-                row.peak_extra_mib = cpu_peak_extra_mib(family.name, case, name)
-    except Exception as e:  # a peer that cannot run this case is reported, not fatal
-        row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
-    return row
+                if inputs is None:
+                    inputs = family.make_inputs(case, device, requires_grad=family.needs_grad(case))
+                family.call(fn, inputs, case)  # fails here, not in the timing loop, if it cannot run
+                timed[name] = (lambda f: (lambda: family.call(f, inputs, case)))(fn)
+        except Exception as e:  # a peer that cannot run this case is reported, not fatal
+            row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    if timed:
+        times = time_round_robin(timed, device, family.repeats(case, repeats), flush=family.flush)
+        for name, t in times.items():
+            row = rows[name]
+            row.median_ms, row.min_ms, row.max_ms = statistics.median(t), min(t), max(t)
+            row.metric = family.work(case) / (row.median_ms * 1e-3) / 1e9
+            if memory and family.measure_memory(case):
+                if device == "cuda":
+                    row.peak_extra_mib = cuda_peak_extra_mib(timed[name])
+                else:
+                    row.peak_extra_mib = cpu_peak_extra_mib(family.name, case, name)
+    return list(rows.values())
+
+
+def measure(family, case: dict, name: str, fn, device: str, repeats: int, memory: bool) -> Row:
+    """One backend on one case (see measure_case)."""
+    return measure_case(family, case, {name: fn}, device, repeats, memory)[0]
