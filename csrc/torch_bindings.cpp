@@ -1,5 +1,5 @@
 // Every fusedattn op schema, declared once. Kernels register per dispatch key elsewhere:
-//   CPU  -> csrc/cpu/attention.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
+//   CPU  -> csrc/cpu/attention.cpp, csrc/cpu/decode.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
 // Fake (meta) implementations and autograd live in fusedattn/_ops.py, which torch imports on
 // demand through set_python_module when it needs them (e.g. under torch.compile).
 #include <torch/library.h>
@@ -23,4 +23,23 @@ TORCH_LIBRARY(fusedattn, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap, Tensor? grad_lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // KV-cache decoding (FlashAttention's flash_attn_with_kvcache layout and semantics).
+  //   q (B, Lq, Hq, D). Cache: contiguous (B_cache, L_max, Hkv, D) / (.., Dv), or paged
+  //   (num_blocks, PAGE_SIZE, Hkv, D) with block_table (B, max_blocks) int32; last dim contiguous.
+  //   cache_seqlens (B,) int32: keys already in the cache. k_new (B, Lnew, Hkv, D) / v_new
+  //   (B, Lnew, Hkv, Dv), when given, are first written into the caches in place at positions
+  //   cache_seqlens[b] .. +Lnew-1 (hence the (a!) (b!)); the caller advances cache_seqlens.
+  //   cache_batch_idx (B,) int32: cache row of each sequence (contiguous cache only).
+  //   Query i sees key j iff Lk - Lq + i - window_left <= j <= Lk - Lq + i + window_right,
+  //   Lk = cache_seqlens[b] + Lnew (bottom-right; causal: window_right = 0; -1 = unbounded).
+  //   num_splits: key-range splits per (b, kv head), combined by a log-sum-exp merge; 0 = heuristic.
+  //   Returns out (B, Lq, Hq, Dv) in q's dtype and lse (B, Hq, Lq) float32 (-inf, out 0: no key).
+  m.def(
+      "decode_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens, Tensor? k_new, "
+      "Tensor? v_new, Tensor? block_table, Tensor? cache_batch_idx, float scale, int window_left, "
+      "int window_right, float softcap, int num_splits) -> (Tensor out, Tensor lse)");
+  // Log-sum-exp merge of two attention states over disjoint key sets:
+  //   out_a, out_b (B, L, H, D), lse_a, lse_b (B, H, L) float32 -> out (B, L, H, D), lse (B, H, L).
+  //   Both lse -inf: out 0, lse -inf.
+  m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
 }

@@ -4,6 +4,7 @@
     out = fusedattn.attention(q, k, v, causal=True)                 # flash-style API
     out = fusedattn.scaled_dot_product_attention(q, k, v)           # torch drop-in
     ref = fusedattn.attention_ref(q, k, v, causal=True)             # the PyTorch reference
+    out = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k, v_new=v)  # KV cache
 
 Kernels are torch ops in ``torch.ops.fusedattn`` (CPU: C++ in fusedattn._C). See README.md.
 """
@@ -11,8 +12,10 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _ops  # noqa: F401  (loads fusedattn._C: registers torch.ops.fusedattn.*)
 from .api import attention, scaled_dot_product_attention
+from .decode import decode_attention, merge_attention_states
 from .dispatch import BACKENDS, available_backends
 from .reference import attention_ref
 
 __version__ = "0.1.0"
-__all__ = ["attention", "scaled_dot_product_attention", "attention_ref", "available_backends", "BACKENDS"]
+__all__ = ["attention", "scaled_dot_product_attention", "decode_attention", "merge_attention_states",
+           "attention_ref", "available_backends", "BACKENDS"]

@@ -2,7 +2,8 @@
 
 The schemas are declared once in C++ (csrc/torch_bindings.cpp); this module adds, per op:
   * a fake (meta) implementation, so torch.compile / FakeTensor tracing knows output shapes;
-  * autograd (``attention_fwd`` -> ``attention_bwd``), so gradients flow through the op.
+  * autograd (``attention_fwd`` -> ``attention_bwd``), so gradients flow through the op
+    (the decode ops are inference-only and have none).
 torch imports this module by itself when it needs the fake impls (``set_python_module``).
 """
 from __future__ import annotations
@@ -80,3 +81,17 @@ if _C is not None:
 
     torch.library.register_autograd(
         "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context)
+
+    # Decoding is inference-only: decode_fwd and merge_attention_states have no autograd (the public
+    # wrappers in fusedattn/decode.py refuse inputs that require grad).
+    @torch.library.register_fake("fusedattn::decode_fwd")
+    def _decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                         window_left, window_right, softcap, num_splits):
+        B, Lq, Hq, _ = q.shape
+        out = q.new_empty((B, Lq, Hq, v_cache.shape[-1]))  # (B, Lq, Hq, Dv)
+        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        return out, lse
+
+    @torch.library.register_fake("fusedattn::merge_attention_states")
+    def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b):
+        return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)

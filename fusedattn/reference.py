@@ -34,7 +34,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["attention_ref", "make_window_mask"]
+__all__ = ["attention_ref", "make_window_mask", "decode_attention_ref", "merge_attention_states_ref"]
 
 _ALIGNS = ("bottom_right", "top_left")
 
@@ -182,3 +182,117 @@ def attention_ref(
         return out
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# KV-cache decoding
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _cache_positions(cache: torch.Tensor, b: int, start: int, stop: int, block_table: Optional[torch.Tensor],
+                     cache_batch_idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices (first, second) such that cache[first, second] are positions start..stop-1 of sequence b:
+    (cache row, position) for a contiguous cache, (page, slot) for a paged one."""
+    pos = torch.arange(start, stop, device=cache.device)
+    if block_table is not None:
+        page_size = cache.shape[1]
+        return block_table[b].long()[pos // page_size], pos % page_size
+    row = b if cache_batch_idx is None else int(cache_batch_idx[b])
+    return torch.full_like(pos, row), pos
+
+
+def decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: Union[torch.Tensor, int],
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """KV-cache attention with FlashAttention's ``flash_attn_with_kvcache`` semantics, one sequence at a time
+    through ``attention_ref``.
+
+    Args:
+        q: (B, Lq, Hq, D) queries (FlashAttention layout).
+        k_cache, v_cache: contiguous (B_cache, L_max, Hkv, D) / (.., Dv), or paged (num_blocks, PAGE_SIZE, Hkv, D)
+            when ``block_table`` (B, max_blocks) is given: position j of sequence b is
+            ``cache[block_table[b, j // PAGE_SIZE], j % PAGE_SIZE]``.
+        cache_seqlens: (B,) (or an int for all): keys already in the cache for each sequence.
+        k_new, v_new: (B, Lnew, Hkv, D) / (.., Dv). Written **into the caches, in place**, at positions
+            ``cache_seqlens[b] .. cache_seqlens[b] + Lnew - 1`` before attending (sequences in order: if two write
+            the same slot, the later one wins). ``cache_seqlens`` itself is not advanced.
+        cache_batch_idx: (B,) cache row of each sequence (contiguous cache), default ``arange(B)``.
+        causal, window: bottom-right aligned over the sequence after the append, Lk = cache_seqlens[b] + Lnew:
+            query i (position Lk - Lq + i) sees key j iff ``Lk - Lq + i - left <= j <= Lk - Lq + i + right``.
+        scale, softcap, compute_dtype: as in ``attention_ref``.
+
+    Returns:
+        out (B, Lq, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (B, Hq, Lq). A query that sees no key
+        (e.g. an empty sequence) gives output 0 and lse -inf.
+    """
+    B, Lq, Hq, _ = q.shape
+    seqlens = [int(cache_seqlens)] * B if isinstance(cache_seqlens, int) else [int(x) for x in cache_seqlens.tolist()]
+    Lnew = 0 if k_new is None else k_new.shape[1]
+    if k_new is not None:
+        for b in range(B):
+            idx = _cache_positions(k_cache, b, seqlens[b], seqlens[b] + Lnew, block_table, cache_batch_idx)
+            k_cache[idx] = k_new[b]  # (Lnew, Hkv, D)
+            v_cache[idx] = v_new[b]  # (Lnew, Hkv, Dv)
+    outs, lses = [], []
+    for b in range(B):
+        idx = _cache_positions(k_cache, b, 0, seqlens[b] + Lnew, block_table, cache_batch_idx)
+        k = k_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, D)
+        v = v_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, Dv)
+        out, lse = attention_ref(q[b].transpose(0, 1).unsqueeze(0), k, v, causal=causal, causal_align="bottom_right",
+                                 scale=scale, window=window, softcap=softcap, return_lse=True,
+                                 compute_dtype=compute_dtype)  # (1, Hq, Lq, Dv), (1, Hq, Lq)
+        outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
+        lses.append(lse[0])
+    out = torch.stack(outs) if B else q.new_empty((0, Lq, Hq, v_cache.shape[-1]))
+    if not return_lse:
+        return out
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return out, torch.stack(lses) if B else q.new_empty((0, Hq, Lq), dtype=lse_dtype)
+
+
+def merge_attention_states_ref(
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge two attention states computed over disjoint key sets into the state over their union.
+
+    out_x (B, L, H, D) is softmax attention over key set x and lse_x (B, H, L) its log-sum-exp. With
+    M = max(lse_a, lse_b) and w_x = exp(lse_x - M):
+
+        out = (w_a out_a + w_b out_b) / (w_a + w_b),   lse = M + log(w_a + w_b).
+
+    A side with lse = -inf contributes nothing (its output is not read); both -inf gives out 0, lse -inf.
+    Returns out in out_a.dtype and lse in float32 (float64 when compute_dtype is float64).
+    """
+    lse_a, lse_b = lse_a.to(compute_dtype), lse_b.to(compute_dtype)
+    m = torch.maximum(lse_a, lse_b)  # (B, H, L)
+    m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+    w_a, w_b = torch.exp(lse_a - m_safe), torch.exp(lse_b - m_safe)
+    w_sum = w_a + w_b
+    lse = torch.where(w_sum == 0, torch.full_like(m, float("-inf")), m_safe + torch.log(w_sum))
+
+    def weighted(w, o):  # w (B, H, L) -> (B, L, H, 1) against o (B, L, H, D); weight 0 never reads o
+        w = w.transpose(1, 2).unsqueeze(-1)
+        return torch.where(w > 0, w * o.to(compute_dtype), torch.zeros((), dtype=compute_dtype))
+
+    denom = torch.where(w_sum == 0, torch.ones_like(w_sum), w_sum).transpose(1, 2).unsqueeze(-1)
+    out = (weighted(w_a, out_a) + weighted(w_b, out_b)) / denom
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return out.to(out_a.dtype), lse.to(lse_dtype)

@@ -16,24 +16,17 @@
 //    exp(m_old - m_new) is folded into the P.V micro-kernel's load of O.
 //  * Work is handed out dynamically, heaviest query blocks first, so causal rows balance.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
-#include <limits>
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include "cpu/attention.h"
+#include "cpu/kernel_utils.h"
 
 #ifndef CPU_CAPABILITY
 #error "attention_kernel.cpp must be compiled with -DCPU_CAPABILITY=<ISA> (see CMakeLists.txt)"
@@ -43,127 +36,10 @@ namespace fusedattn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t VL = Vec::size();  // fp32 lanes per vector
-constexpr int64_t NR = 2 * VL;       // micro-tile width: 2 vectors
-// Micro-tile height: MR*2 accumulators + 2 B vectors + 1 broadcast must fit the register file
-// (16 ymm on AVX2 -> 6, 32 zmm on AVX-512 -> 12).
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int MR = 12;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int MR = 6;
-#else
-constexpr int MR = 4;
-#endif
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline int64_t cdiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
-
 // Tile sizes (query rows x keys). BLOCK_M x BLOCK_N fp32 scores (64 KiB) plus the K/V panels of
 // one key block (2 x 256 x D fp32) stay in a 512 KiB L2 next to the Q and O tiles.
-int64_t env_int(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  if (!s || !*s) return dflt;
-  int64_t v = std::atoll(s);
-  return v > 0 ? v : dflt;
-}
 constexpr int64_t BLOCK_M_BWD = 64;
 constexpr int64_t BLOCK_N_BWD = 64;  // multiple of NR for every ISA
-
-// ---------------------------------------------------------------------------------------------
-// GEMM micro-kernel.  C[MxNR] (=|+=) A[MxK] * Bp[KxNR]
-//   A element (r, k) at A[r*a_rs + k*a_ks]  (row-major: a_rs=lda, a_ks=1; transposed: a_rs=1)
-//   Bp is one packed panel: K rows of NR contiguous floats.
-//   mode 0: C = AB;  mode 1: C += AB;  mode 2: C = row_scale[r]*C + AB (online-softmax rescale)
-// ---------------------------------------------------------------------------------------------
-// Register tiles use GCC vector extensions rather than at::vec::Vectorized: GCC keeps arrays of
-// these in registers (scalar replacement), while arrays of Vectorized objects were spilled to the
-// stack on every k step, halving the FMA rate.
-typedef float vfloat __attribute__((vector_size(VL * sizeof(float))));
-inline vfloat load_v(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store_v(float* p, vfloat v) { std::memcpy(p, &v, sizeof(v)); }
-
-template <int M>
-inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int64_t a_ks,
-                         const float* __restrict Bp, float* __restrict C, int64_t ldc, int mode,
-                         const float* row_scale) {
-  vfloat c0[M], c1[M];
-#pragma GCC unroll 16
-  for (int r = 0; r < M; ++r) {
-    c0[r] = vfloat{} ;
-    c1[r] = vfloat{};
-  }
-  for (int64_t k = 0; k < K; ++k) {
-    const vfloat b0 = load_v(Bp + k * NR);
-    const vfloat b1 = load_v(Bp + k * NR + VL);
-    const float* a = A + k * a_ks;
-#pragma GCC unroll 16
-    for (int r = 0; r < M; ++r) {
-      const float av = a[r * a_rs];
-      c0[r] += av * b0;  // contracted to FMA (-ffp-contract=fast)
-      c1[r] += av * b1;
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < M; ++r) {
-    float* c = C + r * ldc;
-    if (mode == 0) {
-      store_v(c, c0[r]);
-      store_v(c + VL, c1[r]);
-    } else {
-      vfloat o0 = load_v(c), o1 = load_v(c + VL);
-      if (mode == 2) {
-        o0 *= row_scale[r];
-        o1 *= row_scale[r];
-      }
-      store_v(c, o0 + c0[r]);
-      store_v(c + VL, o1 + c1[r]);
-    }
-  }
-}
-
-template <int M>
-inline void micro_dispatch(int m, int64_t K, const float* A, int64_t a_rs, int64_t a_ks,
-                           const float* Bp, float* C, int64_t ldc, int mode, const float* rs) {
-  if constexpr (M > 0) {
-    if (m == M) return micro_kernel<M>(K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
-    return micro_dispatch<M - 1>(m, K, A, a_rs, a_ks, Bp, C, ldc, mode, rs);
-  }
-}
-
-// C[M x (n_panels*NR)] op= A[M x K] * B, with B packed as n_panels panels (panel p at
-// Bp + p*panel_stride, K rows of NR floats). Panel-outer order keeps one B panel in L1 while
-// the A rows stream through.
-void gemm_panels(int64_t M, int64_t n_panels, int64_t K, const float* A, int64_t a_rs,
-                 int64_t a_ks, const float* Bp, int64_t panel_stride, float* C, int64_t ldc,
-                 int mode, const float* row_scale = nullptr) {
-  if (M <= 0 || n_panels <= 0) return;
-  if (K == 0) {  // empty reduction: C = 0 (mode 0) or unchanged apart from the rescale
-    for (int64_t r = 0; r < M; ++r)
-      for (int64_t c = 0; c < n_panels * NR; ++c) {
-        float& x = C[r * ldc + c];
-        x = mode == 0 ? 0.f : (mode == 2 ? x * row_scale[r] : x);
-      }
-    return;
-  }
-  for (int64_t p = 0; p < n_panels; ++p) {
-    const float* b = Bp + p * panel_stride;
-    float* c = C + p * NR;
-    int64_t r = 0;
-    for (; r + MR <= M; r += MR)
-      micro_kernel<MR>(K, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
-                       row_scale ? row_scale + r : nullptr);
-    if (r < M)
-      micro_dispatch<MR - 1>(static_cast<int>(M - r), K, A + r * a_rs, a_rs, a_ks, b,
-                             c + r * ldc, ldc, mode, row_scale ? row_scale + r : nullptr);
-  }
-}
 
 // Uninitialized fp32 scratch (the packers write every element). Large buffers ask for transparent
 // huge pages: a fresh 8 MiB pack otherwise costs ~2000 page faults per call.
@@ -187,29 +63,6 @@ struct Scratch {
 // ---------------------------------------------------------------------------------------------
 // Loading and packing (the one place where input dtypes are converted to fp32).
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-inline float to_f(T x) { return static_cast<float>(x); }
-
-// dst[i*ld_dst + d] = scale * src[i*rs + d*cs] for i < rows, d < cols; zero for cols..ld_pad.
-template <typename T>
-void load_rows(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float scale,
-               float* dst, int64_t ld_dst, int64_t ld_pad) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const T* s = src + i * rs;
-    float* d = dst + i * ld_dst;
-    if (cs == 1) {
-      if constexpr (std::is_same_v<T, float>) {
-        at::vec::map([scale](Vec x) { return x * Vec(scale); }, d, s, cols);
-      } else {
-        for (int64_t c = 0; c < cols; ++c) d[c] = scale * to_f(s[c]);
-      }
-    } else {
-      for (int64_t c = 0; c < cols; ++c) d[c] = scale * to_f(s[c * cs]);
-    }
-    for (int64_t c = cols; c < ld_pad; ++c) d[c] = 0.f;
-  }
-}
-
 // "Row panels": for a (rows x cols) matrix X, panel p holds X[:, p*NR : p*NR+NR] as rows of NR
 // floats: out[p*rows_alloc*NR + i*NR + c] = X[i][p*NR + c] (zero beyond cols). This is the B
 // layout for products whose reduction runs over rows (P.V, dS.K, P^T.dO, dS^T.Q).
@@ -245,56 +98,6 @@ void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
     for (int64_t c = rn; c < NR; ++c)
       for (int64_t d = 0; d < cols; ++d) o[d * NR + c] = 0.f;
   }
-}
-
-template <typename T>
-inline void store_row(const float* src, float mul, T* dst, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c] * mul);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Visibility: row i sees keys [lo(i), hi(i)) (clipped to [0, Lk)), then the additive mask.
-// ---------------------------------------------------------------------------------------------
-struct Band {
-  int64_t Lk, off, left, right;
-  int64_t lo(int64_t i) const { return left < 0 ? 0 : std::max<int64_t>(0, i + off - left); }
-  int64_t hi(int64_t i) const {
-    return right < 0 ? Lk : std::min<int64_t>(Lk, std::max<int64_t>(0, i + off + right + 1));
-  }
-};
-
-// softcap: s <- cap * tanh(s / cap) over a whole scores row (width a multiple of VL).
-inline void apply_softcap(float* s, int64_t width, float cap) {
-  const Vec capv(cap), inv(1.f / cap);
-  for (int64_t c = 0; c < width; c += VL) ((Vec::loadu(s + c) * inv).tanh() * capv).store(s + c);
-}
-
-// One scores row s[0..width) for keys n0..n0+width (width a multiple of NR): add the additive
-// mask to the n_valid keys that exist, then -inf outside [lo, hi) (both relative to n0).
-inline void mask_scores_row(float* s, int64_t width, int64_t n_valid, int64_t lo, int64_t hi,
-                            const float* mask_row) {
-  if (mask_row) {
-    int64_t c = 0;
-    for (; c + VL <= n_valid; c += VL) (Vec::loadu(s + c) + Vec::loadu(mask_row + c)).store(s + c);
-    for (; c < n_valid; ++c) s[c] += mask_row[c];
-  }
-  lo = std::max<int64_t>(lo, 0);
-  hi = std::min<int64_t>(hi, n_valid);
-  if (hi <= lo) lo = hi = 0;
-  for (int64_t c = 0; c < lo; ++c) s[c] = kNegInf;
-  for (int64_t c = hi; c < width; ++c) s[c] = kNegInf;
-}
-
-// Work-stealing loop: tasks [0, n) handed out one at a time to at::parallel_for's threads.
-template <typename Init, typename Body>
-void run_tasks(int64_t n, Init&& init, Body&& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), n);
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-    auto ctx = init();
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(ctx, t);
-  });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "cpu/attention.h"
+#include "cpu/decode.h"
 
 namespace fusedattn::cpu {
 
@@ -37,28 +38,27 @@ const char* selected_isa() {
   }
 }
 
-void attention_fwd_dispatch(const AttnFwdParams& p) {
-  switch (isa()) {
+// Calls ISA::fn(p) for the ISA chosen above.
 #if defined(FUSEDATTN_HAS_AVX512)
-    case Isa::kAvx512: return AVX512::attention_fwd_kernel(p);
+#define FUSEDATTN_CASE_AVX512(fn) case Isa::kAvx512: return AVX512::fn(p);
+#else
+#define FUSEDATTN_CASE_AVX512(fn)
 #endif
 #if defined(FUSEDATTN_HAS_AVX2)
-    case Isa::kAvx2: return AVX2::attention_fwd_kernel(p);
+#define FUSEDATTN_CASE_AVX2(fn) case Isa::kAvx2: return AVX2::fn(p);
+#else
+#define FUSEDATTN_CASE_AVX2(fn)
 #endif
-    default: return DEFAULT::attention_fwd_kernel(p);
+#define FUSEDATTN_ISA_CALL(fn)  \
+  switch (isa()) {              \
+    FUSEDATTN_CASE_AVX512(fn)   \
+    FUSEDATTN_CASE_AVX2(fn)     \
+    default: return DEFAULT::fn(p); \
   }
-}
 
-void attention_bwd_dispatch(const AttnBwdParams& p) {
-  switch (isa()) {
-#if defined(FUSEDATTN_HAS_AVX512)
-    case Isa::kAvx512: return AVX512::attention_bwd_kernel(p);
-#endif
-#if defined(FUSEDATTN_HAS_AVX2)
-    case Isa::kAvx2: return AVX2::attention_bwd_kernel(p);
-#endif
-    default: return DEFAULT::attention_bwd_kernel(p);
-  }
-}
+void attention_fwd_dispatch(const AttnFwdParams& p) { FUSEDATTN_ISA_CALL(attention_fwd_kernel) }
+void attention_bwd_dispatch(const AttnBwdParams& p) { FUSEDATTN_ISA_CALL(attention_bwd_kernel) }
+void decode_fwd_dispatch(const DecodeParams& p) { FUSEDATTN_ISA_CALL(decode_fwd_kernel) }
+void merge_attention_states_dispatch(const MergeParams& p) { FUSEDATTN_ISA_CALL(merge_attention_states_kernel) }
 
 }  // namespace fusedattn::cpu

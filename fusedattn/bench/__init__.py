@@ -1,8 +1,8 @@
-"""Benchmarks: ``python -m fusedattn bench [attention|all] [--device] [--dtype] [--quick] [--out DIR]``.
+"""Benchmarks: ``python -m fusedattn bench [attention|decode|all] [--device] [--dtype] [--quick] [--out DIR]``.
 
-Each family module (``attention.py``; decode joins the same interface) names its cases, its peers,
-its correctness check and its FLOP/byte formula; ``core.py`` holds the method: timing, memory,
-tables, CSV/JSON and plots.
+Each family module (``attention.py``, ``decode.py``) names its cases, its peers, its correctness
+check and its FLOP/byte formula; ``core.py`` holds the method: timing, memory, tables, CSV/JSON
+and plots.
 """
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import argparse
 
 import torch
 
-from . import attention
+from . import attention, decode
 from .core import machine_info, run_family
 
-FAMILIES = {attention.name: attention}
+FAMILIES = {fam.name: fam for fam in (attention, decode)}
 
 
 def main(argv=None) -> None:

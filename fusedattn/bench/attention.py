@@ -3,7 +3,6 @@ when installed, flash_attn / xformers, on the same inputs in the same run."""
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Callable, Optional
 
 import torch
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 
 from .. import api, dispatch
 from ..reference import attention_ref
-from .core import Row, try_matplotlib
+from .core import Row, plot_vs_length
 
 name = "attention"
 title = "Attention"
@@ -199,31 +198,7 @@ def format_row(r: Row, rows: list[Row]) -> str:
 
 def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     """GFLOP/s vs sequence length, one line per backend, one panel per (mode, dtype, causal, D)."""
-    plt = try_matplotlib()
-    ok = [r for r in rows if r.status == "ok"]
-    if plt is None or not ok:
-        return []
-    groups = sorted({(r.case["mode"], r.case["dtype"], r.case["causal"], r.case["D"]) for r in ok})
-    ncol = min(4, len(groups))
-    nrow = math.ceil(len(groups) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
-    for ax, g in zip(axes.flat, groups):
-        sel = [r for r in ok if (r.case["mode"], r.case["dtype"], r.case["causal"], r.case["D"]) == g]
-        for b in dict.fromkeys(r.backend for r in sel):
-            pts = sorted((r.case["L"], r.metric) for r in sel if r.backend == b)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b,
-                    linewidth=2.5 if b == "fusedattn" else 1.2)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{g[0]} {g[1]} {'causal' if g[2] else 'non-causal'} D={g[3]}", fontsize=9)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("GFLOP/s")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
-        ax.axis("off")
-    fig.suptitle(f"attention on {info.get('gpu') or info['cpu']} ({info['threads']} threads)", fontsize=10)
-    fig.tight_layout()
-    path = f"{out_dir}/{tag}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return plot_vs_length(rows, info, out_dir, tag, family="attention",
+                          group=lambda c: (c["mode"], c["dtype"], c["causal"], c["D"]),
+                          title=lambda g: f"{g[0]} {g[1]} {'causal' if g[2] else 'non-causal'} D={g[3]}",
+                          xlabel="sequence length", ylabel="GFLOP/s")

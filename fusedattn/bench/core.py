@@ -188,7 +188,8 @@ def summarize(rows: list[Row], family, info: dict) -> list[str]:
     if absent:
         lines.append("")
     case_keys = list(rows[0].case.keys()) if rows else []
-    header = case_keys + ["fusedattn ms", family.metric_name, "extra MiB", "err"]
+    extra = getattr(family, "extra_columns", [])  # (header, fn(fusedattn row) -> cell) of the family
+    header = case_keys + ["fusedattn ms", family.metric_name, "extra MiB", "err"] + [h for h, _ in extra]
     peers = [n for n in names if n != "fusedattn" and any(r.backend == n and r.status == "ok" for r in rows)]
     for p in peers:
         header += [f"{p} ms", f"ratio vs {p}"]
@@ -204,8 +205,9 @@ def summarize(rows: list[Row], family, info: dict) -> list[str]:
         if ours and ours.status == "ok":
             cells += [f"{ours.median_ms:.2f} [{ours.min_ms:.2f}..{ours.max_ms:.2f}]", f"{ours.metric:.1f}",
                       "-" if ours.peak_extra_mib is None else f"{ours.peak_extra_mib:.0f}", f"{ours.max_err:.1e}"]
+            cells += [fn(ours) for _, fn in extra]
         else:
-            cells += [ours.status if ours else "-", "-", "-", "-"]
+            cells += [ours.status if ours else "-", "-", "-", "-"] + ["-" for _ in extra]
         for p in peers:
             x = by.get(p)
             if x is None or x.status != "ok":
@@ -256,6 +258,44 @@ def try_matplotlib():
         return None
 
 
+def plot_vs_length(rows: list[Row], info: dict, out_dir: str, tag: str, *, family: str,
+                   group: Callable[[dict], tuple], title: Callable[[tuple], str], xlabel: str, ylabel: str,
+                   hline: Optional[tuple[float, str]] = None) -> list[str]:
+    """Each backend's metric against case["L"] (log2 axis), one panel per group(case), an optional
+    horizontal reference line (value, label); writes <tag>.png and returns its path (none without
+    matplotlib)."""
+    plt = try_matplotlib()
+    ok = [r for r in rows if r.status == "ok"]
+    if plt is None or not ok:
+        return []
+    groups = sorted({group(r.case) for r in ok})
+    ncol = min(4, len(groups))
+    nrow = -(-len(groups) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, g in zip(axes.flat, groups):
+        sel = [r for r in ok if group(r.case) == g]
+        for b in dict.fromkeys(r.backend for r in sel):
+            pts = sorted((r.case["L"], r.metric) for r in sel if r.backend == b)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b,
+                    linewidth=2.5 if b == "fusedattn" else 1.2)
+        if hline is not None:
+            ax.axhline(hline[0], linestyle="--", color="gray", linewidth=1, label=hline[1])
+        ax.set_xscale("log", base=2)
+        ax.set_title(title(g), fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.axis("off")
+    fig.suptitle(f"{family} on {info.get('gpu') or info['cpu']} ({info['threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    path = f"{out_dir}/{tag}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def progress(items, desc: str):
     try:
         from tqdm import tqdm
@@ -268,6 +308,8 @@ def progress(items, desc: str):
 def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool, repeats: int, memory: bool,
                out_dir: Optional[str]) -> list[Row]:
     info = machine_info(device)
+    if hasattr(family, "prepare"):  # measurements the family's table refers to (decode: copy bandwidth)
+        family.prepare(device)
     cases = family.cases(quick=quick, device=device, dtypes=dtypes)
     backends = family.backends(device, quick=quick)
     rows: list[Row] = []

@@ -1,0 +1,548 @@
+"""KV-cache decoding (fusedattn.decode_attention, merge_attention_states, the KV-cache helpers) against the reference
+under FlashAttention's 2x rule.
+
+The main grid is pairwise over dtype x page size x Lq x GQA ratio x head dim x split count x append, each case one
+batch whose sequences have all the lengths {1, 7, 255, 256, 257, 4097} (cached + appended). Cache slots beyond a
+sequence's length hold NaN and block-table entries beyond its last page are out of range, so any read past the
+end shows up in the output (or as a crash).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedattn
+from conftest import assert_close_2x, case_id, max_abs_err, pairwise, randn
+from fusedattn.reference import attention_ref, decode_attention_ref, merge_attention_states_ref
+from fusedattn.transformer.kv_cache import KVCache, PagedKVCache
+
+decode_op = torch.ops.fusedattn.decode_fwd
+merge_op = torch.ops.fusedattn.merge_attention_states
+
+LENGTHS = [1, 7, 255, 256, 257, 4097]  # keys per sequence after the append, all in one batch
+HKV = 2
+GRID = pairwise({
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "page": [None, 1, 16, 64, 256],  # None: contiguous cache
+    "Lq": [1, 4],
+    "gqa": [1, 4, 8],  # Hq / Hkv
+    "D": [64, 128, 256],
+    "splits": [1, 2, 7, 0],  # 0: heuristic
+    "Lnew": [0, 3],  # rows appended in place before attending
+})
+UNUSED_PAGE = -7  # block-table entries past a sequence's last page: out of range on purpose
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def make_batch(gen, lengths, *, Lq=1, Hq=4, Hkv=HKV, D=32, Dv=None, dtype=torch.float32, page=None, Lnew=0,
+               spare_rows=5):
+    """Sequences with `lengths` keys after appending Lnew rows, in a contiguous (B, L_max, Hkv, D) or paged
+    (num_blocks, page, Hkv, D) cache with a shuffled block table. Unused cache slots are NaN."""
+    Dv = Dv or D
+    B = len(lengths)
+    cached = [max(L - Lnew, 0) for L in lengths]
+    total = [c + Lnew for c in cached]
+    keys = [randn(t, Hkv, D, dtype=dtype, gen=gen) for t in total]  # (L_b, Hkv, D)
+    values = [randn(t, Hkv, Dv, dtype=dtype, gen=gen) for t in total]
+    q = randn(B, Lq, Hq, D, dtype=dtype, gen=gen)
+    if page is None:
+        L_max = max(total, default=0) + spare_rows
+        k_cache = torch.full((B, L_max, Hkv, D), math.nan, dtype=dtype)
+        v_cache = torch.full((B, L_max, Hkv, Dv), math.nan, dtype=dtype)
+        block_table = None
+        for b in range(B):
+            k_cache[b, :cached[b]] = keys[b][:cached[b]]
+            v_cache[b, :cached[b]] = values[b][:cached[b]]
+    else:
+        pages = [-(-t // page) for t in total]
+        num_blocks = sum(pages) + 3
+        order = torch.randperm(num_blocks, generator=gen).tolist()
+        block_table = torch.full((B, max(pages) + 1), UNUSED_PAGE, dtype=torch.int32)
+        k_cache = torch.full((num_blocks, page, Hkv, D), math.nan, dtype=dtype)
+        v_cache = torch.full((num_blocks, page, Hkv, Dv), math.nan, dtype=dtype)
+        for b in range(B):
+            block_table[b, :pages[b]] = torch.tensor([order.pop() for _ in range(pages[b])], dtype=torch.int32)
+            for j in range(cached[b]):
+                blk = int(block_table[b, j // page])
+                k_cache[blk, j % page] = keys[b][j]
+                v_cache[blk, j % page] = values[b][j]
+    k_new = v_new = None
+    if Lnew:
+        k_new = torch.stack([keys[b][cached[b]:] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, D)
+        v_new = torch.stack([values[b][cached[b]:] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, Dv)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+                k_new=k_new, v_new=v_new, block_table=block_table)
+
+
+def clone_inputs(inputs, dtype=None):
+    """Fresh copies (the caches are written in place), optionally cast to `dtype` (floating tensors only)."""
+    def cp(t):
+        if t is None:
+            return None
+        t = t.clone()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return {name: cp(t) for name, t in inputs.items()}
+
+
+def _call(fn, x, kw):
+    """fn(q, k_cache, v_cache, **the other inputs, **kw) for decode_attention and decode_attention_ref."""
+    args = dict(x)
+    q, k_cache, v_cache = args.pop("q"), args.pop("k_cache"), args.pop("v_cache")
+    return fn(q, k_cache, v_cache, **args, **kw)
+
+
+def reference_pair(inputs, **kw):
+    """((ref, ref_lse), (base, base_lse), ref caches after the append): float64 ground truth from float64
+    inputs, and the same math in the input dtype."""
+    x64 = clone_inputs(inputs, torch.float64)
+    ref = _call(decode_attention_ref, x64, dict(kw, return_lse=True, compute_dtype=torch.float64))
+    xb = clone_inputs(inputs)
+    base = _call(decode_attention_ref, xb, dict(kw, return_lse=True, compute_dtype=inputs["q"].dtype))
+    return ref, base, (xb["k_cache"], xb["v_cache"])
+
+
+def check_decode(inputs, **kw):
+    x = clone_inputs(inputs)
+    out, lse = _call(fusedattn.decode_attention, x, dict(kw, return_lse=True, backend="cpu"))
+    (ref, ref_lse), (base, base_lse), (k_after, v_after) = reference_pair(
+        inputs, **{k: v for k, v in kw.items() if k != "num_splits"})
+    assert out.shape == ref.shape and out.dtype == inputs["q"].dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    assert_close_2x(out, ref, base)
+    assert_close_2x(lse, ref_lse, base_lse, name="lse")
+    # The append wrote exactly the reference's rows (NaN = untouched slots on both sides).
+    assert max_abs_err(x["k_cache"], k_after) == 0 and max_abs_err(x["v_cache"], v_after) == 0
+    return out, lse
+
+
+# ---------------------------------------------------------------------------------------------- main grid
+
+
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_decode_vs_reference(case, gen):
+    inputs = make_batch(gen, LENGTHS, Lq=case["Lq"], Hq=HKV * case["gqa"], D=case["D"], dtype=case["dtype"],
+                        page=case["page"], Lnew=case["Lnew"])
+    check_decode(inputs, num_splits=case["splits"])
+
+
+@pytest.mark.parametrize("case", pairwise({
+    "window": [(16, 0), (0, 0), (100, -1), (-1, 2)],
+    "causal": [True, False],
+    "page": [None, 16],
+    "softcap": [0.0, 5.0],
+}), ids=case_id)
+def test_window_softcap_scale(case, gen):
+    inputs = make_batch(gen, [3, 40, 300], Lq=4, Hq=8, D=64, page=case["page"], Lnew=2)
+    inputs["q"] = inputs["q"] * 3  # large scores so that the cap bites
+    check_decode(inputs, causal=case["causal"], window=case["window"], softcap=case["softcap"], scale=0.2,
+                 num_splits=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_value_head_dim_differs(gen, dtype):
+    inputs = make_batch(gen, [5, 70, 129], Lq=2, Hq=6, Hkv=3, D=40, Dv=72, dtype=dtype, page=8, Lnew=1)
+    check_decode(inputs, num_splits=2)
+
+
+def test_cache_batch_idx(gen):
+    """Sequences read (and append to) the cache rows cache_batch_idx names; other rows are untouched."""
+    inputs = make_batch(gen, [9, 33, 20, 50], Lq=2, Hq=4, D=32, Lnew=2)
+    # Spread the 4 sequences over a cache of 6 rows, in a shuffled order.
+    rows = torch.tensor([4, 0, 5, 2], dtype=torch.int32)
+    for name in ("k_cache", "v_cache"):
+        big = torch.full((6,) + inputs[name].shape[1:], math.nan)
+        big[rows.long()] = inputs[name]
+        inputs[name] = big
+    inputs["cache_batch_idx"] = rows
+    check_decode(inputs, num_splits=2)
+
+
+def test_strided_inputs(gen):
+    """q from a (B, Hq, Lq, D) tensor, k/v caches as views of one interleaved buffer, strided k_new."""
+    B, L, Hkv, Hq, D = 3, 50, 2, 8, 32
+    kv = randn(B, L, 2, Hkv, D, gen=gen)  # (B, L, {k, v}, Hkv, D)
+    q = randn(B, Hq, 4, D, gen=gen).transpose(1, 2)  # (B, 4, Hq, D), not contiguous
+    new = randn(B, Hkv, 3, 2 * D, gen=gen)[..., ::2].transpose(1, 2)  # (B, 3, Hkv, D), strided head dim
+    inputs = dict(q=q, k_cache=kv[:, :, 0], v_cache=kv[:, :, 1], cache_seqlens=torch.tensor([0, 20, 47],
+                  dtype=torch.int32), k_new=new, v_new=new * 2, block_table=None)
+    check_decode(inputs, num_splits=2)
+    # same numbers as from contiguous copies
+    contiguous = {n: (t.contiguous() if t is not None else None) for n, t in inputs.items()}
+    out = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(num_splits=2))
+    out_c = _call(fusedattn.decode_attention, clone_inputs(contiguous), dict(num_splits=2))
+    torch.testing.assert_close(out, out_c, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("page", [None, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_append_then_attend_equals_attending_the_concatenation(gen, page, dtype):
+    inputs = make_batch(gen, [4, 100, 517], Lq=3, Hq=8, D=64, dtype=dtype, page=page, Lnew=3)
+    x = clone_inputs(inputs)
+    out = _call(fusedattn.decode_attention, x, dict(num_splits=2))
+    # The same keys, already in the cache: no append, lengths advanced by Lnew.
+    y = clone_inputs(inputs)
+    y["k_cache"], y["v_cache"] = x["k_cache"].clone(), x["v_cache"].clone()
+    y["cache_seqlens"] = y["cache_seqlens"] + 3
+    y["k_new"] = y["v_new"] = None
+    out_concat = _call(fusedattn.decode_attention, y, dict(num_splits=2))
+    torch.testing.assert_close(out, out_concat, atol=0, rtol=0)
+    assert max_abs_err(y["k_cache"], x["k_cache"]) == 0  # attending did not touch the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_counts_agree(gen, dtype):
+    inputs = make_batch(gen, [1, 700, 2000], Lq=2, Hq=8, D=64, dtype=dtype, page=16)
+    outs = [_call(fusedattn.decode_attention, clone_inputs(inputs), dict(num_splits=s, return_lse=True))
+            for s in (1, 2, 3, 7, 64, 0)]
+    tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for out, lse in outs[1:]:
+        torch.testing.assert_close(out, outs[0][0], **tol)
+        torch.testing.assert_close(lse, outs[0][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_merge_of_partial_states_equals_attention_over_the_union(gen, dtype, backend):
+    """Attend to keys [0, a) and [a, L) separately (non-causal), merge, compare with attending to [0, L)."""
+    B, L, Hkv, Hq, D = 3, 300, 2, 8, 64
+    inputs = make_batch(gen, [L] * B, Lq=4, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype)
+    a = torch.tensor([0, 100, 299], dtype=torch.int32)  # split points (empty prefix included)
+    k, v, q = inputs["k_cache"], inputs["v_cache"], inputs["q"]
+    full, full_lse = fusedattn.decode_attention(q, k, v, cache_seqlens=L, causal=False, return_lse=True)
+    out_a, lse_a = fusedattn.decode_attention(q, k, v, cache_seqlens=a, causal=False, return_lse=True)
+    # suffix of sequence b: keys a[b] .. L-1, shifted to the start of a cache row
+    k_b = torch.stack([torch.roll(k[b], -int(a[b]), dims=0) for b in range(B)])
+    v_b = torch.stack([torch.roll(v[b], -int(a[b]), dims=0) for b in range(B)])
+    out_b, lse_b = fusedattn.decode_attention(q, k_b, v_b, cache_seqlens=L - a, causal=False, return_lse=True)
+    out, lse = fusedattn.merge_attention_states(out_a, lse_a, out_b, lse_b, backend=backend)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref, ref_lse = attention_ref(q.double().transpose(1, 2), k[:, :L].double().transpose(1, 2),
+                                 v[:, :L].double().transpose(1, 2), return_lse=True, compute_dtype=torch.float64)
+    ref = ref.transpose(1, 2)
+    # The merge adds one rounding of the output on top of the two partial results.
+    tol = 2e-6 if dtype == torch.float32 else 2 * max_abs_err(full, ref) + 1e-2
+    assert max_abs_err(out, ref) <= tol
+    assert max_abs_err(lse, ref_lse) <= 1e-5 * max(1.0, ref_lse.abs().max().item())
+    assert max_abs_err(lse, full_lse) <= 1e-5 * max(1.0, ref_lse.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_vs_reference(gen, dtype):
+    B, L, H, D = 2, 7, 3, 40
+    out_a, out_b = randn(B, L, H, D, dtype=dtype, gen=gen), randn(B, L, H, D, dtype=dtype, gen=gen)
+    lse_a, lse_b = randn(B, H, L, gen=gen) * 4, randn(B, H, L, gen=gen) * 4
+    lse_a[0, 0, :3] = -math.inf  # one side empty
+    lse_b[0, 1, 2:5] = -math.inf
+    lse_a[1, 2, 4:] = lse_b[1, 2, 4:] = -math.inf  # both empty
+    out_a[0, :3, 0] = math.nan  # the output behind an empty state is never read
+    out, lse = merge_op(out_a, lse_a, out_b, lse_b)
+    ref, ref_lse = merge_attention_states_ref(out_a.double(), lse_a, out_b.double(), lse_b,
+                                              compute_dtype=torch.float64)
+    base, base_lse = merge_attention_states_ref(out_a, lse_a, out_b, lse_b, compute_dtype=dtype)
+    assert_close_2x(out, ref, base)
+    assert_close_2x(lse, ref_lse, base_lse.float(), name="lse")
+    empty = lse_a.isinf() & lse_b.isinf()  # (B, H, L)
+    assert (out.transpose(1, 2)[empty] == 0).all() and (lse[empty] == -math.inf).all()
+    one_sided = lse_a.isinf() & ~lse_b.isinf()
+    torch.testing.assert_close(out.transpose(1, 2)[one_sided], out_b.transpose(1, 2)[one_sided], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("page", [None, 4])
+def test_zero_length_sequence_gives_zero(gen, page):
+    inputs = make_batch(gen, [0, 5, 0], Lq=3, Hq=4, D=32, page=page)
+    if page is not None:
+        inputs["block_table"][0] = 10**6  # an empty sequence uses no page: its row is never read
+    out, lse = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(return_lse=True))
+    assert (out[0] == 0).all() and (out[2] == 0).all()
+    assert (lse[0] == -math.inf).all() and (lse[2] == -math.inf).all()
+    # causal, bottom-right: with 5 keys and 3 queries every query of sequence 1 sees some key
+    assert lse[1].isfinite().all()
+    check_decode(inputs)
+
+
+@pytest.mark.parametrize("B,Lq", [(0, 1), (2, 0)])
+def test_empty_batch_or_queries(gen, B, Lq):
+    inputs = make_batch(gen, [3] * B, Lq=Lq, Hq=4, D=16, Lnew=1)
+    x = clone_inputs(inputs)
+    out, lse = _call(fusedattn.decode_attention, x, dict(return_lse=True))
+    assert out.shape == (B, Lq, 4, 16) and lse.shape == (B, 4, Lq)
+    if B:  # the append still happens
+        _, _, (k_after, _) = reference_pair(inputs)
+        assert max_abs_err(x["k_cache"], k_after) == 0
+
+
+def test_reference_backend_and_fallback(gen):
+    inputs = make_batch(gen, [5, 9], Lq=2, Hq=4, D=16, page=4, Lnew=1)
+    out_cpu = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(backend="cpu"))
+    out_ref = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(backend="reference"))
+    torch.testing.assert_close(out_cpu, out_ref, atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="falling back to the reference"):
+        out64 = _call(fusedattn.decode_attention, clone_inputs(inputs, torch.float64), {})
+    torch.testing.assert_close(out64.float(), out_ref, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- opcheck, compile
+
+
+def _op_args(gen, page, with_new):
+    inputs = make_batch(gen, [3, 11], Lq=2, Hq=4, D=16, page=page, Lnew=2 if with_new else 0)
+    inputs = {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    return (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["k_new"],
+            inputs["v_new"], inputs["block_table"], None, 0.25, -1, 0, 0.0, 2)
+
+
+@pytest.mark.parametrize("page", [None, 4])
+@pytest.mark.parametrize("with_new", [False, True])
+def test_opcheck_decode_fwd(gen, page, with_new):
+    torch.library.opcheck(decode_op.default, _op_args(gen, page, with_new))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_merge(gen, dtype):
+    args = (randn(2, 5, 3, 8, dtype=dtype, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, dtype=dtype, gen=gen),
+            randn(2, 3, 5, gen=gen))
+    torch.library.opcheck(merge_op.default, args)
+
+
+class _Step(torch.nn.Module):
+    """One decoding step: append the new token's k/v in place and attend, then merge with a second state."""
+
+    def forward(self, q, k_cache, v_cache, lens, k_new, v_new, block_table):
+        out, lse = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k_new, v_new=v_new,
+                                              block_table=block_table, return_lse=True)
+        merged, _ = fusedattn.merge_attention_states(out, lse, out * 2, lse - 1)
+        return out, lse, merged
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("page", [None, 4])
+def test_torch_compile_fullgraph(gen, backend, page):
+    torch._dynamo.reset()
+    inputs = make_batch(gen, [3, 11], Lq=1, Hq=4, D=16, page=page, Lnew=1)
+    inputs = {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    names = ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table")
+    eager_in, compiled_in = clone_inputs(inputs), clone_inputs(inputs)
+    model = _Step()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        expected = model(*(eager_in[n] for n in names))
+        got = compiled(*(compiled_in[n] for n in names))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    # the in-place append happened in the compiled graph too
+    torch.testing.assert_close(compiled_in["k_cache"], eager_in["k_cache"], atol=0, rtol=0)
+    torch.testing.assert_close(compiled_in["v_cache"], eager_in["v_cache"], atol=0, rtol=0)
+
+
+def test_compiled_call_still_checks_indices(gen):
+    """Under torch.compile the wrapper skips its value checks; the op's own checks still refuse bad indices."""
+    torch._dynamo.reset()
+    inputs = make_batch(gen, [3, 11], Lq=1, Hq=4, D=16, page=4)
+    inputs["block_table"][1, 0] = 999
+    model = torch.compile(_Step(), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="block_table"):
+        model(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], None, None,
+              inputs["block_table"])
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def _valid(gen, paged=True):
+    """A valid call (paged, or contiguous) with finite cache contents, as a dict of decode_attention's inputs."""
+    inputs = make_batch(gen, [3, 11], Lq=1, Hq=4, D=16, page=4 if paged else None, Lnew=1)
+    return {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+
+
+def _table(x, idx, value):
+    table = x["block_table"].clone()
+    table[idx] = value
+    return {**x, "block_table": table}
+
+
+def _contiguous(x, L_max=20, **changes):
+    """x with a contiguous (2, L_max, 2, 16) cache instead of the paged one."""
+    return {**x, "block_table": None, "k_cache": torch.zeros(2, L_max, 2, 16), "v_cache": torch.zeros(2, L_max, 2, 16),
+            **changes}
+
+
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+# name: (mutation of the valid paged inputs, argument the error names, whether the raw op checks it too: the
+# device checks need real tensors, which only the Python wrapper can refuse before the dispatcher does)
+BAD_INPUTS = {
+    "negative_seqlen": (lambda x: {**x, "cache_seqlens": _i32(3, -1)}, "cache_seqlens", True),
+    "seqlen_past_capacity": (lambda x: {**x, "cache_seqlens": _i32(3, 16)}, "cache_seqlens", True),  # 16+1 > 4x4
+    "seqlen_past_capacity_contiguous": (lambda x: _contiguous(x, L_max=10), "cache_seqlens", True),  # 10+1 > 10
+    "seqlens_int64": (lambda x: {**x, "cache_seqlens": x["cache_seqlens"].long()}, "cache_seqlens", True),
+    "seqlens_shape": (lambda x: {**x, "cache_seqlens": _i32(3)}, "cache_seqlens", True),
+    "block_table_entry_too_large": (lambda x: _table(x, (1, 2), 10**4), "block_table", True),
+    "block_table_entry_negative": (lambda x: _table(x, (0, 0), -1), "block_table", True),
+    "block_table_int64": (lambda x: {**x, "block_table": x["block_table"].long()}, "block_table", True),
+    "block_table_rows": (lambda x: {**x, "block_table": x["block_table"][:1]}, "block_table", True),
+    "cache_batch_idx_with_block_table": (lambda x: {**x, "cache_batch_idx": _i32(0, 1)}, "cache_batch_idx", True),
+    "cache_batch_idx_out_of_range": (lambda x: _contiguous(x, cache_batch_idx=_i32(0, 2)), "cache_batch_idx", True),
+    "cache_batch_idx_int64": (lambda x: _contiguous(x, cache_batch_idx=torch.tensor([0, 1])), "cache_batch_idx",
+                              True),
+    "heads_not_a_multiple": (lambda x: {**x, "q": torch.zeros(2, 1, 3, 16)}, "k_cache", True),
+    "v_cache_heads": (lambda x: {**x, "v_cache": x["v_cache"][:, :, :1]}, "v_cache", True),
+    "k_cache_head_dim": (lambda x: {**x, "k_cache": x["k_cache"][..., :8]}, "k_cache", True),
+    "k_new_heads": (lambda x: {**x, "k_new": x["k_new"][:, :, :1]}, "k_new", True),
+    "v_new_missing": (lambda x: {**x, "v_new": None}, "v_new", True),
+    "k_cache_dtype": (lambda x: {**x, "k_cache": x["k_cache"].to(torch.bfloat16)}, "k_cache", True),
+    "k_new_dtype": (lambda x: {**x, "k_new": x["k_new"].double()}, "k_new", True),
+    "k_cache_strided_head_dim": (lambda x: {**x, "k_cache": torch.zeros(7, 4, 2, 32)[..., ::2]}, "k_cache", True),
+    "q_3d": (lambda x: {**x, "q": x["q"][0]}, "q", True),
+    "k_cache_device": (lambda x: {**x, "k_cache": x["k_cache"].to("meta")}, "k_cache", False),
+    "seqlens_device": (lambda x: {**x, "cache_seqlens": x["cache_seqlens"].to("meta")}, "cache_seqlens", False),
+    "block_table_device": (lambda x: {**x, "block_table": x["block_table"].to("meta")}, "block_table", False),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=str)
+def test_bad_inputs_raise_naming_the_argument(gen, case):
+    mutate, name, raw_op_checks = BAD_INPUTS[case]
+    x = mutate(_valid(gen))
+    with pytest.raises(ValueError, match=name):
+        _call(fusedattn.decode_attention, dict(x), {})
+    if raw_op_checks:  # the op itself (what torch.compile'd code calls) refuses it too, before any access
+        with pytest.raises(RuntimeError, match=name):
+            decode_op(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["k_new"], x["v_new"],
+                      x["block_table"], x.get("cache_batch_idx"), 0.25, -1, 0, 0.0, 0)
+
+
+@pytest.mark.parametrize("kw,name", [(dict(num_splits=-1), "num_splits"), (dict(window=(-2, 0)), "window"),
+                                     (dict(softcap=-1.0), "softcap"), (dict(scale=math.inf), "scale")])
+def test_bad_scalars(gen, kw, name):
+    with pytest.raises(ValueError, match=name):
+        _call(fusedattn.decode_attention, _valid(gen), kw)
+
+
+def test_refuses_inputs_that_require_grad(gen):
+    x = _valid(gen)
+    x["q"].requires_grad_()
+    with pytest.raises(ValueError, match="inference-only"):
+        _call(fusedattn.decode_attention, x, {})
+    with torch.no_grad():
+        _call(fusedattn.decode_attention, x, {})
+
+
+@pytest.mark.parametrize("bad,name", [
+    (lambda a: a.__setitem__("lse_a", a["lse_a"].double()), "lse_a"),
+    (lambda a: a.__setitem__("lse_b", a["lse_b"][:, :, :2]), "lse_b"),
+    (lambda a: a.__setitem__("out_b", a["out_b"].to(torch.bfloat16)), "out_b"),
+    (lambda a: a.__setitem__("out_a", a["out_a"][0]), "out_a"),
+])
+def test_merge_bad_inputs(gen, bad, name):
+    args = dict(out_a=randn(2, 5, 3, 8, gen=gen), lse_a=randn(2, 3, 5, gen=gen), out_b=randn(2, 5, 3, 8, gen=gen),
+                lse_b=randn(2, 3, 5, gen=gen))
+    bad(args)
+    with pytest.raises(ValueError, match=name):
+        fusedattn.merge_attention_states(**args)
+    with pytest.raises(RuntimeError, match=name):
+        merge_op(args["out_a"], args["lse_a"], args["out_b"], args["lse_b"])
+
+
+# ---------------------------------------------------------------------------------------------- KV caches
+
+
+def _history_ref(q, ks, vs):
+    """Reference attention of q (B, Lq, Hq, D) over the per-sequence histories ks[b], vs[b] (L_b, Hkv, D)."""
+    outs = []
+    for b in range(q.shape[0]):
+        k, v = ks[b].permute(1, 0, 2)[None], vs[b].permute(1, 0, 2)[None]  # (1, Hkv, L, D)
+        outs.append(attention_ref(q[b:b + 1].transpose(1, 2), k, v, causal=True)[0].transpose(0, 1))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_generation(gen, paged):
+    """Prefill by append, then decode token by token with attend; every step matches attention over the history."""
+    B, Hkv, Hq, D = 3, 2, 8, 16
+    if paged:
+        cache = PagedKVCache(num_pages=40, page_size=4, max_batch=B, max_seq_len=64, num_kv_heads=Hkv, head_dim=D)
+    else:
+        cache = KVCache(max_batch=B, max_seq_len=64, num_kv_heads=Hkv, head_dim=D)
+    ks = [torch.empty(0, Hkv, D) for _ in range(B)]
+    vs = [torch.empty(0, Hkv, D) for _ in range(B)]
+    k0, v0 = randn(B, 5, Hkv, D, gen=gen), randn(B, 5, Hkv, D, gen=gen)
+    cache.append(k0, v0)
+    ks = [torch.cat([ks[b], k0[b]]) for b in range(B)]
+    vs = [torch.cat([vs[b], v0[b]]) for b in range(B)]
+    for step in range(6):
+        Lq = 2 if step == 0 else 1  # a chunk, then single tokens
+        q, k, v = (randn(B, Lq, Hq, D, gen=gen), randn(B, Lq, Hkv, D, gen=gen), randn(B, Lq, Hkv, D, gen=gen))
+        out = cache.attend(q, k, v)
+        ks = [torch.cat([ks[b], k[b]]) for b in range(B)]
+        vs = [torch.cat([vs[b], v[b]]) for b in range(B)]
+        torch.testing.assert_close(out, _history_ref(q, ks, vs), atol=1e-5, rtol=1e-5)
+    assert cache.seqlens.tolist() == [12] * B
+    if paged:
+        assert cache.num_free_pages == 40 - B * 3  # 12 tokens = 3 pages of 4 per sequence
+
+
+def test_kv_cache_seq_ids_update_and_reset(gen):
+    cache = KVCache(max_batch=4, max_seq_len=32, num_kv_heads=1, head_dim=8)
+    k, v = randn(2, 6, 1, 8, gen=gen), randn(2, 6, 1, 8, gen=gen)
+    cache.update(0, k, v, seq_ids=[3, 1])
+    assert cache.seqlens.tolist() == [0, 6, 0, 6]
+    torch.testing.assert_close(cache.k[3, :6], k[0])
+    q = randn(2, 1, 2, 8, gen=gen)
+    out = cache.attend(q, seq_ids=torch.tensor([1, 3]))
+    torch.testing.assert_close(out, _history_ref(q, [k[1], k[0]], [v[1], v[0]]), atol=1e-5, rtol=1e-5)
+    cache.reset([1])
+    assert cache.seqlens.tolist() == [0, 0, 0, 6]
+    with pytest.raises(RuntimeError, match="full"):
+        cache.update(30, k, v, seq_ids=[0, 2])
+
+
+def test_paged_kv_cache_allocates_and_frees_pages(gen):
+    cache = PagedKVCache(num_pages=6, page_size=4, max_batch=3, max_seq_len=16, num_kv_heads=1, head_dim=8)
+    k = randn(2, 5, 1, 8, gen=gen)
+    cache.append(k, k, seq_ids=[0, 2])  # 5 tokens: 2 pages each
+    assert cache.num_free_pages == 2 and [len(p) for p in cache.pages] == [2, 0, 2]
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.append(randn(1, 9, 1, 8, gen=gen), randn(1, 9, 1, 8, gen=gen), seq_ids=[1])  # needs 3
+    cache.free([0])
+    assert cache.num_free_pages == 4 and cache.seqlens.tolist() == [0, 0, 5]
+    k1 = randn(1, 9, 1, 8, gen=gen)
+    cache.append(k1, k1, seq_ids=[1])  # reuses the freed pages
+    assert cache.num_free_pages == 1
+    q = randn(2, 1, 2, 8, gen=gen)
+    out = cache.attend(q, seq_ids=[1, 2])
+    torch.testing.assert_close(out, _history_ref(q, [k1[0], k[1]], [k1[0], k[1]]), atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.num_free_pages == 6 and cache.seqlens.tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------- benchmark family
+
+
+def test_bench_decode_family_end_to_end(tmp_path, monkeypatch):
+    """`python -m fusedattn bench decode` on tiny cases: tables with GB/s, % of copy bandwidth and the peer ratio."""
+    import json
+
+    from fusedattn import bench
+    from fusedattn.bench import decode as fam
+
+    tiny = [dict(B=2, Hq=4, Hkv=2, D=32, L=100, dtype="fp32", layout=layout) for layout in ("contiguous", "paged16")]
+    monkeypatch.setattr(fam, "cases", lambda **kw: tiny)
+    monkeypatch.setattr(fam, "copy_bandwidth", lambda device: 20.0)  # the real one copies 1 GiB
+    bench.main(["decode", "--repeats", "2", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_decode.json").read_text())
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"fusedattn", "torch_sdpa"} and len(ok) == 4
+    assert all(r["median_ms"] > 0 and r["max_err"] < 1e-4 for r in ok)
+    assert "Copy bandwidth measured in this run: 20.0 GB/s" in data["formula"]
+    md = (tmp_path / "cpu_decode.md").read_text()
+    assert "% of copy" in md and "ratio vs torch_sdpa" in md

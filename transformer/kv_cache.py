@@ -1,0 +1,199 @@
+"""KV caches for incremental decoding with ``fusedattn.decode_attention``.
+
+    cache = KVCache(max_batch=4, max_seq_len=2048, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+    out = cache.attend(q, k, v)          # appends k, v (B, Lnew, Hkv, D) in place, attends, advances
+
+    paged = PagedKVCache(num_pages=1024, page_size=16, max_batch=4, max_seq_len=2048, num_kv_heads=8,
+                         head_dim=128, dtype=torch.bfloat16)
+    out = paged.attend(q, k, v)          # allocates pages as sequences grow
+    paged.free(seq)                      # returns a finished sequence's pages to the pool
+
+``KVCache`` holds contiguous (max_batch, max_seq_len, Hkv, D) buffers; ``PagedKVCache`` a pool of
+(num_pages, page_size, Hkv, D) pages, a free list and a block table per sequence. Both keep the int32
+``seqlens`` (tokens cached per sequence) that decode_attention reads as ``cache_seqlens``, and both work on a
+subset of their sequences through ``seq_ids`` (a list or int32 tensor of sequence slots).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from fusedattn.decode import decode_attention
+
+__all__ = ["KVCache", "PagedKVCache"]
+
+SeqIds = Optional[Union[Sequence[int], torch.Tensor]]
+
+
+class _CacheBase(nn.Module):
+    """What both caches share: seqlens, the append-and-attend step, and the slot bookkeeping."""
+
+    seqlens: torch.Tensor  # (max_batch,) int32: tokens cached per sequence slot
+
+    def _ids(self, seq_ids: SeqIds, batch: Optional[int] = None) -> torch.Tensor:
+        """seq_ids as an int64 tensor on the cache's device (default: slots 0 .. batch-1)."""
+        if seq_ids is None:
+            n = self.seqlens.shape[0] if batch is None else batch
+            if n > self.seqlens.shape[0]:
+                raise ValueError(f"batch {n} exceeds the cache's max_batch {self.seqlens.shape[0]}")
+            return torch.arange(n, device=self.seqlens.device)
+        ids = torch.as_tensor(seq_ids, device=self.seqlens.device).to(torch.int64).reshape(-1)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.seqlens.shape[0]):
+            raise ValueError(f"seq_ids must be in [0, {self.seqlens.shape[0]}), got {ids.tolist()}")
+        if ids.unique().numel() != ids.numel():
+            raise ValueError(f"seq_ids must be distinct, got {ids.tolist()}")
+        return ids
+
+    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
+        """Make room for sequences `ids` to hold new_lengths tokens (raises if they cannot)."""
+        raise NotImplementedError
+
+    def attend(self, q: torch.Tensor, k_new: Optional[torch.Tensor] = None, v_new: Optional[torch.Tensor] = None,
+               seq_ids: SeqIds = None, **kwargs):
+        """Append k_new / v_new (B, Lnew, Hkv, D) to sequences `seq_ids` (default 0 .. B-1), attend with
+        q (B, Lq, Hq, D) over everything cached (``fusedattn.decode_attention``; ``kwargs`` go to it, e.g.
+        causal, window, return_lse), then advance their seqlens by Lnew."""
+        ids = self._ids(seq_ids, q.shape[0])
+        lnew = 0 if k_new is None else k_new.shape[1]
+        lens = self.seqlens[ids]  # (B,) int32, a copy
+        self._reserve(ids, lens + lnew)
+        out = decode_attention(q, self.k, self.v, cache_seqlens=lens, k_new=k_new, v_new=v_new,
+                               **self._decode_kwargs(ids), **kwargs)
+        self.seqlens[ids] += lnew
+        return out
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor, seq_ids: SeqIds = None) -> None:
+        """Write k_new / v_new (B, Lnew, Hkv, D) after the tokens cached in sequences `seq_ids` and advance
+        them, without attending (e.g. a prompt prefilled with another attention call)."""
+        ids = self._ids(seq_ids, k_new.shape[0])
+        self.update(self.seqlens[ids], k_new, v_new, seq_ids=ids)
+
+    def update(self, pos: Union[int, torch.Tensor], k_new: torch.Tensor, v_new: torch.Tensor,
+               seq_ids: SeqIds = None) -> None:
+        """Write k_new / v_new (B, Lnew, Hkv, D) at positions pos .. pos+Lnew-1 (an int for all sequences
+        or a (B,) tensor) of sequences `seq_ids`, and set their seqlens to pos + Lnew (gpt-fast's
+        ``update(input_pos, k, v)``)."""
+        ids = self._ids(seq_ids, k_new.shape[0])
+        B, lnew = k_new.shape[0], k_new.shape[1]
+        if tuple(v_new.shape[:3]) != tuple(k_new.shape[:3]):
+            raise ValueError(f"k_new and v_new must agree in (B, Lnew, Hkv): {tuple(k_new.shape)} vs "
+                             f"{tuple(v_new.shape)}")
+        if ids.numel() != B:
+            raise ValueError(f"k_new holds {B} sequences but seq_ids names {ids.numel()}")
+        start = torch.as_tensor(pos, device=self.seqlens.device).to(torch.int64).expand(B)
+        if B and int(start.min()) < 0:
+            raise ValueError(f"pos must be >= 0, got {start.tolist()}")
+        self._reserve(ids, start + lnew)
+        positions = start[:, None] + torch.arange(lnew, device=start.device)  # (B, Lnew)
+        first, second = self._slots(ids, positions)
+        self.k[first, second] = k_new.to(self.k.dtype)
+        self.v[first, second] = v_new.to(self.v.dtype)
+        self.seqlens[ids] = (start + lnew).to(torch.int32)
+
+    def _slots(self, ids: torch.Tensor, positions: torch.Tensor):
+        """Indices (first, second) with cache[first, second] = positions (B, Lnew) of sequences ids."""
+        raise NotImplementedError
+
+
+class KVCache(_CacheBase):
+    """Contiguous cache: k, v (max_batch, max_seq_len, Hkv, D) and seqlens (max_batch,) int32."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
+                 head_dim_v: Optional[int] = None):
+        super().__init__()
+        shape = (max_batch, max_seq_len, num_kv_heads)
+        self.register_buffer("k", torch.zeros(*shape, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, seq_ids: SeqIds = None) -> None:
+        """Forget the cached tokens of sequences `seq_ids` (default: all)."""
+        self.seqlens[self._ids(seq_ids)] = 0
+
+    def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
+        if new_lengths.numel() and int(new_lengths.max()) > self.max_seq_len:
+            raise RuntimeError(f"KVCache is full: a sequence would hold {int(new_lengths.max())} tokens, "
+                               f"max_seq_len is {self.max_seq_len}")
+
+    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
+        return {"cache_batch_idx": ids.to(torch.int32)}
+
+    def _slots(self, ids, positions):
+        return ids[:, None].expand_as(positions), positions
+
+
+class PagedKVCache(_CacheBase):
+    """Paged cache: a pool of pages k, v (num_pages, page_size, Hkv, D), a free list, and per sequence slot a
+    row of ``block_table`` (max_batch, max_seq_len / page_size) int32 naming its pages in order.
+
+    Pages are taken from the free list when a sequence grows past its last page (``attend`` / ``append`` /
+    ``update``) and returned by ``free`` / ``reset``. Unused block-table entries hold 0 (a valid page, so no
+    kernel can be pointed outside the pool; decode_attention only reads the pages a sequence uses).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, max_batch: int, max_seq_len: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
+                 head_dim_v: Optional[int] = None):
+        super().__init__()
+        if page_size < 1 or num_pages < 1:
+            raise ValueError(f"page_size and num_pages must be >= 1, got {page_size} and {num_pages}")
+        shape = (num_pages, page_size, num_kv_heads)
+        self.page_size = page_size
+        self.register_buffer("k", torch.zeros(*shape, head_dim, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device),
+                             persistent=False)
+        max_blocks = -(-max_seq_len // page_size)
+        self.register_buffer("block_table", torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
+                             persistent=False)
+        self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
+        self.free_pages: List[int] = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives page 0 first
+        self.pages: List[List[int]] = [[] for _ in range(max_batch)]      # pages of each sequence slot, in order
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self.free_pages)
+
+    def free(self, seq_ids: SeqIds = None) -> None:
+        """Return the pages of sequences `seq_ids` (default: all) to the pool and empty them."""
+        for s in self._ids(seq_ids).tolist():
+            self.free_pages.extend(reversed(self.pages[s]))
+            self.pages[s] = []
+            self.block_table[s] = 0
+            self.seqlens[s] = 0
+
+    reset = free
+
+    def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
+        for s, length in zip(ids.tolist(), new_lengths.tolist()):
+            need = -(-int(length) // self.page_size)
+            if need > self.block_table.shape[1]:
+                raise RuntimeError(f"sequence {s} would hold {length} tokens, more than the block table's "
+                                   f"{self.block_table.shape[1]} pages of {self.page_size}")
+            grow = need - len(self.pages[s])
+            if grow <= 0:
+                continue
+            if grow > len(self.free_pages):
+                raise RuntimeError(f"PagedKVCache is out of pages: sequence {s} needs {grow} more, "
+                                   f"{len(self.free_pages)} are free")
+            new = [self.free_pages.pop() for _ in range(grow)]
+            first = len(self.pages[s])
+            self.pages[s].extend(new)
+            self.block_table[s, first:need] = torch.tensor(new, dtype=torch.int32, device=self.block_table.device)
+
+    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
+        return {"block_table": self.block_table[ids]}
+
+    def _slots(self, ids, positions):
+        pages = self.block_table[ids].to(torch.int64).gather(1, positions // self.page_size)  # (B, Lnew)
+        return pages, positions % self.page_size
