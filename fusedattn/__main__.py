@@ -21,7 +21,11 @@ from fusedattn.dispatch import available_backends
 
 def info() -> None:
     bi = _ops.build_info()
-    print(f"fusedattn {fusedattn.__version__}  (python {platform.python_version()}, torch {torch.__version__})")
+    try:  # the full version of this build, with the local tag naming its torch (written by setup.py)
+        from fusedattn._build_torch import BUILD_VERSION as version
+    except ImportError:
+        version = fusedattn.__version__
+    print(f"fusedattn {version}  (python {platform.python_version()}, torch {torch.__version__})")
     if bi:
         print(f"  compiled extension: built against torch {bi['torch_version']} with {bi['compiler']}"
               f"{' (ASAN/UBSAN)' if bi.get('sanitized') else ''}")

@@ -58,8 +58,8 @@ def _validate(q, k, v, attn_mask, scale, window, softcap) -> Tuple[int, int]:
     if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
     if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
-        raise ValueError(f"window must be a pair of ints (left, right), each >= 0 or -1 for unbounded, "
+            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**63 for w in window)):
+        raise ValueError(f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
                          f"got {window!r}")
     return int(window[0]), int(window[1])
 

@@ -3,8 +3,10 @@
 // The Python wrappers (fusedattn/api.py) validate first with friendlier ValueErrors; these
 // TORCH_CHECKs keep direct torch.ops.fusedattn calls from ever reading out of bounds.
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -53,6 +55,28 @@ void check_window(int64_t left, int64_t right, double scale, double softcap) {
   TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fusedattn (cpu): softcap must be >= 0, got ", softcap);
 }
 
+// The kernels index with int64 and size their fp32 scratch by products of the dimensions (packed
+// V is B*Hkv*Lk*Dv_pad floats, a head's Q rows Lq*D_pad, ...). Stride-0 expanded inputs can have
+// dimensions no memory could hold, where such a product would wrap around int64 and a too-small
+// buffer would then be written past its end: refuse them. B*Hq*(L+64)*(D+64) bounds every
+// scratch buffer (tiles pad L and D by less than 64); below 2^60 elements nothing wraps and an
+// allocation either succeeds or fails with an error.
+void check_sizes(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv) {
+  constexpr int64_t kLimit = int64_t(1) << 60;
+  const int64_t L = std::max(Lq, Lk), E = std::max(D, Dv);
+  int64_t n = 0;
+  const bool too_big = L >= kLimit || E >= kLimit || c10::mul_overflows(B, Hq, &n) ||
+                       c10::mul_overflows(n, L + 64, &n) || c10::mul_overflows(n, E + 64, &n) || n >= kLimit;
+  TORCH_CHECK(!too_big, "fusedattn (cpu): inputs too large for the CPU kernel: B=", B,
+              " Hq=", Hq, " Lq=", Lq, " Lk=", Lk, " D=", D, " Dv=", Dv,
+              " would need more than 2^60 elements of scratch (expanded, stride-0 inputs?)");
+}
+
+// A window side wider than Lq + Lk hides nothing: it is the same as -1 (unbounded). Mapping it to
+// -1 keeps the kernels' band arithmetic (i + off + right + 1) from wrapping around int64 for
+// windows near INT64_MAX. Call after check_sizes (which bounds Lq + Lk).
+int64_t normalize_window(int64_t w, int64_t Lq, int64_t Lk) { return w > Lq + Lk ? -1 : w; }
+
 // Brings attn_mask to an additive float32 tensor broadcast (stride 0) to (B, Hq, Lq, Lk) whose
 // last dimension is contiguous, without materializing the broadcast dimensions.
 at::Tensor prepare_mask(const at::Tensor& mask, int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
@@ -100,8 +124,8 @@ void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.mask.window_left = window_left;
-  p.mask.window_right = window_right;
+  p.mask.window_left = normalize_window(window_left, p.Lq, p.Lk);
+  p.mask.window_right = normalize_window(window_right, p.Lq, p.Lk);
   p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
   if (mask) {
     p.mask.mask = mask->data_ptr<float>();
@@ -120,9 +144,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Lq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  std::optional<at::Tensor> mask;
+  std::optional<at::Tensor> mask;  // checked (and converted) even when the output is empty
   if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  check_sizes(B, Hq, Lq, Lk, q.size(3), Dv);
   AttnFwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
   p.out = out.data_ptr();
@@ -152,9 +177,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     TORCH_CHECK(grad_lse->sizes() == l_shape && grad_lse->device().is_cpu(),
                 "fusedattn (cpu): grad_lse must have shape ", l_shape, ", got ", grad_lse->sizes());
 
+  std::optional<at::Tensor> mask;
+  if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);
   at::Tensor dq = at::empty({B, Hq, Lq, D}, q.options());
   if (q.numel() == 0 && k.numel() == 0 && v.numel() == 0)
     return {dq, at::empty_like(k, at::MemoryFormat::Contiguous), at::empty_like(v, at::MemoryFormat::Contiguous)};
+  check_sizes(B, Hq, Lq, Lk, D, Dv);
   // delta_i = sum_d dout_id * out_id  (- dlse_i): the softmax Jacobian's row term.
   at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1);
   if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
@@ -162,8 +190,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor lse_c = lse.contiguous();
   at::Tensor dk_h = at::empty({B, Hq, Lk, D}, q.options().dtype(at::kFloat));
   at::Tensor dv_h = at::empty({B, Hq, Lk, Dv}, q.options().dtype(at::kFloat));
-  std::optional<at::Tensor> mask;
-  if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);
 
   AttnBwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
