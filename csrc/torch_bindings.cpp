@@ -1,5 +1,5 @@
 // Every fusedattn op schema, declared once. Kernels register per dispatch key elsewhere:
-//   CPU  -> csrc/cpu/attention.cpp, csrc/cpu/decode.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
+//   CPU  -> csrc/cpu/attention.cpp, csrc/cpu/varlen.cpp, csrc/cpu/decode.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
 // Fake (meta) implementations and autograd live in fusedattn/_ops.py, which torch imports on
 // demand through set_python_module when it needs them (e.g. under torch.compile).
 #include <torch/library.h>
@@ -23,6 +23,22 @@ TORCH_LIBRARY(fusedattn, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? attn_mask, float scale, int window_left, int window_right, bool bottom_right, "
       "float softcap, Tensor? grad_lse) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Variable-length (packed) attention, FlashAttention's flash_attn_varlen_func layout.
+  //   q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), Hq % Hkv == 0, any strides.
+  //   cu_seqlens_q / cu_seqlens_k (B + 1,) int32: sequence b owns rows cu[b] .. cu[b+1]-1; cu[0] = 0,
+  //   non-decreasing, cu[B] = total. Lengths may be 0 and must be <= max_seqlen_q / max_seqlen_k.
+  //   Masking per sequence as in attention_fwd, off = Lk_b - Lq_b if bottom_right else 0.
+  //   Returns out (total_q, Hq, Dv) in q's dtype and lse (Hq, total_q) float32 (FlashAttention's
+  //   varlen lse layout; -inf for a row that sees no key, whose output is 0).
+  m.def(
+      "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, int window_left, int window_right, bool bottom_right, float softcap) "
+      "-> (Tensor out, Tensor lse)");
+  // Backward of varlen_fwd. grad_lse (optional, (Hq, total_q)): gradient flowing into lse.
+  m.def(
+      "varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int window_left, int window_right, "
+      "bool bottom_right, float softcap, Tensor? grad_lse) -> (Tensor dq, Tensor dk, Tensor dv)");
   // KV-cache decoding (FlashAttention's flash_attn_with_kvcache layout and semantics).
   //   q (B, Lq, Hq, D). Cache: contiguous (B_cache, L_max, Hkv, D) / (.., Dv), or paged
   //   (num_blocks, PAGE_SIZE, Hkv, D) with block_table (B, max_blocks) int32; last dim contiguous.

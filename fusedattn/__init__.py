@@ -4,6 +4,7 @@
     out = fusedattn.attention(q, k, v, causal=True)                 # flash-style API
     out = fusedattn.scaled_dot_product_attention(q, k, v)           # torch drop-in
     ref = fusedattn.attention_ref(q, k, v, causal=True)             # the PyTorch reference
+    out = fusedattn.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k)  # packed sequences
     out = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k, v_new=v)  # KV cache
 
 Kernels are torch ops in ``torch.ops.fusedattn`` (CPU: C++ in fusedattn._C). See README.md.
@@ -15,7 +16,8 @@ from .api import attention, scaled_dot_product_attention
 from .decode import decode_attention, merge_attention_states
 from .dispatch import BACKENDS, available_backends
 from .reference import attention_ref
+from .varlen import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "scaled_dot_product_attention", "decode_attention", "merge_attention_states",
-           "attention_ref", "available_backends", "BACKENDS"]
+__all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "decode_attention",
+           "merge_attention_states", "attention_ref", "available_backends", "BACKENDS"]

@@ -2,7 +2,8 @@
 
 The schemas are declared once in C++ (csrc/torch_bindings.cpp); this module adds, per op:
   * a fake (meta) implementation, so torch.compile / FakeTensor tracing knows output shapes;
-  * autograd (``attention_fwd`` -> ``attention_bwd``), so gradients flow through the op
+  * autograd (``attention_fwd`` -> ``attention_bwd``, ``varlen_fwd`` -> ``varlen_bwd``), so gradients flow
+    through the op
     (the decode ops are inference-only and have none).
 torch imports this module by itself when it needs the fake impls (``set_python_module``).
 """
@@ -81,6 +82,41 @@ if _C is not None:
 
     torch.library.register_autograd(
         "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context)
+
+    @torch.library.register_fake("fusedattn::varlen_fwd")
+    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                         window_right, bottom_right, softcap):
+        total_q, Hq, _ = q.shape
+        out = q.new_empty((total_q, Hq, v.shape[-1]))  # (total_q, Hq, Dv)
+        lse = q.new_empty((Hq, total_q), dtype=torch.float32)  # FlashAttention's varlen lse layout
+        return out, lse
+
+    @torch.library.register_fake("fusedattn::varlen_bwd")
+    def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                         window_left, window_right, bottom_right, softcap, grad_lse):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+    def _varlen_fwd_setup_context(ctx, inputs, output):
+        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+         bottom_right, softcap) = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.params = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, softcap)
+        ctx.set_materialize_grads(False)
+
+    def _varlen_fwd_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        no_grads = (None,) * 9  # cu_seqlens_q .. softcap
+        if grad_out is None and grad_lse is None:
+            return (None, None, None) + no_grads
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.fusedattn.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                    *ctx.params, grad_lse)
+        return (dq, dk, dv) + no_grads
+
+    torch.library.register_autograd(
+        "fusedattn::varlen_fwd", _varlen_fwd_backward, setup_context=_varlen_fwd_setup_context)
 
     # Decoding is inference-only: decode_fwd and merge_attention_states have no autograd (the public
     # wrappers in fusedattn/decode.py refuse inputs that require grad).

@@ -23,13 +23,26 @@ _torch_sdpa = torch._C._nn.scaled_dot_product_attention
 # ------------------------------------------------------------------------------------------------
 # validation
 # ------------------------------------------------------------------------------------------------
-def _check_tensor(name: str, t, ndim: Optional[int] = None) -> None:
+def _check_tensor(name: str, t, ndim: Optional[int] = None, layout: str = "(B, H, L, D)") -> None:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D (B, H, L, D), got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+
+
+def _validate_scalars(scale, window, softcap) -> Tuple[int, int]:
+    """Checks scale, softcap and window (shared by every flash-style entry point); returns (left, right)."""
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**63 for w in window)):
+        raise ValueError(f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
+                         f"got {window!r}")
+    return int(window[0]), int(window[1])
 
 
 def _validate(q, k, v, attn_mask, scale, window, softcap) -> Tuple[int, int]:
@@ -53,15 +66,7 @@ def _validate(q, k, v, attn_mask, scale, window, softcap) -> Tuple[int, int]:
                          f"heads in k and v ({Hkv})")
     if attn_mask is not None:
         _check_mask(attn_mask, q, (B, Hq, Lq, k.shape[2]))
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap >= 0):
-        raise ValueError(f"softcap must be a finite number >= 0, got {softcap!r}")
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and -1 <= w < 2**63 for w in window)):
-        raise ValueError(f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
-                         f"got {window!r}")
-    return int(window[0]), int(window[1])
+    return _validate_scalars(scale, window, softcap)
 
 
 def _check_mask(attn_mask, q, full_shape) -> None:

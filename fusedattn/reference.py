@@ -34,7 +34,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["attention_ref", "make_window_mask", "decode_attention_ref", "merge_attention_states_ref"]
+__all__ = ["attention_ref", "make_window_mask", "varlen_attention_ref", "decode_attention_ref",
+           "merge_attention_states_ref"]
 
 _ALIGNS = ("bottom_right", "top_left")
 
@@ -182,6 +183,73 @@ def attention_ref(
         return out
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     return out, lse.to(lse_dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Variable-length (packed) attention
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def varlen_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over packed sequences with FlashAttention's ``flash_attn_varlen_func`` semantics, one sequence
+    at a time through ``attention_ref``.
+
+    Args:
+        q: (total_q, Hq, D); k: (total_k, Hkv, D); v: (total_k, Hkv, Dv).
+        cu_seqlens_q, cu_seqlens_k: (B + 1,) cumulative lengths, cu[0] = 0: sequence b owns rows
+            ``cu[b] .. cu[b+1] - 1``. Lengths may be 0 and may differ between q and k.
+        max_seqlen_q, max_seqlen_k: unused here (the kernels size their grids with them); accepted so that the
+            reference takes the same arguments as ``fusedattn.varlen_attention``.
+        causal, window: per sequence, bottom-right aligned: with Lq, Lk the sequence's lengths, query i sees key
+            j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (causal: right = 0).
+        scale, softcap, compute_dtype: as in ``attention_ref``.
+
+    Returns:
+        out (total_q, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (Hq, total_q) (FlashAttention's varlen
+        layout) in float32 (float64 when ``compute_dtype`` is float64). A query that sees no key gives 0 and -inf.
+        Differentiable in q, k, v.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, H, D), got shape {tuple(t.shape)}")
+    cu_q = [int(x) for x in cu_seqlens_q.tolist()]
+    cu_k = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cu_q) != len(cu_k) or not cu_q:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1 >= 1, got {len(cu_q)} and "
+                         f"{len(cu_k)}")
+    total_q, Hq, _ = q.shape
+    lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    outs, lses = [], []
+    for b in range(len(cu_q) - 1):
+        qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+        kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, D)
+        vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, Dv)
+        out, lse = attention_ref(qb, kb, vb, causal=causal, causal_align="bottom_right", scale=scale, window=window,
+                                 softcap=softcap, return_lse=True, compute_dtype=compute_dtype)
+        outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
+        lses.append(lse[0])  # (Hq, Lq)
+    out = torch.cat(outs) if outs else q.new_empty((0, Hq, v.shape[-1]))
+    if out.shape[0] != total_q:
+        raise ValueError(f"cu_seqlens_q covers {out.shape[0]} rows but q has {total_q}")
+    if not return_lse:
+        return out
+    lse = torch.cat(lses, dim=1).to(lse_dtype) if lses else q.new_empty((Hq, 0), dtype=lse_dtype)
+    return out, lse
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -13,19 +13,10 @@
 #include <tuple>
 
 #include "cpu/attention.h"
+#include "cpu/attention_common.h"
 
 namespace fusedattn::cpu {
 namespace {
-
-InDtype in_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return InDtype::kFloat32;
-    case at::kBFloat16: return InDtype::kBFloat16;
-    case at::kHalf: return InDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, "fusedattn (cpu): q must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4, "fusedattn (cpu): q must be 4-D (B, Hq, Lq, D), got shape ", q.sizes());
@@ -47,35 +38,6 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.size(3) == q.size(3), "fusedattn (cpu): k head dim ", k.size(3), " != q head dim ", q.size(3));
   TORCH_CHECK(v.size(2) == k.size(2), "fusedattn (cpu): v length ", v.size(2), " != k length ", k.size(2));
 }
-
-void check_window(int64_t left, int64_t right, double scale, double softcap) {
-  TORCH_CHECK(left >= -1 && right >= -1, "fusedattn (cpu): window sizes must be >= 0 or -1 (unbounded), got (",
-              left, ", ", right, ")");
-  TORCH_CHECK(std::isfinite(scale), "fusedattn (cpu): scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fusedattn (cpu): softcap must be >= 0, got ", softcap);
-}
-
-// The kernels index with int64 and size their fp32 scratch by products of the dimensions (packed
-// V is B*Hkv*Lk*Dv_pad floats, a head's Q rows Lq*D_pad, ...). Stride-0 expanded inputs can have
-// dimensions no memory could hold, where such a product would wrap around int64 and a too-small
-// buffer would then be written past its end: refuse them. B*Hq*(L+64)*(D+64) bounds every
-// scratch buffer (tiles pad L and D by less than 64); below 2^60 elements nothing wraps and an
-// allocation either succeeds or fails with an error.
-void check_sizes(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv) {
-  constexpr int64_t kLimit = int64_t(1) << 60;
-  const int64_t L = std::max(Lq, Lk), E = std::max(D, Dv);
-  int64_t n = 0;
-  const bool too_big = L >= kLimit || E >= kLimit || c10::mul_overflows(B, Hq, &n) ||
-                       c10::mul_overflows(n, L + 64, &n) || c10::mul_overflows(n, E + 64, &n) || n >= kLimit;
-  TORCH_CHECK(!too_big, "fusedattn (cpu): inputs too large for the CPU kernel: B=", B,
-              " Hq=", Hq, " Lq=", Lq, " Lk=", Lk, " D=", D, " Dv=", Dv,
-              " would need more than 2^60 elements of scratch (expanded, stride-0 inputs?)");
-}
-
-// A window side wider than Lq + Lk hides nothing: it is the same as -1 (unbounded). Mapping it to
-// -1 keeps the kernels' band arithmetic (i + off + right + 1) from wrapping around int64 for
-// windows near INT64_MAX. Call after check_sizes (which bounds Lq + Lk).
-int64_t normalize_window(int64_t w, int64_t Lq, int64_t Lk) { return w > Lq + Lk ? -1 : w; }
 
 // Brings attn_mask to an additive float32 tensor broadcast (stride 0) to (B, Hq, Lq, Lk) whose
 // last dimension is contiguous, without materializing the broadcast dimensions.
@@ -102,37 +64,6 @@ at::Tensor prepare_mask(const at::Tensor& mask, int64_t B, int64_t Hq, int64_t L
   return m.expand({B, Hq, Lq, Lk});
 }
 
-template <typename P>
-void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                 int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
-                 const at::Tensor* mask) {
-  p.dtype = in_dtype(q);
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Hkv = k.size(1);
-  p.Lq = q.size(2);
-  p.Lk = k.size(2);
-  p.D = q.size(3);
-  p.Dv = v.size(3);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    p.q_stride[d] = q.stride(d);
-    p.k_stride[d] = k.stride(d);
-    p.v_stride[d] = v.stride(d);
-  }
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
-  p.mask.window_left = normalize_window(window_left, p.Lq, p.Lk);
-  p.mask.window_right = normalize_window(window_right, p.Lq, p.Lk);
-  p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
-  if (mask) {
-    p.mask.mask = mask->data_ptr<float>();
-    for (int d = 0; d < 3; ++d) p.mask.mask_stride[d] = mask->stride(d);
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -151,7 +82,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   AttnFwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
   p.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) p.out_stride[d] = out.stride(d);
   p.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse.stride(d);
   attention_fwd_dispatch(p);
   return {out, lse};
 }
@@ -197,7 +130,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   for (int d = 0; d < 4; ++d) p.dout_stride[d] = grad_out.stride(d);
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
+  for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_c.stride(d);  // delta: same shape, also contiguous
   p.dq = dq.data_ptr();
+  for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq.stride(d);
   p.dk_per_qhead = dk_h.data_ptr<float>();
   p.dv_per_qhead = dv_h.data_ptr<float>();
   attention_bwd_dispatch(p);

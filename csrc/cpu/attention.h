@@ -1,7 +1,8 @@
-// Parameters shared by the CPU attention front-end (attention.cpp) and the per-ISA kernels
+// Parameters shared by the CPU attention front-ends (attention.cpp, varlen.cpp) and the per-ISA kernels
 // (attention_kernel.cpp, compiled once per instruction set, picked in dispatch.cpp).
 // Plain structs of pointers, sizes and element strides: the kernels never see an at::Tensor,
-// so validation and allocation live in exactly one place (attention.cpp).
+// so validation and allocation live in the front-ends. Outputs take strides too, so that the varlen
+// front-end can hand the kernel one sequence of a packed (total, H, D) output as a (1, H, L, D) view.
 #pragma once
 
 #include <cstdint>
@@ -27,8 +28,8 @@ struct AttnFwdParams {
   const void* q; int64_t q_stride[4];  // q: (B, Hq, Lq, D)
   const void* k; int64_t k_stride[4];  // k: (B, Hkv, Lk, D)
   const void* v; int64_t v_stride[4];  // v: (B, Hkv, Lk, Dv)
-  void* out;                           // out: (B, Hq, Lq, Dv) contiguous, dtype of q
-  float* lse;                          // lse: (B, Hq, Lq) contiguous, natural log
+  void* out; int64_t out_stride[3];    // out: (B, Hq, Lq, Dv), dtype of q; strides b, h, i (last dim contiguous)
+  float* lse; int64_t lse_stride[2];   // lse: (B, Hq, Lq), natural log; strides b, h (rows contiguous)
   float scale, softcap;
   MaskSpec mask;
 };
@@ -40,9 +41,10 @@ struct AttnBwdParams {
   const void* k; int64_t k_stride[4];
   const void* v; int64_t v_stride[4];
   const void* dout; int64_t dout_stride[4];  // dout: (B, Hq, Lq, Dv), dtype of q
-  const float* lse;                          // (B, Hq, Lq) contiguous
-  const float* delta;                        // (B, Hq, Lq) contiguous: rowsum(dout * out) - grad_lse
-  void* dq;                                  // (B, Hq, Lq, D) contiguous, dtype of q
+  const float* lse;                          // (B, Hq, Lq)
+  const float* delta;                        // (B, Hq, Lq): rowsum(dout * out) - grad_lse
+  int64_t lse_stride[2];                     // b, h strides of lse and delta (rows contiguous)
+  void* dq; int64_t dq_stride[3];            // (B, Hq, Lq, D), dtype of q; strides b, h, i (last dim contiguous)
   float* dk_per_qhead;                       // (B, Hq, Lk, D) contiguous fp32 (summed over GQA groups by caller)
   float* dv_per_qhead;                       // (B, Hq, Lk, Dv) contiguous fp32
   float scale, softcap;

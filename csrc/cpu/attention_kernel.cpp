@@ -300,19 +300,20 @@ void fwd_impl(const AttnFwdParams& p) {
           gemm_panels(rows, Dv_pad / NR, nk, st, 1, BM, vb + n0 * NR, Lk * NR, c.o.data(), Dv_pad, 2,
                       c.alpha.data());
         }
-        T* out_rows = out + ((b * Hq + h) * Lq + i0) * Dv;
-        float* lse_rows = p.lse + (b * Hq + h) * Lq + i0;
+        const int64_t out_rs = p.out_stride[2];
+        T* out_rows = out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * out_rs;
+        float* lse_rows = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + i0;
         for (int64_t r = 0; r < rows; ++r) {
           const float m = c.m[r], l = c.l[r];
           const float* o = c.o.data() + r * Dv_pad;
           if (c.nan[r] != 0.f) {
-            store_row(o, NAN, out_rows + r * Dv, Dv);
+            store_row(o, NAN, out_rows + r * out_rs, Dv);
             lse_rows[r] = NAN;
           } else if (l > 0.f) {
-            store_row(o, 1.f / l, out_rows + r * Dv, Dv);
+            store_row(o, 1.f / l, out_rows + r * out_rs, Dv);
             lse_rows[r] = m + std::log(l);
           } else {  // fully masked row: output 0, lse -inf
-            store_row(o, 0.f, out_rows + r * Dv, Dv);
+            store_row(o, 0.f, out_rows + r * out_rs, Dv);
             lse_rows[r] = kNegInf;
           }
         }
@@ -382,8 +383,8 @@ void bwd_impl(const AttnBwdParams& p) {
         load_rows(dob, p.dout_stride[2], p.dout_stride[3], Lq, Dv, 1.f, c.dor.data(), Dv, Dv);
         pack_row_panels(dob, p.dout_stride[2], p.dout_stride[3], Lq, Dv, Lq_alloc, 1.f, c.dorp.data());
         std::fill(c.dqa.begin(), c.dqa.end(), 0.f);
-        const float* lse = p.lse + (b * Hq + h) * Lq;
-        const float* delta = p.delta + (b * Hq + h) * Lq;
+        const float* lse = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1];
+        const float* delta = p.delta + b * p.lse_stride[0] + h * p.lse_stride[1];
         const float* kcb = kc.data() + (b * Hkv + hk) * kc_sz;
         const float* krb = kr.data() + (b * Hkv + hk) * kr_sz;
         const float* vcb = vc.data() + (b * Hkv + hk) * vc_sz;
@@ -460,8 +461,9 @@ void bwd_impl(const AttnBwdParams& p) {
             std::copy(c.dva.data() + j * Dv_pad, c.dva.data() + j * Dv_pad + Dv, dv_out + (n0 + j) * Dv);
           }
         }
-        T* dq_rows = dq + (b * Hq + h) * Lq * D;
-        for (int64_t i = 0; i < Lq; ++i) store_row(c.dqa.data() + i * D_pad, p.scale, dq_rows + i * D, D);
+        T* dq_rows = dq + b * p.dq_stride[0] + h * p.dq_stride[1];
+        for (int64_t i = 0; i < Lq; ++i)
+          store_row(c.dqa.data() + i * D_pad, p.scale, dq_rows + i * p.dq_stride[2], D);
       });
 }
 

@@ -1,0 +1,88 @@
+// Front-end helpers shared by the CPU attention ops (attention.cpp: dense, varlen.cpp: packed
+// variable-length): dtype mapping, scalar and size checks, and filling the kernels' parameter
+// structs from (B, H, L, D) tensor views of any strides. Torch-side only (the kernels never see
+// an at::Tensor).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/attention.h"
+
+namespace fusedattn::cpu {
+
+inline InDtype in_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return InDtype::kFloat32;
+    case at::kBFloat16: return InDtype::kBFloat16;
+    case at::kHalf: return InDtype::kFloat16;
+    default:
+      TORCH_CHECK(false, "fusedattn (cpu): q must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+inline void check_window(int64_t left, int64_t right, double scale, double softcap) {
+  TORCH_CHECK(left >= -1 && right >= -1, "fusedattn (cpu): window sizes must be >= 0 or -1 (unbounded), got (",
+              left, ", ", right, ")");
+  TORCH_CHECK(std::isfinite(scale), "fusedattn (cpu): scale must be finite, got ", scale);
+  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fusedattn (cpu): softcap must be >= 0, got ", softcap);
+}
+
+// The kernels index with int64 and size their fp32 scratch by products of the dimensions (packed
+// V is B*Hkv*Lk*Dv_pad floats, a head's Q rows Lq*D_pad, ...). Stride-0 expanded inputs can have
+// dimensions no memory could hold, where such a product would wrap around int64 and a too-small
+// buffer would then be written past its end: refuse them. B*Hq*(L+64)*(D+64) bounds every
+// scratch buffer (tiles pad L and D by less than 64); below 2^60 elements nothing wraps and an
+// allocation either succeeds or fails with an error.
+inline void check_sizes(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv) {
+  constexpr int64_t kLimit = int64_t(1) << 60;
+  const int64_t L = std::max(Lq, Lk), E = std::max(D, Dv);
+  int64_t n = 0;
+  const bool too_big = L >= kLimit || E >= kLimit || c10::mul_overflows(B, Hq, &n) ||
+                       c10::mul_overflows(n, L + 64, &n) || c10::mul_overflows(n, E + 64, &n) || n >= kLimit;
+  TORCH_CHECK(!too_big, "fusedattn (cpu): inputs too large for the CPU kernel: B=", B,
+              " Hq=", Hq, " Lq=", Lq, " Lk=", Lk, " D=", D, " Dv=", Dv,
+              " would need more than 2^60 elements of scratch (expanded, stride-0 inputs?)");
+}
+
+// A window side wider than Lq + Lk hides nothing: it is the same as -1 (unbounded). Mapping it to
+// -1 keeps the kernels' band arithmetic (i + off + right + 1) from wrapping around int64 for
+// windows near INT64_MAX. Call after check_sizes (which bounds Lq + Lk).
+inline int64_t normalize_window(int64_t w, int64_t Lq, int64_t Lk) { return w > Lq + Lk ? -1 : w; }
+
+template <typename P>
+void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                 int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
+                 const at::Tensor* mask) {
+  p.dtype = in_dtype(q);
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.D = q.size(3);
+  p.Dv = v.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.mask.window_left = normalize_window(window_left, p.Lq, p.Lk);
+  p.mask.window_right = normalize_window(window_right, p.Lq, p.Lk);
+  p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
+  if (mask) {
+    p.mask.mask = mask->data_ptr<float>();
+    for (int d = 0; d < 3; ++d) p.mask.mask_stride[d] = mask->stride(d);
+  }
+}
+
+}  // namespace fusedattn::cpu

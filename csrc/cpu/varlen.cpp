@@ -1,0 +1,210 @@
+// CPU implementations of fusedattn::varlen_fwd / varlen_bwd: attention over packed sequences
+// (FlashAttention's flash_attn_varlen_func layout). q (total_q, Hq, D), k (total_k, Hkv, D),
+// v (total_k, Hkv, Dv); sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1 of each.
+//
+// Each sequence runs through the dense kernels of attention_kernel.cpp: its rows of the packed
+// tensors are a strided (1, H, L, D) view (no copy of q, k, v, out or dq), and the kernels'
+// parallelism (heads x query blocks forward, heads backward) comes from inside each call.
+// Limitation: the sequences run one after another, so a batch of many tiny sequences (a few
+// tokens each, few heads) leaves cores idle and pays a fork/join per sequence; a kernel that
+// takes cu_seqlens itself and schedules (sequence, head, block) tasks together would fix that.
+//
+// The Python wrapper (fusedattn/varlen.py) validates first with friendlier ValueErrors; these
+// TORCH_CHECKs repeat every check that guards memory (cu_seqlens values included), so direct
+// torch.ops.fusedattn calls and compiled graphs (where the wrapper skips its value checks) never
+// read or write out of bounds.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/attention.h"
+#include "cpu/attention_common.h"
+
+namespace fusedattn::cpu {
+namespace {
+
+void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 3, "fusedattn (cpu): q must be 3-D (total_q, Hq, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 3, "fusedattn (cpu): k must be 3-D (total_k, Hkv, D), got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 3, "fusedattn (cpu): v must be 3-D (total_k, Hkv, Dv), got shape ", v.sizes());
+  for (const auto* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu(), "fusedattn (cpu): q, k, v must be CPU tensors, got ", t->device());
+  in_dtype(q);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "fusedattn (cpu): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1),
+              "fusedattn (cpu): v must have k's tokens and heads: k ", k.sizes(), ", v ", v.sizes());
+  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
+              "fusedattn (cpu): the number of query heads (", q.size(1),
+              ") must be a multiple of the number of kv heads in k and v (", k.size(1), ")");
+  TORCH_CHECK(k.size(2) == q.size(2), "fusedattn (cpu): k head dim ", k.size(2), " != q head dim ", q.size(2));
+}
+
+// Checks one cu_seqlens tensor against its packed tensor and returns its entries (read once: the
+// kernels then only follow these validated copies).
+std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
+                                     const char* max_name) {
+  TORCH_CHECK(cu.device().is_cpu(), "fusedattn (cpu): ", name, " must be a CPU tensor, got device ", cu.device());
+  TORCH_CHECK(cu.scalar_type() == at::kInt, "fusedattn (cpu): ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "fusedattn (cpu): ", name,
+              " must be 1-D of shape (B + 1,), got shape ", cu.sizes());
+  TORCH_CHECK(max_seqlen >= 0, "fusedattn (cpu): ", max_name, " must be >= 0, got ", max_seqlen);
+  const auto acc = cu.accessor<int32_t, 1>();
+  std::vector<int64_t> out(cu.size(0));
+  for (int64_t i = 0; i < cu.size(0); ++i) out[i] = acc[i];
+  TORCH_CHECK(out[0] == 0, "fusedattn (cpu): ", name, "[0] must be 0, got ", out[0]);
+  for (size_t b = 0; b + 1 < out.size(); ++b) {
+    const int64_t len = out[b + 1] - out[b];
+    TORCH_CHECK(len >= 0, "fusedattn (cpu): ", name, " must be non-decreasing, got ", name, "[", b, "] = ",
+                out[b], " > ", name, "[", b + 1, "] = ", out[b + 1]);
+    TORCH_CHECK(len <= max_seqlen, "fusedattn (cpu): sequence ", b, " has length ", len, " (from ", name,
+                ") > ", max_name, " = ", max_seqlen);
+  }
+  TORCH_CHECK(out.back() == total, "fusedattn (cpu): the last entry of ", name, " (", out.back(),
+              ") must equal the number of packed tokens (", total, ")");
+  return out;
+}
+
+struct Seqs {
+  std::vector<int64_t> cu_q, cu_k;
+  int64_t max_q = 0, max_k = 0;  // longest actual lengths
+  int64_t size() const { return static_cast<int64_t>(cu_q.size()) - 1; }
+};
+
+Seqs check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
+               int64_t window_right, double scale, double softcap) {
+  check_packed_qkv(q, k, v);
+  check_window(window_left, window_right, scale, softcap);
+  Seqs s;
+  s.cu_q = read_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
+  s.cu_k = read_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
+  TORCH_CHECK(s.cu_q.size() == s.cu_k.size(), "fusedattn (cpu): cu_seqlens_q and cu_seqlens_k must have the same "
+              "length (B + 1), got ", s.cu_q.size(), " and ", s.cu_k.size());
+  for (int64_t b = 0; b < s.size(); ++b) {
+    s.max_q = std::max(s.max_q, s.cu_q[b + 1] - s.cu_q[b]);
+    s.max_k = std::max(s.max_k, s.cu_k[b + 1] - s.cu_k[b]);
+  }
+  check_sizes(1, q.size(1), s.max_q, s.max_k, q.size(2), v.size(2));
+  return s;
+}
+
+// Rows [start, start + len) of a packed (total, H, E) tensor as the kernels' (1, H, len, E) view.
+at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t len) {
+  return t.narrow(0, start, len).unsqueeze(0).transpose(1, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                  int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
+                                                  int64_t window_left, int64_t window_right, bool bottom_right,
+                                                  double softcap) {
+  const Seqs s = check_all(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                           window_right, scale, softcap);
+  const int64_t total_q = q.size(0), Hq = q.size(1), Dv = v.size(2);
+  at::Tensor out = at::empty({total_q, Hq, Dv}, q.options());                 // (total_q, Hq, Dv)
+  at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));  // (Hq, total_q)
+  if (lse.numel() == 0) return {out, lse};
+  for (int64_t b = 0; b < s.size(); ++b) {
+    const int64_t sq = s.cu_q[b], Lq = s.cu_q[b + 1] - sq, sk = s.cu_k[b], Lk = s.cu_k[b + 1] - sk;
+    if (Lq == 0) continue;
+    if (Lk == 0) {  // no key to see: output 0, lse -inf
+      out.narrow(0, sq, Lq).zero_();
+      lse.narrow(1, sq, Lq).fill_(-std::numeric_limits<float>::infinity());
+      continue;
+    }
+    AttnFwdParams p{};
+    fill_common(p, seq_view(q, sq, Lq), seq_view(k, sk, Lk), seq_view(v, sk, Lk), scale, window_left,
+                window_right, bottom_right, softcap, nullptr);
+    const at::Tensor out_b = seq_view(out, sq, Lq);              // (1, Hq, Lq, Dv), rows Hq * Dv apart
+    const at::Tensor lse_b = lse.narrow(1, sq, Lq).unsqueeze(0);  // (1, Hq, Lq), heads total_q apart
+    p.out = out_b.data_ptr();
+    for (int d = 0; d < 3; ++d) p.out_stride[d] = out_b.stride(d);
+    p.lse = lse_b.data_ptr<float>();
+    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_b.stride(d);
+    attention_fwd_dispatch(p);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+    double softcap, const std::optional<at::Tensor>& grad_lse) {
+  const Seqs s = check_all(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_left,
+                           window_right, scale, softcap);
+  const int64_t total_q = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2);
+  const std::vector<int64_t> o_shape{total_q, Hq, Dv}, l_shape{Hq, total_q};
+  TORCH_CHECK(grad_out.sizes() == o_shape && grad_out.scalar_type() == q.scalar_type() && grad_out.device().is_cpu(),
+              "fusedattn (cpu): grad_out must be a CPU ", q.scalar_type(), " tensor of shape ", o_shape, ", got ",
+              grad_out.scalar_type(), " ", grad_out.sizes(), " on ", grad_out.device());
+  TORCH_CHECK(out.sizes() == o_shape && out.device().is_cpu(), "fusedattn (cpu): out must be a CPU tensor of shape ",
+              o_shape, ", got ", out.sizes(), " on ", out.device());
+  TORCH_CHECK(lse.sizes() == l_shape && lse.scalar_type() == at::kFloat && lse.device().is_cpu(),
+              "fusedattn (cpu): lse must be a float32 CPU tensor of shape ", l_shape, ", got ", lse.scalar_type(),
+              " ", lse.sizes(), " on ", lse.device());
+  if (grad_lse.has_value())
+    TORCH_CHECK(grad_lse->sizes() == l_shape && grad_lse->device().is_cpu(),
+                "fusedattn (cpu): grad_lse must be a CPU tensor of shape ", l_shape, ", got ", grad_lse->sizes(),
+                " on ", grad_lse->device());
+
+  // Rows of a sequence with no key, and keys of a sequence with no query, get zero gradient.
+  at::Tensor dq = at::zeros({total_q, Hq, D}, q.options());
+  at::Tensor dk = at::zeros({k.size(0), Hkv, D}, k.options());
+  at::Tensor dv = at::zeros({v.size(0), Hkv, Dv}, v.options());
+  if (Hq == 0 || total_q == 0 || k.size(0) == 0) return {dq, dk, dv};
+
+  // delta_i = sum_d dout_id * out_id  (- dlse_i): the softmax Jacobian's row term, (Hq, total_q) like lse.
+  at::Tensor delta = (grad_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t();
+  if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
+  delta = delta.contiguous();
+  const at::Tensor lse_c = lse.contiguous();
+  // The kernel writes each query head's dK/dV contribution (fp32, (1, Hq, Lk, D)); one buffer sized for
+  // the longest sequence serves them all, and each GQA group is summed into the packed dk/dv.
+  const int64_t group = Hq / Hkv;
+  at::Tensor dk_h = at::empty({Hq * s.max_k * D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_h = at::empty({Hq * s.max_k * Dv}, q.options().dtype(at::kFloat));
+
+  for (int64_t b = 0; b < s.size(); ++b) {
+    const int64_t sq = s.cu_q[b], Lq = s.cu_q[b + 1] - sq, sk = s.cu_k[b], Lk = s.cu_k[b + 1] - sk;
+    if (Lq == 0 || Lk == 0) continue;
+    AttnBwdParams p{};
+    fill_common(p, seq_view(q, sq, Lq), seq_view(k, sk, Lk), seq_view(v, sk, Lk), scale, window_left,
+                window_right, bottom_right, softcap, nullptr);
+    const at::Tensor dout_b = seq_view(grad_out, sq, Lq);
+    p.dout = dout_b.data_ptr();
+    for (int d = 0; d < 4; ++d) p.dout_stride[d] = dout_b.stride(d);
+    const at::Tensor lse_b = lse_c.narrow(1, sq, Lq).unsqueeze(0), delta_b = delta.narrow(1, sq, Lq).unsqueeze(0);
+    p.lse = lse_b.data_ptr<float>();
+    p.delta = delta_b.data_ptr<float>();
+    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_b.stride(d);  // delta: same shape and strides
+    const at::Tensor dq_b = seq_view(dq, sq, Lq);
+    p.dq = dq_b.data_ptr();
+    for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq_b.stride(d);
+    const at::Tensor dk_b = dk_h.narrow(0, 0, Hq * Lk * D).view({Hkv, group, Lk, D});
+    const at::Tensor dv_b = dv_h.narrow(0, 0, Hq * Lk * Dv).view({Hkv, group, Lk, Dv});
+    p.dk_per_qhead = dk_b.data_ptr<float>();
+    p.dv_per_qhead = dv_b.data_ptr<float>();
+    attention_bwd_dispatch(p);
+    // (Hkv, group, Lk, D) -> sum over the group -> (Lk, Hkv, D) rows of the packed gradient
+    dk.narrow(0, sk, Lk).copy_(group == 1 ? dk_b.select(1, 0).transpose(0, 1) : dk_b.sum(1).transpose(0, 1));
+    dv.narrow(0, sk, Lk).copy_(group == 1 ? dv_b.select(1, 0).transpose(0, 1) : dv_b.sum(1).transpose(0, 1));
+  }
+  return {dq, dk, dv};
+}
+
+TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
+  m.impl("varlen_fwd", &varlen_fwd_cpu);
+  m.impl("varlen_bwd", &varlen_bwd_cpu);
+}
+
+}  // namespace fusedattn::cpu
