@@ -18,7 +18,7 @@ def test_build_info_names_what_was_compiled():
 
 
 def test_ops_are_registered():
-    for name in ("attention_fwd", "attention_bwd"):
+    for name in ("attention_fwd", "attention_bwd", "varlen_fwd", "varlen_bwd"):
         assert hasattr(torch.ops.fusedattn, name)
 
 

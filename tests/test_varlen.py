@@ -33,9 +33,11 @@ BACKENDS = [
 ]
 INTERPRETED = not torch.cuda.is_available()  # Triton on the CPU runs through the (slow) interpreter
 
-# (Lq, Lk) of the sequences packed into one batch: empty sides, single tokens, odd lengths, Lq != Lk both ways.
-SEQS = [(17, 17), (0, 13), (1, 97), (97, 1), (257, 257), (13, 0), (97, 257), (257, 17), (0, 0), (1, 1)]
-SEQS_TINY = [(5, 5), (0, 3), (1, 9), (9, 1), (3, 0), (17, 6), (0, 0)]  # Triton interpreter
+# (Lq, Lk) of the sequences packed into one batch: empty sides, single tokens, odd lengths, Lq != Lk both ways,
+# and neighbours of equal lengths (the CPU op runs those as one batched kernel call).
+SEQS = [(17, 17), (17, 17), (0, 13), (1, 97), (97, 1), (97, 1), (257, 257), (13, 0), (13, 0), (97, 257), (257, 17),
+        (0, 0), (1, 1), (1, 1), (1, 1)]
+SEQS_TINY = [(5, 5), (5, 5), (0, 3), (1, 9), (9, 1), (3, 0), (17, 6), (0, 0)]  # Triton interpreter
 HEADS = {"mha": (2, 2), "gqa": (6, 2), "mqa": (4, 1)}  # name -> (Hq, Hkv)
 GRID = pairwise({
     "dtype": [torch.float32, torch.bfloat16, torch.float16],

@@ -5,10 +5,10 @@
 #   tools/asan_tests.sh                  # the CPU subset, in two passes (below)
 #   tools/asan_tests.sh tests/test_x.py  # other tests (pytest arguments), one pass with the machine's ISA
 #
-# Pass 1 runs tests/test_attention.py, test_bad_inputs.py, test_fuzz.py (ci profile) and test_decode.py with the
-# kernel build this machine selects (AVX2 or AVX512); pass 2 runs the kernel grids (test_attention.py,
-# test_decode.py) again with ATEN_CPU_CAPABILITY=default, so the portable build of the kernels, whose tile sizes
-# differ, is checked too.
+# Pass 1 runs tests/test_attention.py, test_bad_inputs.py, test_fuzz.py (ci profile), test_decode.py and
+# test_varlen.py with the kernel build this machine selects (AVX2 or AVX512); pass 2 runs the kernel grids
+# (test_attention.py, test_decode.py, test_varlen.py) again with ATEN_CPU_CAPABILITY=default, so the portable
+# build of the kernels, whose tile sizes differ, is checked too.
 #
 # Nothing of the main build is touched: the sanitized _C lands in a copy of the package under $ASAN_DIR
 # (default /tmp/fusedattn_asan), next to a copy of the tests, and pytest runs there, so `import fusedattn`
@@ -97,6 +97,7 @@ if [ $# -gt 0 ]; then
 else
   decode=()
   [ -f tests/test_decode.py ] && decode=(tests/test_decode.py)
+  [ -f tests/test_varlen.py ] && decode+=(tests/test_varlen.py)
   run_pass "pass 1, the machine's kernel ISA" native tests/test_attention.py tests/test_bad_inputs.py \
     tests/test_fuzz.py "${decode[@]}"
   run_pass "pass 2, ATEN_CPU_CAPABILITY=default" default tests/test_attention.py "${decode[@]}"

@@ -2,12 +2,13 @@
 // (FlashAttention's flash_attn_varlen_func layout). q (total_q, Hq, D), k (total_k, Hkv, D),
 // v (total_k, Hkv, Dv); sequence b owns rows cu_seqlens[b] .. cu_seqlens[b+1]-1 of each.
 //
-// Each sequence runs through the dense kernels of attention_kernel.cpp: its rows of the packed
-// tensors are a strided (1, H, L, D) view (no copy of q, k, v, out or dq), and the kernels'
-// parallelism (heads x query blocks forward, heads backward) comes from inside each call.
-// Limitation: the sequences run one after another, so a batch of many tiny sequences (a few
-// tokens each, few heads) leaves cores idle and pays a fork/join per sequence; a kernel that
-// takes cu_seqlens itself and schedules (sequence, head, block) tasks together would fix that.
+// The sequences run through the dense kernels of attention_kernel.cpp: a run of consecutive
+// sequences with the same (Lq, Lk) is one call on a strided (n, H, L, D) view of the packed rows
+// (no copy of q, k, v, out or dq), and the kernels' parallelism (batch x heads x query blocks
+// forward, batch x heads backward) comes from inside each call.
+// Limitation: runs go one after another, so many tiny sequences of *different* lengths (a few
+// tokens each, few heads) leave cores idle and pay a fork/join per run; a kernel that takes
+// cu_seqlens itself and schedules (sequence, head, block) tasks together would fix that.
 //
 // The Python wrapper (fusedattn/varlen.py) validates first with friendlier ValueErrors; these
 // TORCH_CHECKs repeat every check that guards memory (cu_seqlens values included), so direct
@@ -95,9 +96,32 @@ Seqs check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
   return s;
 }
 
-// Rows [start, start + len) of a packed (total, H, E) tensor as the kernels' (1, H, len, E) view.
-at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t len) {
-  return t.narrow(0, start, len).unsqueeze(0).transpose(1, 2);
+// n sequences of len rows each, starting at row `start` of a packed (total, H, E) tensor, as the
+// kernels' (n, H, len, E) view (splitting the token dimension is always a view).
+at::Tensor seq_view(const at::Tensor& t, int64_t start, int64_t n, int64_t len) {
+  return t.narrow(0, start, n * len).unflatten(0, {n, len}).transpose(1, 2);
+}
+
+// The same for the (H, total) lse layout: (n, H, len), rows contiguous.
+at::Tensor lse_view(const at::Tensor& t, int64_t start, int64_t n, int64_t len) {
+  return t.narrow(1, start, n * len).unflatten(1, {n, len}).transpose(0, 1);
+}
+
+// Consecutive sequences b .. b + n - 1 with the same query and key lengths: one kernel call.
+struct Run {
+  int64_t sq, sk, n, Lq, Lk;  // first query / key row, sequences, lengths
+};
+
+std::vector<Run> equal_length_runs(const Seqs& s) {
+  std::vector<Run> runs;
+  for (int64_t b = 0; b < s.size(); ++b) {
+    const int64_t Lq = s.cu_q[b + 1] - s.cu_q[b], Lk = s.cu_k[b + 1] - s.cu_k[b];
+    if (!runs.empty() && runs.back().Lq == Lq && runs.back().Lk == Lk)
+      ++runs.back().n;
+    else
+      runs.push_back({s.cu_q[b], s.cu_k[b], 1, Lq, Lk});
+  }
+  return runs;
 }
 
 }  // namespace
@@ -113,23 +137,23 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
   at::Tensor out = at::empty({total_q, Hq, Dv}, q.options());                 // (total_q, Hq, Dv)
   at::Tensor lse = at::empty({Hq, total_q}, q.options().dtype(at::kFloat));  // (Hq, total_q)
   if (lse.numel() == 0) return {out, lse};
-  for (int64_t b = 0; b < s.size(); ++b) {
-    const int64_t sq = s.cu_q[b], Lq = s.cu_q[b + 1] - sq, sk = s.cu_k[b], Lk = s.cu_k[b + 1] - sk;
-    if (Lq == 0) continue;
-    if (Lk == 0) {  // no key to see: output 0, lse -inf
-      out.narrow(0, sq, Lq).zero_();
-      lse.narrow(1, sq, Lq).fill_(-std::numeric_limits<float>::infinity());
+  for (const Run& r : equal_length_runs(s)) {
+    if (r.Lq == 0) continue;
+    if (r.Lk == 0) {  // no key to see: output 0, lse -inf
+      out.narrow(0, r.sq, r.n * r.Lq).zero_();
+      lse.narrow(1, r.sq, r.n * r.Lq).fill_(-std::numeric_limits<float>::infinity());
       continue;
     }
+    check_sizes(r.n, Hq, r.Lq, r.Lk, q.size(2), Dv);
     AttnFwdParams p{};
-    fill_common(p, seq_view(q, sq, Lq), seq_view(k, sk, Lk), seq_view(v, sk, Lk), scale, window_left,
-                window_right, bottom_right, softcap, nullptr);
-    const at::Tensor out_b = seq_view(out, sq, Lq);              // (1, Hq, Lq, Dv), rows Hq * Dv apart
-    const at::Tensor lse_b = lse.narrow(1, sq, Lq).unsqueeze(0);  // (1, Hq, Lq), heads total_q apart
-    p.out = out_b.data_ptr();
-    for (int d = 0; d < 3; ++d) p.out_stride[d] = out_b.stride(d);
-    p.lse = lse_b.data_ptr<float>();
-    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_b.stride(d);
+    fill_common(p, seq_view(q, r.sq, r.n, r.Lq), seq_view(k, r.sk, r.n, r.Lk), seq_view(v, r.sk, r.n, r.Lk), scale,
+                window_left, window_right, bottom_right, softcap, nullptr);
+    const at::Tensor out_r = seq_view(out, r.sq, r.n, r.Lq);  // (n, Hq, Lq, Dv), rows Hq * Dv apart
+    const at::Tensor lse_r = lse_view(lse, r.sq, r.n, r.Lq);  // (n, Hq, Lq), heads total_q apart
+    p.out = out_r.data_ptr();
+    for (int d = 0; d < 3; ++d) p.out_stride[d] = out_r.stride(d);
+    p.lse = lse_r.data_ptr<float>();
+    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_r.stride(d);
     attention_fwd_dispatch(p);
   }
   return {out, lse};
@@ -168,36 +192,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   if (grad_lse.has_value()) delta = delta - grad_lse->to(at::kFloat);
   delta = delta.contiguous();
   const at::Tensor lse_c = lse.contiguous();
-  // The kernel writes each query head's dK/dV contribution (fp32, (1, Hq, Lk, D)); one buffer sized for
-  // the longest sequence serves them all, and each GQA group is summed into the packed dk/dv.
+  // The kernel writes each query head's dK/dV contribution (fp32, (n, Hq, Lk, D)); one buffer sized for
+  // the largest run serves them all, and each GQA group is summed into the packed dk/dv.
+  const std::vector<Run> runs = equal_length_runs(s);
+  int64_t max_run_k = 0;
+  for (const Run& r : runs) max_run_k = std::max(max_run_k, r.Lq > 0 ? r.n * r.Lk : 0);
   const int64_t group = Hq / Hkv;
-  at::Tensor dk_h = at::empty({Hq * s.max_k * D}, q.options().dtype(at::kFloat));
-  at::Tensor dv_h = at::empty({Hq * s.max_k * Dv}, q.options().dtype(at::kFloat));
+  at::Tensor dk_h = at::empty({Hq * max_run_k * D}, q.options().dtype(at::kFloat));
+  at::Tensor dv_h = at::empty({Hq * max_run_k * Dv}, q.options().dtype(at::kFloat));
 
-  for (int64_t b = 0; b < s.size(); ++b) {
-    const int64_t sq = s.cu_q[b], Lq = s.cu_q[b + 1] - sq, sk = s.cu_k[b], Lk = s.cu_k[b + 1] - sk;
-    if (Lq == 0 || Lk == 0) continue;
+  for (const Run& r : runs) {
+    if (r.Lq == 0 || r.Lk == 0) continue;
+    check_sizes(r.n, Hq, r.Lq, r.Lk, D, Dv);
     AttnBwdParams p{};
-    fill_common(p, seq_view(q, sq, Lq), seq_view(k, sk, Lk), seq_view(v, sk, Lk), scale, window_left,
-                window_right, bottom_right, softcap, nullptr);
-    const at::Tensor dout_b = seq_view(grad_out, sq, Lq);
-    p.dout = dout_b.data_ptr();
-    for (int d = 0; d < 4; ++d) p.dout_stride[d] = dout_b.stride(d);
-    const at::Tensor lse_b = lse_c.narrow(1, sq, Lq).unsqueeze(0), delta_b = delta.narrow(1, sq, Lq).unsqueeze(0);
-    p.lse = lse_b.data_ptr<float>();
-    p.delta = delta_b.data_ptr<float>();
-    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_b.stride(d);  // delta: same shape and strides
-    const at::Tensor dq_b = seq_view(dq, sq, Lq);
-    p.dq = dq_b.data_ptr();
-    for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq_b.stride(d);
-    const at::Tensor dk_b = dk_h.narrow(0, 0, Hq * Lk * D).view({Hkv, group, Lk, D});
-    const at::Tensor dv_b = dv_h.narrow(0, 0, Hq * Lk * Dv).view({Hkv, group, Lk, Dv});
-    p.dk_per_qhead = dk_b.data_ptr<float>();
-    p.dv_per_qhead = dv_b.data_ptr<float>();
+    fill_common(p, seq_view(q, r.sq, r.n, r.Lq), seq_view(k, r.sk, r.n, r.Lk), seq_view(v, r.sk, r.n, r.Lk), scale,
+                window_left, window_right, bottom_right, softcap, nullptr);
+    const at::Tensor dout_r = seq_view(grad_out, r.sq, r.n, r.Lq);
+    p.dout = dout_r.data_ptr();
+    for (int d = 0; d < 4; ++d) p.dout_stride[d] = dout_r.stride(d);
+    const at::Tensor lse_r = lse_view(lse_c, r.sq, r.n, r.Lq), delta_r = lse_view(delta, r.sq, r.n, r.Lq);
+    p.lse = lse_r.data_ptr<float>();
+    p.delta = delta_r.data_ptr<float>();
+    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_r.stride(d);  // delta: same shape and strides
+    const at::Tensor dq_r = seq_view(dq, r.sq, r.n, r.Lq);
+    p.dq = dq_r.data_ptr();
+    for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq_r.stride(d);
+    const at::Tensor dk_r = dk_h.narrow(0, 0, r.n * Hq * r.Lk * D).view({r.n, Hkv, group, r.Lk, D});
+    const at::Tensor dv_r = dv_h.narrow(0, 0, r.n * Hq * r.Lk * Dv).view({r.n, Hkv, group, r.Lk, Dv});
+    p.dk_per_qhead = dk_r.data_ptr<float>();
+    p.dv_per_qhead = dv_r.data_ptr<float>();
     attention_bwd_dispatch(p);
-    // (Hkv, group, Lk, D) -> sum over the group -> (Lk, Hkv, D) rows of the packed gradient
-    dk.narrow(0, sk, Lk).copy_(group == 1 ? dk_b.select(1, 0).transpose(0, 1) : dk_b.sum(1).transpose(0, 1));
-    dv.narrow(0, sk, Lk).copy_(group == 1 ? dv_b.select(1, 0).transpose(0, 1) : dv_b.sum(1).transpose(0, 1));
+    // (n, Hkv, group, Lk, D) -> sum over the group -> (n, Lk, Hkv, D) rows of the packed gradient
+    dk.narrow(0, r.sk, r.n * r.Lk).unflatten(0, {r.n, r.Lk}).copy_(dk_r.sum(2).transpose(1, 2));
+    dv.narrow(0, r.sk, r.n * r.Lk).unflatten(0, {r.n, r.Lk}).copy_(dv_r.sum(2).transpose(1, 2));
   }
   return {dq, dk, dv};
 }
