@@ -196,14 +196,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   // the largest run serves them all, and each GQA group is summed into the packed dk/dv.
   const std::vector<Run> runs = equal_length_runs(s);
   int64_t max_run_k = 0;
-  for (const Run& r : runs) max_run_k = std::max(max_run_k, r.Lq > 0 ? r.n * r.Lk : 0);
+  for (const Run& r : runs) {
+    if (r.Lq == 0 || r.Lk == 0) continue;
+    check_sizes(r.n, Hq, r.Lq, r.Lk, D, Dv);  // bounds n * Hq * Lk * D before the buffers are sized by it
+    max_run_k = std::max(max_run_k, r.n * r.Lk);
+  }
   const int64_t group = Hq / Hkv;
   at::Tensor dk_h = at::empty({Hq * max_run_k * D}, q.options().dtype(at::kFloat));
   at::Tensor dv_h = at::empty({Hq * max_run_k * Dv}, q.options().dtype(at::kFloat));
 
   for (const Run& r : runs) {
     if (r.Lq == 0 || r.Lk == 0) continue;
-    check_sizes(r.n, Hq, r.Lq, r.Lk, D, Dv);
     AttnBwdParams p{};
     fill_common(p, seq_view(q, r.sq, r.n, r.Lq), seq_view(k, r.sk, r.n, r.Lk), seq_view(v, r.sk, r.n, r.Lk), scale,
                 window_left, window_right, bottom_right, softcap, nullptr);
