@@ -150,6 +150,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   check_sizes(B, Hq, Lq, Lk, q.size(3), Dv);
   AttnFwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   attention_fwd_dispatch(p);
@@ -193,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
   AttnBwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.dout = grad_out.data_ptr();
   for (int d = 0; d < 4; ++d) p.dout_stride[d] = grad_out.stride(d);
   p.lse = lse_c.data_ptr<float>();
