@@ -27,7 +27,7 @@ from .kv_cache import KVCache, PagedKVCache
 
 __all__ = ["attend", "MultiHeadAttention", "FeedForward", "RotaryEmbedding", "SinusoidalPositions", "Block",
            "TransformerConfig", "Encoder", "Decoder", "Transformer", "GPTConfig", "GPT", "make_norm",
-           "load_hf_gpt2_state_dict"]
+           "load_hf_gpt2_state_dict", "set_attention_backend"]
 
 ATTN_BACKENDS = fusedattn.BACKENDS + ("torch",)
 Cache = Union[KVCache, PagedKVCache]
@@ -58,6 +58,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = 
         sees_a_key = mask.any(-1, keepdim=True)  # (B or 1, 1, Lq or 1, 1)
         out = out.masked_fill(~sees_a_key, 0.0)
     return out
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Switch every MultiHeadAttention inside `model` to `backend` (e.g. "torch" for a comparison run)."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"backend must be one of {ATTN_BACKENDS}, got {backend!r}")
+    for m in model.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.backend = backend
+    return model
 
 
 # ------------------------------------------------------------------------------------------------
@@ -489,13 +499,15 @@ class GPT(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                              f"{self.config.block_size}")
         pad = pad_token_id if pad_token_id is not None else eos if eos is not None else 0
-        # Move each row's real tokens to the front (right padding), so row b's token t sits
-        # at position t and its cache holds exactly lengths[b] tokens after the prefill.
+        # Move each row's real tokens to the front (right padding), so row b's token t sits at position t and its
+        # cache holds exactly lengths[b] tokens after the prefill. Pads inside the model are token 0 (never
+        # attended to); `pad` only goes into the returned tensor.
         gather = (start[:, None] + torch.arange(T, device=dev)).clamp(max=T - 1)  # (B, T)
-        seq = torch.full((B, T + max_new_tokens), pad, dtype=idx.dtype, device=dev)
-        seq[:, :T] = torch.where(torch.arange(T, device=dev) < lengths[:, None], idx.gather(1, gather), pad)
-        rows = torch.arange(B, device=dev)
+        seq = torch.zeros((B, T + max_new_tokens), dtype=idx.dtype, device=dev)
+        seq[:, :T] = torch.where(torch.arange(T, device=dev) < lengths[:, None], idx.gather(1, gather), 0)
+        prompt_lengths, rows = lengths, torch.arange(B, device=dev)
         finished = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # new tokens kept per row
 
         caches = self.make_caches(B, T + max_new_tokens, paged=paged, page_size=page_size) if use_cache else None
         if use_cache:
@@ -503,6 +515,7 @@ class GPT(nn.Module):
             for c in caches:
                 c.seqlens[:B] = lengths.to(torch.int32)  # forget the pads: the next token overwrites them
             logits = logits[rows, lengths - 1]  # (B, V)
+        steps = 0
         for step in range(max_new_tokens):
             if not use_cache:
                 width = int(lengths.max())
@@ -510,21 +523,24 @@ class GPT(nn.Module):
                 logits = self(seq[:, :width], attention_mask=keep)[rows, lengths - 1]
             tok = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos is not None:
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
+                tok = torch.where(finished, torch.full_like(tok, eos), tok)  # finished rows keep feeding eos
+                done = torch.where(~finished & (tok == eos), torch.full_like(done, step + 1), done)
                 finished |= tok == eos
             seq[rows, lengths] = tok
-            lengths = lengths + 1
+            lengths, steps = lengths + 1, step + 1
             if callback is not None:
                 callback(tok)
             if (eos is not None and bool(finished.all())) or step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = self(tok[:, None], caches=caches)[:, -1]  # (B, V)
-        left_padded = bool(mask[:, -1].all())
-        if not left_padded:
-            return seq
-        new = seq[rows[:, None], (mask.sum(1)[:, None] + torch.arange(max_new_tokens, device=dev))]  # (B, N)
-        return torch.cat([idx, new], dim=1)
+        new = seq[rows[:, None], prompt_lengths[:, None] + torch.arange(max_new_tokens, device=dev)]  # (B, N)
+        new = new.masked_fill(torch.arange(max_new_tokens, device=dev) >= done.clamp(max=steps)[:, None], pad)
+        if bool(mask[:, -1].all()):  # left padded or unpadded: the prompt as given, then the new tokens
+            return torch.cat([idx, new], dim=1)
+        out = torch.full((B, T + max_new_tokens), pad, dtype=idx.dtype, device=dev)
+        out[:, :T] = torch.where(torch.arange(T, device=dev) < prompt_lengths[:, None], seq[:, :T], pad)
+        return out.scatter(1, prompt_lengths[:, None] + torch.arange(max_new_tokens, device=dev), new)
 
     # --- GPT-2 weights ---------------------------------------------------------------------------
     @classmethod
