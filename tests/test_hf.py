@@ -182,3 +182,20 @@ def test_pretrained_minilm_embeddings_match_stock():
     assert_close_2x(ours, ref, stock)
     sim = ours @ ours.T
     assert sim[0, 1] > 0.5 > sim[0, 2]  # the pretrained weights at work: paraphrases are close
+
+
+# ------------------------------------------------------------------------------------------------
+# the model benchmark family runs end to end (tiny --quick cases; no numbers are judged)
+# ------------------------------------------------------------------------------------------------
+def test_model_bench_quick_writes_table(tmp_path):
+    import json
+
+    from fusedattn import bench
+
+    bench.main(["model", "--quick", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_model_quick.json").read_text())
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"fusedattn", "hf_eager", "hf_sdpa"}
+    assert {r["case"]["phase"] for r in ok} == {"prefill", "decode"}
+    assert all(r["metric"] > 0 and r["max_err"] < 1e-3 for r in ok)
+    assert "ratio vs hf_sdpa" in (tmp_path / "cpu_model_quick.md").read_text()
