@@ -299,6 +299,10 @@ def test_generate_bad_inputs():
         model.generate(idx, 2, attention_mask=torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="block_size"):
         model.generate(idx, 200)
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(idx, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_p"):
+        model.generate(idx, 2, top_p=0.0)
     with pytest.raises(ValueError, match="backend"):
         MultiHeadAttention(32, 4, backend="flash")
     with pytest.raises(ValueError, match="n_kv_head"):

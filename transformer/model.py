@@ -495,6 +495,11 @@ class GPT(nn.Module):
         if not bool((mask == ((torch.arange(T, device=dev) >= start[:, None]) &
                               (torch.arange(T, device=dev) < (start + lengths)[:, None]))).all()):
             raise ValueError("each row's real tokens (attention_mask == 1) must be contiguous")
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
+                             f"top_k={top_k}, top_p={top_p}")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                              f"{self.config.block_size}")
