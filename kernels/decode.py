@@ -36,8 +36,10 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_SPLITS = 1024  # = the C++ op's bound (fusedattn/decode.py validates against it)
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction
-LN2 = 0.6931471805599453
+# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. Kernels read globals only as constexprs.
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Split heuristic (num_splits = 0), FlashDecoding style: the (B, Hkv) programs alone leave most SMs idle at
 # small batch, so split each sequence's keys until there are about WAVES_PER_SM programs per SM -- but keep
@@ -312,7 +314,7 @@ def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> 
 def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
                        window_left, window_right, softcap, num_splits) -> None:
     """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's): shapes,
-    dtypes, devices, then -- with concrete tensors -- every index the kernels follow."""
+    dtypes, devices, then -- with concrete CPU tensors (the interpreter) -- every index the kernels follow."""
     if q.dim() != 4:
         raise _err(f"q must be 4-D (B, Lq, Hq, D), got shape {tuple(q.shape)}")
     if k_cache.dim() != 4:
@@ -378,9 +380,12 @@ def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
     elif not paged and k_cache.shape[0] < B:
         raise _err(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {B} (pass cache_batch_idx to "
                    f"pick cache rows)")
-    if not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or B == 0:
-        return  # under tracing: the kernels refuse bad indices themselves (NaN output, no access)
-    # Value checks: one small device->host copy of the index tensors.
+    if q.device.type != "cpu" or not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or B == 0:
+        # On a GPU (a device sync and a few launches per call would cost a decode step ~5-10%; the public
+        # wrapper checks eagerly) and while tracing: the kernels refuse bad indices themselves -- no access
+        # outside the tensors, and the affected sequence's output and lse are NaN.
+        return
+    # Value checks (interpreter, CPU tensors).
     seqlens = cache_seqlens.to(torch.int64)
     if bool((seqlens < 0).any()):
         b = int((seqlens < 0).nonzero()[0])
@@ -444,9 +449,9 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
 
     group = Hq // Hkv
     BLOCK_M = _pow2(group * Lq)
-    # Keys per block: K and V tiles of BLOCK_N x D stay in registers with the (BLOCK_M, BLOCK_DV) accumulator.
-    # (The interpreter runs each block as numpy calls: larger blocks, fewer Python-level iterations.)
-    BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) <= 128 and BLOCK_M <= 64 else 32
+    # Keys per block: K and V tiles of BLOCK_N x D (<= 32 KiB each) beside the (BLOCK_M, BLOCK_DV) fp32
+    # accumulator. (The interpreter runs each block as numpy calls: larger blocks, fewer Python iterations.)
+    BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) * q.element_size() <= 256 and BLOCK_M <= 64 else 32
     if INTERPRET:
         BLOCK_N = 128
     # The key span one program may cover: from shapes only (no device sync, traceable).
@@ -471,11 +476,11 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0) if paged else 0,
         *o_strides, *l_strides,
-        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale) * LOG2E, float(softcap),
+        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale) * _LOG2E, float(softcap),
         int(window_left), int(window_right), S,
         GROUP=group, PAGED=paged, HAS_CBI=cache_batch_idx is not None, SOFTCAP=softcap > 0,
         UPCAST=upcast, IEEE_FP32=(q.dtype == torch.float32 and not INTERPRET),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV, num_warps=4)
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     if S > 1:
         _launch_combine(launch, o_part, lse_part, out, lse, S)
     return out, lse
