@@ -83,13 +83,12 @@ def _append_kv(K, V, KN, VN, SEQLENS, BT, CBI,
     t = tl.program_id(1)
     h = tl.program_id(2)
     seqlen = tl.load(SEQLENS + b)
-    pos = seqlen + t
     seqlens = seqlen + tl.zeros([1], dtype=tl.int32)  # (1,): vector compares (see _decode_split_kv)
     in_range = (seqlens >= 0) & (seqlens + Lnew <= capacity)
     j = tl.where(in_range, seqlens + t, 0)
     # where position j lives (see _decode_split_kv)
     if PAGED:
-        row = tl.load(BT + b.to(tl.int64) * stride_btb + j // page_size)
+        row = tl.load(BT + b.to(tl.int64) * stride_btb + j // page_size, mask=in_range, other=-1)
         slot = j % page_size
     else:
         if HAS_CBI:
@@ -214,12 +213,12 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_v[:, None] + h.to(tl.int64) * stride_vh + dv[None, :],
                     mask=load_ok[:, None] & (dv < DV)[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        if UPCAST:
-            pv = tl.dot(p, v.to(tl.float32))
-        elif IEEE_FP32:
+        if IEEE_FP32:
             pv = tl.dot(p, v, input_precision="ieee")
+        elif UPCAST:
+            pv = tl.dot(p, v.to(tl.float32))
         else:
-            pv = tl.dot(p.to(v.dtype), v)
+            pv = tl.dot(p.to(v.dtype), v)  # P rounded to the input dtype, as in FlashAttention
         acc = acc * alpha[:, None] + pv
         m = m_new
 
@@ -469,7 +468,7 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         lse_part = torch.empty((S, B, Hq, Lq), dtype=torch.float32, device=q.device)
         o_strides = o_part.stride()[:4]
         l_strides = lse_part.stride()[:3]
-    upcast = INTERPRET or q.dtype == torch.float32  # the interpreter's bf16/fp16 dot is wrong: fp32 there
+    upcast = INTERPRET and q.dtype != torch.float32  # the interpreter's bf16/fp16 dot is wrong: fp32 there
     launch(_decode_split_kv)[(B, Hkv, S)](
         q, k_cache, v_cache, cache_seqlens, bt, cbi, o_part, lse_part,
         *q.stride(),
