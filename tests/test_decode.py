@@ -423,6 +423,41 @@ def test_opcheck_merge(gen, dtype, backend):
     torch.library.opcheck(op.default, tuple(a.to(dev) for a in args))
 
 
+@skip_triton
+@pytest.mark.parametrize("page", [None, 4])
+def test_triton_op_body_runs_on_fake_tensors(gen, page):
+    """On a GPU the Triton ops are triton_ops: torch.compile runs their Python body on fake tensors (it is also
+    their fake impl). It must never read tensor data: run it under FakeTensorMode with launches recorded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedattn.kernels import decode as kd
+    launched = []
+
+    def record(kernel):
+        return _Grid(kernel, launched)
+
+    args = _op_args(gen, page, True)
+    merge_args = (randn(2, 5, 3, 8, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, gen=gen),
+                  randn(2, 3, 5, gen=gen))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out, lse = kd._decode_impl(*fake, record)
+        assert out.shape == (2, 2, 4, 16) and lse.shape == (2, 4, 2) and lse.dtype == torch.float32
+        merged, merged_lse = kd._merge_impl(*(mode.from_tensor(a) for a in merge_args), record)
+        assert merged.shape == merge_args[0].shape and merged_lse.shape == merge_args[1].shape
+    assert [k for k, _ in launched] == [kd._append_kv, kd._decode_split_kv, kd._combine_lse, kd._combine_lse]
+
+
+class _Grid:
+    """kernel[grid](...) that records the launch instead of running it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.kernel, grid))
+
+
 class _Step(torch.nn.Module):
     """One decoding step: append the new token's k/v in place and attend, then merge with a second state."""
 
