@@ -11,7 +11,9 @@ mode is on (use ``torch.no_grad()`` or ``torch.inference_mode()``).
 
 Under ``torch.compile`` the checks that read tensor values (cache_seqlens, block_table and cache_batch_idx
 ranges) are skipped, since they would break the graph; the C++ op repeats them before touching memory, so a
-bad index still raises (a RuntimeError) instead of reading or writing out of bounds.
+bad index still raises (a RuntimeError) instead of reading or writing out of bounds. The Triton op repeats them
+on CPU tensors (interpreter); on a GPU (and while traced) its kernels refuse a bad index themselves: nothing
+outside the tensors is touched, the sequence's append is skipped and its output and lse are NaN.
 """
 from __future__ import annotations
 
@@ -222,7 +224,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window: (left, right) sliding window around the same diagonal, -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         num_splits: split each sequence's keys into this many chunks processed in parallel and merged by
-            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count.
+            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count
+            (Triton: from the cache capacity, B * Hkv and the SM count; see kernels/decode.py).
             Results agree across split counts up to rounding.
         return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32.
         backend: "auto", "cpu", "triton" or "reference" (see fusedattn.dispatch). "auto": "cpu" for CPU
