@@ -3,14 +3,17 @@
 ``decode_attention`` follows FlashAttention's ``flash_attn_with_kvcache`` (layout, in-place append, paged
 block tables, bottom-right causal). Arguments are validated here, once, with ValueErrors that name the
 argument; then a backend chosen in fusedattn/dispatch.py runs: ``"cpu"`` (``torch.ops.fusedattn.decode_fwd``,
-C++) or ``"reference"`` (fusedattn/reference.py).
+C++), ``"triton"`` (``torch.ops.fusedattn.triton_decode_fwd``, kernels/decode.py: GPU tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``) or ``"reference"`` (fusedattn/reference.py).
 
 Decoding is inference-only: the ops have no backward, and inputs that require grad are refused while grad
 mode is on (use ``torch.no_grad()`` or ``torch.inference_mode()``).
 
 Under ``torch.compile`` the checks that read tensor values (cache_seqlens, block_table and cache_batch_idx
 ranges) are skipped, since they would break the graph; the C++ op repeats them before touching memory, so a
-bad index still raises (a RuntimeError) instead of reading or writing out of bounds.
+bad index still raises (a RuntimeError) instead of reading or writing out of bounds. The Triton op repeats them
+on CPU tensors (interpreter); on a GPU (and while traced) its kernels refuse a bad index themselves: nothing
+outside the tensors is touched, the sequence's append is skipped and its output and lse are NaN.
 """
 from __future__ import annotations
 
@@ -26,6 +29,18 @@ from .reference import decode_attention_ref, merge_attention_states_ref
 __all__ = ["decode_attention", "merge_attention_states"]
 
 MAX_SPLITS = 1024  # the C++ op's bound on num_splits
+
+# The Triton ops (torch.ops.fusedattn.triton_decode_fwd / triton_merge_attention_states) are registered by
+# importing kernels/decode.py, done here once when dispatch says Triton can run (so that torch.compile finds
+# them registered before it traces a call).
+_TRITON_IMPORT_ERROR: Optional[str] = None
+if dispatch.available_backends()["triton"] is None:
+    try:
+        from fusedattn.kernels import decode as _triton_decode  # noqa: F401
+    except Exception as e:  # a broken triton install must not break `import fusedattn`
+        _TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
+    _TRITON_IMPORT_ERROR = dispatch.available_backends()["triton"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,10 +181,16 @@ def _refuse_grad(fn: str, *tensors) -> None:
 
 def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     name = dispatch.select_backend(backend, device, dtype)
-    if name in ("cuda", "triton"):  # GPU decode kernels are not part of this module yet
+    if name == "triton" and _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"fusedattn backend 'triton' is unavailable: the decode kernels did not load "
+                           f"({_TRITON_IMPORT_ERROR})")
+    if name == "cuda":  # the CUDA backend has no decode kernel: Triton's serves CUDA tensors
         if backend != "auto":
-            raise RuntimeError(f"fusedattn backend {name!r} has no decode kernel yet")
-        dispatch.warn_fallback(f"no {name} decode kernel yet", target="the reference implementation")
+            raise RuntimeError("fusedattn backend 'cuda' has no decode kernel (use backend='triton' or 'auto')")
+        if _TRITON_IMPORT_ERROR is None:
+            return "triton"
+        dispatch.warn_fallback(f"no cuda decode kernel, and triton: {_TRITON_IMPORT_ERROR}",
+                               target="the reference implementation")
         return "reference"
     return name
 
@@ -203,10 +224,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window: (left, right) sliding window around the same diagonal, -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         num_splits: split each sequence's keys into this many chunks processed in parallel and merged by
-            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count.
+            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count
+            (Triton: from the cache capacity, B * Hkv and the SM count; see kernels/decode.py).
             Results agree across split counts up to rounding.
         return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32.
-        backend: "auto", "cpu" or "reference" (see fusedattn.dispatch).
+        backend: "auto", "cpu", "triton" or "reference" (see fusedattn.dispatch). "auto": "cpu" for CPU
+            tensors, "triton" for CUDA tensors.
 
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype, and lse if ``return_lse``. A query that sees no key (an empty
@@ -220,7 +243,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                              cache_batch_idx)
     scale = _default_scale(scale, q.shape[-1])
     name = _resolve_backend(backend, q.device, q.dtype)
-    if name == "reference":
+    if name == "triton":
+        out, lse = torch.ops.fusedattn.triton_decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                         block_table, cache_batch_idx, scale, left,
+                                                         0 if causal else right, float(softcap), num_splits)
+    elif name == "reference":
         out, lse = decode_attention_ref(q, k_cache, v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new,
                                         block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
                                         scale=scale, window=(left, right), softcap=softcap, return_lse=True)
@@ -239,7 +266,7 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
         out_a, out_b: (B, L, H, D) attention outputs (each normalized over its own keys), one dtype.
         lse_a, lse_b: (B, H, L) float32 log-sum-exps of the scores behind them (as returned with
             ``return_lse=True``).
-        backend: "auto", "cpu" or "reference".
+        backend: "auto", "cpu", "triton" or "reference".
 
     Returns:
         (out (B, L, H, D) in out_a's dtype, lse (B, H, L) float32), with M = max(lse_a, lse_b),
@@ -264,4 +291,6 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
     name = _resolve_backend(backend, out_a.device, out_a.dtype)
     if name == "reference":
         return merge_attention_states_ref(out_a, lse_a, out_b, lse_b)
+    if name == "triton":
+        return torch.ops.fusedattn.triton_merge_attention_states(out_a, lse_a, out_b, lse_b)
     return torch.ops.fusedattn.merge_attention_states(out_a, lse_a, out_b, lse_b)
