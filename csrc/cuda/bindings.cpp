@@ -306,6 +306,8 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q_in, const
     TORCH_CHECK(cache_batch_idx.has_value() || k_cache.size(0) >= B, "fusedattn (cuda): k_cache holds ",
                 k_cache.size(0), " sequences but q has batch ", B, " (pass cache_batch_idx to pick cache rows)");
   }
+  TORCH_CHECK(capacity < (int64_t(1) << 31), "fusedattn (cuda): the cache holds ", capacity,
+              " positions per sequence; the CUDA decode kernel indexes them with 32 bits (< 2^31)");
   at::Tensor cbi;
   if (cache_batch_idx.has_value()) {
     check_cuda(*cache_batch_idx, "cache_batch_idx", dev);

@@ -39,8 +39,10 @@ __device__ inline const T* cache_row(const DecodeParams& p, const T* cache, cons
                                      int64_t hk, int64_t j) {
   int64_t first, second;
   if (p.block_table != nullptr) {
-    first = p.block_table[b * p.max_blocks + j / p.page_size];
-    second = j % p.page_size;
+    // 32-bit division (the binding checks capacity < 2^31): a 64-bit one costs several times more.
+    const uint32_t jj = static_cast<uint32_t>(j), ps = static_cast<uint32_t>(p.page_size);
+    first = p.block_table[b * p.max_blocks + jj / ps];
+    second = jj % ps;
   } else {
     first = p.cache_batch_idx != nullptr ? p.cache_batch_idx[b] : b;
     second = j;
