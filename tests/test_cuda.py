@@ -348,3 +348,15 @@ def test_merge_attention_states(gen, dtype):
     assert_close_2x(out, ref, base)
     assert_close_2x(lse, ref_lse, base_lse)
     assert (out[1, 1, 1] == 0).all() and lse[1, 1, 1] == -math.inf
+
+
+def test_auto_falls_back_for_cases_the_cuda_kernels_do_not_cover(gen):
+    """float32 / head dim 80 / a mask: "auto" warns and uses another backend; backend="cuda" raises naming the case."""
+    import fusedattn
+    q, k, v = (randn(1, 2, 20, 80, gen=gen).to(DEV) for _ in range(3))
+    with pytest.warns(UserWarning, match="cuda: dtype torch.float32"):
+        out = fusedattn.attention(q, k, v, causal=True)
+    ref = attention_ref(q.double(), k.double(), v.double(), causal=True)
+    assert max_abs_err(out, ref) < 1e-4
+    with pytest.raises(RuntimeError, match="does not cover this case: dtype"):
+        fusedattn.attention(q, k, v, backend="cuda")
