@@ -322,6 +322,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_ke
   }
 }
 
+#ifndef FUSEDATTN_CUDA_EMULATE  // the emulator (tests/cuda_emu) launches the kernels itself
 template <typename Kernel>
 cudaError_t launch_with_smem(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
                              const AttnBwdParams& p) {
@@ -352,5 +353,7 @@ template <typename T, int D> cudaError_t attention_bwd_launch(const AttnBwdParam
                     static_cast<unsigned>(p.B));
   return launch_with_smem(attention_bwd_dq_kernel<T, D>, grid_q, threads, Cfg::Q_SMEM_BYTES, stream, p);
 }
+
+#endif
 
 }  // namespace fusedattn::cuda

@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::NWARPS * 32) attention_fwd_kerne
   }
 }
 
+#ifndef FUSEDATTN_CUDA_EMULATE  // the emulator (tests/cuda_emu) launches the kernels itself
 template <typename T, int D> cudaError_t attention_fwd_launch(const AttnFwdParams& p, cudaStream_t stream) {
   using Cfg = FwdConfig<D>;
   auto kernel = attention_fwd_kernel<T, D>;
@@ -198,5 +199,7 @@ template <typename T, int D> cudaError_t attention_fwd_launch(const AttnFwdParam
   kernel<<<grid, Cfg::NWARPS * 32, Cfg::SMEM_BYTES, stream>>>(p);
   return cudaGetLastError();
 }
+
+#endif
 
 }  // namespace fusedattn::cuda

@@ -38,6 +38,11 @@ template <> struct MmaType<__nv_bfloat16> {
   }
 };
 
+#ifdef FUSEDATTN_CUDA_EMULATE
+// tests/cuda_emu runs these kernels on the CPU (one OS thread per CUDA thread) to check their indexing
+// without a GPU; it supplies the warp-level instructions below from the PTX ISA's definitions.
+#include "cuda_emu_warp.h"
+#else
 // c += a * b for one 16x8x16 tile, fp32 accumulators.
 template <typename T> __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
 template <> __device__ inline void mma_16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -77,6 +82,8 @@ __device__ inline void cp_async_16(void* smem_dst, const void* gmem_src, bool va
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#endif  // FUSEDATTN_CUDA_EMULATE
 
 // Reductions over the 4 lanes of a quad (the lanes that hold one row of a C fragment).
 __device__ inline float quad_max(float x) {
