@@ -360,3 +360,20 @@ def test_auto_falls_back_for_cases_the_cuda_kernels_do_not_cover(gen):
     assert max_abs_err(out, ref) < 1e-4
     with pytest.raises(RuntimeError, match="does not cover this case: dtype"):
         fusedattn.attention(q, k, v, backend="cuda")
+
+
+def test_decode_public_api_routes_to_cuda_and_falls_back(gen):
+    import fusedattn
+    inputs = _decode_batch(gen, [5, 300], Lq=1, Hq=4, Hkv=2, D=64, dtype=torch.bfloat16, page=16, Lnew=1)
+    x = _to(inputs, DEV)
+    with torch.no_grad():
+        out = fusedattn.decode_attention(x["q"], x["k_cache"].clone(), x["v_cache"].clone(),
+                                         cache_seqlens=x["cache_seqlens"], k_new=x["k_new"], v_new=x["v_new"],
+                                         block_table=x["block_table"], num_splits=2, backend="cuda")
+        raw, _ = decode_op(x["q"], x["k_cache"].clone(), x["v_cache"].clone(), x["cache_seqlens"], x["k_new"],
+                           x["v_new"], x["block_table"], None, 64 ** -0.5, -1, 0, 0.0, 2)
+        torch.testing.assert_close(out, raw, atol=0, rtol=0)
+        y = _to(_decode_batch(gen, [5, 30], Lq=1, Hq=4, Hkv=2, D=32, dtype=torch.float32, page=16), DEV)
+        with pytest.warns(UserWarning, match="cuda: dtype torch.float32"):
+            fusedattn.decode_attention(y["q"], y["k_cache"], y["v_cache"], cache_seqlens=y["cache_seqlens"],
+                                       block_table=y["block_table"])
