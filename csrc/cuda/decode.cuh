@@ -213,6 +213,8 @@ __global__ void __launch_bounds__(DecodeConfig<D>::NWARPS * 32) decode_split_kv_
     __syncthreads();  // every warp is done with `stage` before tile + 1 refills it
   }
 
+  cp_async_wait<0>();  // a split with no keys still issued the copy of Q: do not exit with it in flight
+
   // Normalized partial state of this split: out_partial (S, B, Lq, Hq, D), lse_partial (S, B, Hq, Lq).
 #pragma unroll
   for (int w = 0; w < RPW; ++w) {
