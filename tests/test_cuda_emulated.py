@@ -5,7 +5,7 @@ The emulator runs each CUDA thread as an OS thread and implements mma.sync m16n8
 cp.async and warp shuffles from the PTX ISA's definitions, so a wrong fragment index, tile bound or mask shows up
 here on a machine without a GPU (a deliberately swapped B fragment or an off-by-one mask fails every case). It does
 not model timing: races and asynchronous-copy hazards are for compute-sanitizer on a GPU (benchmarks/gpu_session.sh).
-About 1 minute on 2 cores: one g++ build and ten cases (see tests/cuda_emu/emu_main.cpp).
+About 1 minute on 2 cores: one g++ build and eleven cases (see tests/cuda_emu/emu_main.cpp).
 """
 from __future__ import annotations
 

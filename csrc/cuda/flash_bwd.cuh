@@ -9,7 +9,7 @@
 //     MMA in the C layout that feeds the next MMA as its A operand. At D = 256, dK and dV together do not fit
 //     in registers: the kernel runs twice, once for dV and once for dK.
 //   * attention_bwd_dq_kernel: one CTA per (query block, q head, batch), the forward's structure: each warp
-//     owns 16 query rows, walks over the visible key blocks and accumulates dQ in registers. This recomputes
+//     owns 16 or 32 query rows, walks over the visible key blocks and accumulates dQ in registers. This recomputes
 //     S and dP once more (FA2 instead adds dQ with fp32 atomics: faster, but not deterministic).
 // Q / dO (dkdv kernel) and K / V (dq kernel) tiles are double buffered: the copy of the next tile overlaps the
 // MMAs on the current one. Layout notes for ldmatrix and the fragments are in mma_utils.cuh and flash_fwd.cuh.
@@ -31,9 +31,11 @@ template <int D> struct BwdConfig {
   static constexpr int KV_BLOCK_M = D <= 64 ? 64 : 32;
   static constexpr bool KV_TWO_PASS = D > 128;  // dV and dK in separate launches (register budget)
   static constexpr int KV_SMEM_BYTES = (2 * KV_BLOCK_N + 4 * KV_BLOCK_M) * LDS * 2 + 4 * KV_BLOCK_M * 4;
-  // dQ kernel: BLOCK_M query rows per CTA (16 per warp), two stages of K, V tiles of BLOCK_N keys.
-  static constexpr int Q_BLOCK_M = 16 * NWARPS;
-  static constexpr int Q_BLOCK_N = D <= 128 ? 64 : 32;
+  // dQ kernel: BLOCK_M query rows per CTA (16 Q_MT per warp), two stages of K, V tiles of BLOCK_N keys. With
+  // Q_MT = 2 each K / V fragment read from shared memory feeds two MMAs (as in the forward).
+  static constexpr int Q_MT = D <= 128 ? 2 : 1;
+  static constexpr int Q_BLOCK_M = 16 * Q_MT * NWARPS;
+  static constexpr int Q_BLOCK_N = D <= 64 ? 64 : 32;
   static constexpr int Q_SMEM_BYTES = (2 * Q_BLOCK_M + 4 * Q_BLOCK_N) * LDS * 2;
 };
 
@@ -74,6 +76,63 @@ __device__ inline void warp_gemm_pb(float (&acc)[D / 8][4], const float (&pm)[NT
       mma_16816<T>(acc[2 * d2 + 1], a, bv[2], bv[3]);
     }
   }
+}
+
+// The same two products for MT m16 tiles of A at once (rows 16 mt.. of sA): each B fragment is read from
+// shared memory once and used by MT MMAs.
+template <typename T, int D, int LDS, int NT, int MT>
+__device__ inline void warp_gemm_abt_mt(float (&acc)[MT][NT][4], const T* sA, const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], sA + (mt * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int n2 = 0; n2 < NT / 2; ++n2) {
+      uint32_t bk[4];
+      ldmatrix_x4(bk, sB + (n2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * n2], a[mt], bk[0], bk[1]);
+        mma_16816<T>(acc[mt][2 * n2 + 1], a[mt], bk[2], bk[3]);
+      }
+    }
+  }
+}
+
+template <typename T, int D, int LDS, int NT, int MT>
+__device__ inline void warp_gemm_pb_mt(float (&acc)[MT][D / 8][4], const float (&pm)[MT][NT][4], const T* sB,
+                                       int lane) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    uint32_t a[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      a[mt][0] = MmaType<T>::pack(pm[mt][2 * kk][0], pm[mt][2 * kk][1]);
+      a[mt][1] = MmaType<T>::pack(pm[mt][2 * kk][2], pm[mt][2 * kk][3]);
+      a[mt][2] = MmaType<T>::pack(pm[mt][2 * kk + 1][0], pm[mt][2 * kk + 1][1]);
+      a[mt][3] = MmaType<T>::pack(pm[mt][2 * kk + 1][2], pm[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int d2 = 0; d2 < D / 16; ++d2) {
+      uint32_t bv[4];
+      ldmatrix_x4_trans(bv, sB + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LDS + d2 * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma_16816<T>(acc[mt][2 * d2], a[mt], bv[0], bv[1]);
+        mma_16816<T>(acc[mt][2 * d2 + 1], a[mt], bv[2], bv[3]);
+      }
+    }
+  }
+}
+
+template <int M, int N> __device__ inline void zero(float (&x)[M][N][4]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) x[m][i][e] = 0.f;
 }
 
 template <int N> __device__ inline void zero(float (&x)[N][4]) {
@@ -220,7 +279,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_kernel(const AttnBwdParams p) {
   using Cfg = BwdConfig<D>;
   constexpr int NTHREADS = Cfg::NWARPS * 32, BLOCK_M = Cfg::Q_BLOCK_M, BLOCK_N = Cfg::Q_BLOCK_N, LDS = Cfg::LDS;
-  constexpr int NT = BLOCK_N / 8, DT = D / 8;
+  constexpr int MT = Cfg::Q_MT, NT = BLOCK_N / 8, DT = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);  // (BLOCK_M, LDS)
   T* sdO = sQ + BLOCK_M * LDS;             // (BLOCK_M, LDS)
@@ -231,6 +290,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_ke
   const int64_t m0 = int64_t(blockIdx.x) * BLOCK_M, h = blockIdx.y, b = blockIdx.z;
   const int64_t hk = h / (p.Hq / p.Hkv);
   const int64_t Lq = p.Lq, Lk = p.Lk, off = p.diag_offset, wl = p.window_left, wr = p.window_right;
+  const int64_t w0 = m0 + warp * 16 * MT;  // first query row of this warp
   const T* gK = static_cast<const T*>(p.k) + b * p.k_stride[0] + hk * p.k_stride[1];
   const T* gV = static_cast<const T*>(p.v) + b * p.v_stride[0] + hk * p.v_stride[1];
 
@@ -239,15 +299,17 @@ __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_ke
   const int64_t k_hi = wr < 0 ? Lk : imin(Lk, m_last + off + wr + 1);
   const int64_t nb_lo = k_lo / BLOCK_N, nb_hi = k_hi > k_lo ? (k_hi + BLOCK_N - 1) / BLOCK_N : nb_lo;
 
-  // This thread's rows: m0 + 16 warp + g and + 8.
-  float row_lse[2], row_delta[2];
+  // This thread's rows: w0 + 16 mt + g and + 8.
+  float row_lse[MT][2], row_delta[MT][2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + warp * 16 + g + 8 * r, row = (b * p.Hq + h) * Lq + i;
-    row_lse[r] = i < Lq ? lse_log2(p.lse[row]) : INFINITY;
-    row_delta[r] = i < Lq ? p.delta[row] : 0.f;
-  }
-  float acc_dq[DT][4];
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = w0 + mt * 16 + g + 8 * r, row = (b * p.Hq + h) * Lq + i;
+      row_lse[mt][r] = i < Lq ? lse_log2(p.lse[row]) : INFINITY;
+      row_delta[mt][r] = i < Lq ? p.delta[row] : 0.f;
+    }
+  float acc_dq[MT][DT][4];
   zero(acc_dq);
 
   auto load_kv = [&](int64_t nb, int stage) {
@@ -270,8 +332,8 @@ __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_ke
   }
 
   const float scale_log2 = p.scale * LOG2E;
-  const T* sQw = sQ + warp * 16 * LDS;
-  const T* sdOw = sdO + warp * 16 * LDS;
+  const T* sQw = sQ + warp * 16 * MT * LDS;
+  const T* sdOw = sdO + warp * 16 * MT * LDS;
   for (int64_t nb = nb_lo; nb < nb_hi; ++nb) {
     const int stage = (nb - nb_lo) & 1;
     if (nb + 1 < nb_hi) {
@@ -286,40 +348,44 @@ __global__ void __launch_bounds__(BwdConfig<D>::NWARPS * 32) attention_bwd_dq_ke
     const T* sKs = sK + stage * BLOCK_N * LDS;
     const T* sVs = sV + stage * BLOCK_N * LDS;
 
-    float pm[NT][4], ds[NT][4];
+    float pm[MT][NT][4], ds[MT][NT][4];
     zero(pm);
     zero(ds);
-    warp_gemm_abt<T, D, LDS, NT>(pm, sQw, sKs, lane);   // S = Q K^T
-    warp_gemm_abt<T, D, LDS, NT>(ds, sdOw, sVs, lane);  // dP = dO V^T
+    warp_gemm_abt_mt<T, D, LDS, NT, MT>(pm, sQw, sKs, lane);   // S = Q K^T
+    warp_gemm_abt_mt<T, D, LDS, NT, MT>(ds, sdOw, sVs, lane);  // dP = dO V^T
     const bool need_mask = n0 + BLOCK_N > Lk || (wr >= 0 && n0 + BLOCK_N - 1 > m0 + off + wr) ||
                            (wl >= 0 && n0 < m0 + BLOCK_M - 1 + off - wl);
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >= 2 ? 1 : 0;
-        float s = pm[nt][e] * scale_log2;
-        if (need_mask) {
-          const int64_t i = m0 + warp * 16 + g + 8 * r, j = n0 + nt * 8 + 2 * t4 + (e & 1);
-          if (!key_visible(i, j, Lk, off, wl, wr)) s = -INFINITY;
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >= 2 ? 1 : 0;
+          float sc = pm[mt][nt][e] * scale_log2;
+          if (need_mask) {
+            const int64_t i = w0 + mt * 16 + g + 8 * r, j = n0 + nt * 8 + 2 * t4 + (e & 1);
+            if (!key_visible(i, j, Lk, off, wl, wr)) sc = -INFINITY;
+          }
+          const float pv = exp2f(sc - row_lse[mt][r]);
+          ds[mt][nt][e] = pv * (ds[mt][nt][e] - row_delta[mt][r]);  // dS = P o (dP - delta)
         }
-        const float pv = exp2f(s - row_lse[r]);
-        ds[nt][e] = pv * (ds[nt][e] - row_delta[r]);  // dS = P o (dP - delta)
-      }
-    warp_gemm_pb<T, D, LDS, NT>(acc_dq, ds, sKs, lane);  // dQ += dS K
+    warp_gemm_pb_mt<T, D, LDS, NT, MT>(acc_dq, ds, sKs, lane);  // dQ += dS K
     __syncthreads();
   }
 
   T* gdQ = static_cast<T*>(p.dq) + ((b * p.Hq + h) * Lq) * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t i = m0 + warp * 16 + g + 8 * r;
-    if (i >= Lq) continue;
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-      *reinterpret_cast<uint32_t*>(gdQ + i * D + dt * 8 + 2 * t4) =
-          MmaType<T>::pack(acc_dq[dt][2 * r] * p.scale, acc_dq[dt][2 * r + 1] * p.scale);
-  }
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = w0 + mt * 16 + g + 8 * r;
+      if (i >= Lq) continue;
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(gdQ + i * D + dt * 8 + 2 * t4) =
+            MmaType<T>::pack(acc_dq[mt][dt][2 * r] * p.scale, acc_dq[mt][dt][2 * r + 1] * p.scale);
+    }
 }
 
 #ifndef FUSEDATTN_CUDA_EMULATE  // the emulator (tests/cuda_emu) launches the kernels itself

@@ -331,6 +331,7 @@ int main(int argc, char** argv) {
     run_attention<__half, 64>({1, 2, 2, 129, 129, 7, 21, true}, false);       // sliding window
     run_attention<__nv_bfloat16, 128>({1, 2, 1, 1, 200, 30, 0, true}, true);  // one query row, window + causal
     run_attention<__half, 256>({1, 1, 1, 33, 47, 0, 0, true}, false);         // diagonal only: some rows empty
+    run_attention<__nv_bfloat16, 128>({1, 2, 2, 200, 150, -1, 0, false}, false);  // two 128-row blocks, top-left
   }
   // Decode: paged cache (page sizes 1, 16, 64), append, GQA, split-KV, window.
   run_decode<__nv_bfloat16, 128>({1, 7, 257}, 1, 8, 2, 16, 3, 3, -1, 0);
