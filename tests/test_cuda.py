@@ -311,7 +311,7 @@ def test_decode_window_softcap(case, gen):
 
 
 def test_decode_many_rows_per_kv_head(gen):
-    """Lq x group = 5 x 8 = 40 query rows per kv head: more than one CTA's worth of rows."""
+    """Lq x group = 5 x 8 = 40 query rows per kv head: more than one CTA's worth (DECODE_ROWS_PER_CTA = 32)."""
     inputs = _decode_batch(gen, [1, 100, 700], Lq=5, Hq=16, Hkv=2, D=128, dtype=torch.float16, page=32, Lnew=5)
     check_decode(inputs, num_splits=2)
 

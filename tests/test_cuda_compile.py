@@ -70,7 +70,8 @@ def test_every_kernel_source_is_built_by_cmake():
     missing = [s.name for s in kernel_sources() if f"csrc/cuda/{s.name}" not in cmake]
     assert not missing, f"CMakeLists.txt does not compile {missing}"
     assert "csrc/cuda/bindings.cpp" in cmake
-    for src in kernel_sources():  # torch-free, so that this test can compile them with a bare nvcc
+    headers = sorted(CUDA_DIR.glob("*.cuh")) + sorted(CUDA_DIR.glob("*.h"))
+    for src in kernel_sources() + headers:  # torch-free, so that this test can compile them with a bare nvcc
         text = src.read_text()
         assert not re.search(r"#include\s*[<\"](torch|ATen|c10)/", text), f"{src.name} includes torch"
 

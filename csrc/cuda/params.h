@@ -95,6 +95,6 @@ template <typename T, int D> cudaError_t decode_fwd_launch(const DecodeParams& p
 template <typename T> cudaError_t merge_attention_states_launch(const MergeParams& p, cudaStream_t stream);
 
 // Rows of q (Lq * Hq / Hkv per kv head) one decode CTA handles; more rows use more CTAs.
-constexpr int DECODE_ROWS_PER_CTA = 16;
+constexpr int DECODE_ROWS_PER_CTA = 32;
 
 }  // namespace fusedattn::cuda

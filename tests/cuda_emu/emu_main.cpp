@@ -336,7 +336,7 @@ int main(int argc, char** argv) {
   // Decode: paged cache (page sizes 1, 16, 64), append, GQA, split-KV, window.
   run_decode<__nv_bfloat16, 128>({1, 7, 257}, 1, 8, 2, 16, 3, 3, -1, 0);
   run_decode<__half, 64>({0, 40, 130}, 4, 4, 2, 1, 0, 2, -1, 0);
-  run_decode<__nv_bfloat16, 256>({5, 100}, 2, 10, 1, 64, 2, 1, 16, 0);  // 20 rows per kv head: two row chunks
+  run_decode<__nv_bfloat16, 256>({5, 100}, 2, 20, 1, 64, 2, 1, 16, 0);  // 40 rows per kv head: two row chunks
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "PASSED", failures);
   return failures ? 1 : 0;
 }
