@@ -60,6 +60,27 @@ def _unavailable_reason(name: str) -> str | None:
     return _REASONS[name]
 
 
+# What the hand-written CUDA kernels (csrc/cuda) cover; other cases go to another backend.
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = (64, 128, 256)
+
+
+def cuda_unsupported_reason(dtype: torch.dtype, head_dim: int, value_dim: int, has_mask: bool = False,
+                            softcap: float = 0.0) -> str | None:
+    """None when the CUDA attention kernels cover this case, else why not (names the case)."""
+    if dtype not in CUDA_DTYPES:
+        return f"dtype {dtype} (the CUDA kernels take {', '.join(str(d) for d in CUDA_DTYPES)})"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"head dim {head_dim} (the CUDA kernels are built for {', '.join(map(str, CUDA_HEAD_DIMS))})"
+    if value_dim != head_dim:
+        return f"value head dim {value_dim} != head dim {head_dim} (the CUDA kernels need them equal)"
+    if has_mask:
+        return "an attn_mask (the CUDA kernels build causal and window masks only)"
+    if softcap > 0:
+        return f"softcap={softcap} (the CUDA attention kernels have no softcap)"
+    return None
+
+
 def available_backends() -> dict[str, str | None]:
     """Map each backend name to None (available) or the reason it is not."""
     return dict(_REASONS)

@@ -102,13 +102,17 @@ def backends(device: str, quick: bool = False) -> dict:
     saying why that backend is absent."""
     out: dict = {}
     avail = dispatch.available_backends()
-    ours = "cpu" if device == "cpu" else "triton" if device == "cuda" else None  # what "auto" runs there
+    # what "auto" runs there: the CUDA kernel (csrc/cuda/decode.cuh) when built, else Triton's
+    ours = "cpu" if device == "cpu" else ("cuda" if avail["cuda"] is None else "triton") if device == "cuda" else None
     if ours is not None and avail[ours] is None:
         out["fusedattn"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
                                                                            block_table=bt, backend=ours)
     else:
         out["fusedattn"] = (f"no fused decode kernel for {device} in this build"
                             + (f" ({ours}: {avail[ours]})" if ours else ""))
+    if ours == "cuda" and avail["triton"] is None:  # both GPU kernels of ours, side by side
+        out["fusedattn_triton"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
+                                                                                  block_table=bt, backend="triton")
     out["torch_sdpa"] = _torch_sdpa
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         from flash_attn import flash_attn_with_kvcache
