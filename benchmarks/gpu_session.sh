@@ -17,22 +17,40 @@ python -m pip install --no-deps --no-build-isolation -e . > "$out/build.log" 2>&
 python -m fusedattn info | tee "$out/info.txt"
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 
-step "tests"
-timeout 240 python -m pytest tests -q -x 2>&1 | tee "$out/tests.log" | tail -15
+step "CUDA kernel tests (tests/test_cuda.py)"
+timeout 300 python -m pytest tests/test_cuda.py -q -x 2>&1 | tee "$out/tests_cuda.log" | tail -15
 
-step "compute-sanitizer (memcheck) on a small case"
+step "tests"
+timeout 240 python -m pytest tests -q -x --ignore=tests/test_cuda.py 2>&1 | tee "$out/tests.log" | tail -15
+
+step "compute-sanitizer (memcheck, racecheck) on small cases"
+# Small odd-length cases through every CUDA kernel: forward, backward (dK/dV and dQ kernels; D = 256 runs the
+# two-pass dK/dV), paged decode with an in-place append and split-KV combine, merge_attention_states.
 cat > /tmp/fusedattn_small_case.py <<'PY'
-import torch, fusedattn
-dev = "cuda"
-q, k, v = (torch.randn(1, 4, 97, 64, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-out = fusedattn.attention(q, k, v, causal=True)
-out.sum().backward()
+import math, torch, fusedattn
+ops = torch.ops.fusedattn
+dev, dt = "cuda", torch.bfloat16
+for D, (Lq, Lk), (Hq, Hkv) in [(64, (97, 130), (4, 2)), (128, (33, 17), (2, 2)), (256, (70, 70), (2, 1))]:
+    q = torch.randn(1, Hq, Lq, D, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(1, Hkv, Lk, D, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
+    out, lse = ops.attention_fwd(q, k, v, None, D ** -0.5, -1, 0, True, 0.0)
+    (out.float().sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
+B, Hkv, page, D = 3, 2, 16, 128
+lens = torch.tensor([0, 20, 75], dtype=torch.int32, device=dev)
+k_cache, v_cache = (torch.randn(20, page, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+block_table = torch.randperm(20, device=dev, dtype=torch.int32)[:18].view(B, 6)
+q = torch.randn(B, 2, 8, D, device=dev, dtype=dt)
+k_new, v_new = (torch.randn(B, 2, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+out, lse = ops.decode_fwd(q, k_cache, v_cache, lens, k_new, v_new, block_table, None, D ** -0.5, -1, 0, 0.0, 3)
+ops.merge_attention_states(out, lse, out, lse)
 torch.cuda.synchronize()
 print("ok", out.float().abs().sum().item())
 PY
 if command -v compute-sanitizer > /dev/null; then
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python /tmp/fusedattn_small_case.py \
-    > "$out/memcheck.log" 2>&1; echo "memcheck exit code $?" | tee -a "$out/memcheck.log"
+  for tool in memcheck racecheck; do
+    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 python /tmp/fusedattn_small_case.py \
+      > "$out/$tool.log" 2>&1; echo "$tool exit code $?" | tee -a "$out/$tool.log"
+  done
 else
   echo "compute-sanitizer not found" | tee "$out/memcheck.log"
 fi

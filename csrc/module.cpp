@@ -15,8 +15,9 @@ PYBIND11_MODULE(_C, m) {
         d["torch_version"] = FUSEDATTN_TORCH_VERSION;   // torch the binary was built against
         d["cpu_isas"] = FUSEDATTN_CPU_ISAS;             // kernel builds inside this binary
         d["cpu_isa_selected"] = fusedattn::cpu::selected_isa();
-        d["cuda"] = false;
-        d["cuda_reason"] = FUSEDATTN_CUDA_REASON;
+        d["cuda"] = static_cast<bool>(FUSEDATTN_WITH_CUDA);  // CUDA kernels (csrc/cuda) compiled in
+        d["cuda_archs"] = FUSEDATTN_CUDA_ARCHS;              // e.g. "80-real,90a-real"; "" without CUDA
+        d["cuda_reason"] = FUSEDATTN_CUDA_REASON;            // why not, or what they were built for
         d["compiler"] = __VERSION__;
         d["sanitized"] = static_cast<bool>(FUSEDATTN_SANITIZED);
         return d;

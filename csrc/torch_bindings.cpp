@@ -1,5 +1,6 @@
 // Every fusedattn op schema, declared once. Kernels register per dispatch key elsewhere:
 //   CPU  -> csrc/cpu/attention.cpp, csrc/cpu/varlen.cpp, csrc/cpu/decode.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
+//   CUDA -> csrc/cuda/bindings.cpp (TORCH_LIBRARY_IMPL(fusedattn, CUDA, m)), when torch has CUDA
 // Fake (meta) implementations and autograd live in fusedattn/_ops.py, which torch imports on
 // demand through set_python_module when it needs them (e.g. under torch.compile).
 #include <torch/library.h>

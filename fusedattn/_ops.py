@@ -47,10 +47,26 @@ def build_info() -> dict:
     return dict(_BUILD_INFO)
 
 
+def _check_one_device(op: str, **tensors) -> None:
+    """The fake impls also serve the Meta dispatch key, which the dispatcher picks when any input is a meta
+    tensor: an op called with inputs on different devices must raise there (as the kernels do), not answer
+    with shapes."""
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise RuntimeError(f"fusedattn::{op}: all tensors must be on one device: {first[0]} is on {first[1]}, "
+                               f"{name} on {t.device}")
+
+
 if _C is not None:
 
     @torch.library.register_fake("fusedattn::attention_fwd")
     def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
+        _check_one_device("attention_fwd", q=q, k=k, v=v, attn_mask=attn_mask)
         B, Hq, Lq, _ = q.shape
         out = q.new_empty((B, Hq, Lq, v.shape[-1]))  # (B, Hq, Lq, Dv)
         lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -59,6 +75,8 @@ if _C is not None:
     @torch.library.register_fake("fusedattn::attention_bwd")
     def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right,
                             bottom_right, softcap, grad_lse):
+        _check_one_device("attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
+                          attn_mask=attn_mask, grad_lse=grad_lse)
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
     def _attention_fwd_setup_context(ctx, inputs, output):
@@ -123,6 +141,8 @@ if _C is not None:
     @torch.library.register_fake("fusedattn::decode_fwd")
     def _decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
                          window_left, window_right, softcap, num_splits):
+        _check_one_device("decode_fwd", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                          k_new=k_new, v_new=v_new, block_table=block_table, cache_batch_idx=cache_batch_idx)
         B, Lq, Hq, _ = q.shape
         out = q.new_empty((B, Lq, Hq, v_cache.shape[-1]))  # (B, Lq, Hq, Dv)
         lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
@@ -130,4 +150,5 @@ if _C is not None:
 
     @torch.library.register_fake("fusedattn::merge_attention_states")
     def _merge_attention_states_fake(out_a, lse_a, out_b, lse_b):
+        _check_one_device("merge_attention_states", out_a=out_a, lse_a=lse_a, out_b=out_b, lse_b=lse_b)
         return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)

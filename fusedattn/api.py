@@ -116,6 +116,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                          "(detach it, or use torch's scaled_dot_product_attention)")
     scale = _default_scale(scale, q.shape[-1])
     name = dispatch.select_backend(backend, q.device, q.dtype)
+    if name == "cuda":
+        reason = dispatch.cuda_unsupported_reason(q.dtype, q.shape[-1], v.shape[-1], attn_mask is not None, softcap)
+        if reason is not None:
+            if backend == "cuda":
+                raise RuntimeError(f"fusedattn backend 'cuda' does not cover this case: {reason}")
+            dispatch.warn_fallback(f"cuda: {reason}", target="the reference implementation")
+            name = "reference"
     if name == "reference":
         out, lse = attention_ref(q, k, v, attn_mask=attn_mask, causal=causal, causal_align="bottom_right",
                                  scale=scale, window=(left, right), softcap=softcap, return_lse=True)

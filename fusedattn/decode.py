@@ -3,14 +3,20 @@
 ``decode_attention`` follows FlashAttention's ``flash_attn_with_kvcache`` (layout, in-place append, paged
 block tables, bottom-right causal). Arguments are validated here, once, with ValueErrors that name the
 argument; then a backend chosen in fusedattn/dispatch.py runs: ``"cpu"`` (``torch.ops.fusedattn.decode_fwd``,
-C++) or ``"reference"`` (fusedattn/reference.py).
+C++), ``"cuda"`` (the same op on CUDA tensors, csrc/cuda/decode.cuh), ``"triton"``
+(``torch.ops.fusedattn.triton_decode_fwd``, kernels/decode.py: GPU tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) or ``"reference"`` (fusedattn/reference.py).
 
 Decoding is inference-only: the ops have no backward, and inputs that require grad are refused while grad
 mode is on (use ``torch.no_grad()`` or ``torch.inference_mode()``).
 
 Under ``torch.compile`` the checks that read tensor values (cache_seqlens, block_table and cache_batch_idx
 ranges) are skipped, since they would break the graph; the C++ op repeats them before touching memory, so a
-bad index still raises (a RuntimeError) instead of reading or writing out of bounds.
+bad index still raises (a RuntimeError) instead of reading or writing out of bounds. The Triton op repeats them
+on CPU tensors (interpreter); on a GPU (and while traced) its kernels refuse a bad index themselves: nothing
+outside the tensors is touched, the sequence's append is skipped and its output and lse are NaN. The CUDA op does
+not read the indices on the host (that would synchronize); its kernels clamp lengths to the cache capacity and read
+a page or cache row out of range as zeros: wrong numbers, but no memory it does not own is touched.
 """
 from __future__ import annotations
 
@@ -26,6 +32,18 @@ from .reference import decode_attention_ref, merge_attention_states_ref
 __all__ = ["decode_attention", "merge_attention_states"]
 
 MAX_SPLITS = 1024  # the C++ op's bound on num_splits
+
+# The Triton ops (torch.ops.fusedattn.triton_decode_fwd / triton_merge_attention_states) are registered by
+# importing kernels/decode.py, done here once when dispatch says Triton can run (so that torch.compile finds
+# them registered before it traces a call).
+_TRITON_IMPORT_ERROR: Optional[str] = None
+if dispatch.available_backends()["triton"] is None:
+    try:
+        from fusedattn.kernels import decode as _triton_decode  # noqa: F401
+    except Exception as e:  # a broken triton install must not break `import fusedattn`
+        _TRITON_IMPORT_ERROR = f"{type(e).__name__}: {e}"
+else:
+    _TRITON_IMPORT_ERROR = dispatch.available_backends()["triton"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,12 +182,33 @@ def _refuse_grad(fn: str, *tensors) -> None:
                          f"torch.no_grad() or torch.inference_mode(), or detach the inputs")
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _cuda_decode_reason(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Optional[str]:
+    """None when the CUDA decode kernel (csrc/cuda/decode.cuh) covers the call, else why not."""
+    reason = dispatch.cuda_unsupported_reason(q.dtype, q.shape[-1], v_cache.shape[-1])
+    if reason is None:
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            # cp.async copies 16-byte rows of the cache in place (it is written to, so it cannot be copied)
+            if t.numel() and (t.data_ptr() % 16 or any(st % 8 for st, n in zip(t.stride()[:-1], t.shape) if n > 1)):
+                return f"{name} rows are not 16-byte aligned (strides {tuple(t.stride())})"
+    return reason
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, cuda_reason=None) -> str:
+    """cuda_reason: a callable giving why the CUDA kernel cannot take this call (None: it can)."""
     name = dispatch.select_backend(backend, device, dtype)
-    if name in ("cuda", "triton"):  # GPU decode kernels are not part of this module yet
-        if backend != "auto":
-            raise RuntimeError(f"fusedattn backend {name!r} has no decode kernel yet")
-        dispatch.warn_fallback(f"no {name} decode kernel yet", target="the reference implementation")
+    if name == "triton" and _TRITON_IMPORT_ERROR is not None:
+        raise RuntimeError(f"fusedattn backend 'triton' is unavailable: the decode kernels did not load "
+                           f"({_TRITON_IMPORT_ERROR})")
+    if name == "cuda":
+        reason = cuda_reason() if cuda_reason is not None else None
+        if reason is None:
+            return name
+        if backend == "cuda":
+            raise RuntimeError(f"fusedattn backend 'cuda' does not cover this case: {reason}")
+        if _TRITON_IMPORT_ERROR is None:  # "auto": Triton's kernel serves what the CUDA one does not
+            return "triton"
+        dispatch.warn_fallback(f"cuda: {reason}; triton: {_TRITON_IMPORT_ERROR}",
+                               target="the reference implementation")
         return "reference"
     return name
 
@@ -203,10 +242,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         window: (left, right) sliding window around the same diagonal, -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
         num_splits: split each sequence's keys into this many chunks processed in parallel and merged by
-            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count.
+            log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count
+            (Triton: from the cache capacity, B * Hkv and the SM count; see kernels/decode.py).
             Results agree across split counts up to rounding.
         return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32.
-        backend: "auto", "cpu" or "reference" (see fusedattn.dispatch).
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedattn.dispatch). "auto": "cpu" for CPU
+            tensors; for CUDA tensors the CUDA kernel where it covers the call (float16 / bfloat16, head dim 64,
+            128 or 256, Dv == D, 16-byte aligned cache rows), else Triton's.
 
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype, and lse if ``return_lse``. A query that sees no key (an empty
@@ -219,8 +261,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _check_cache_indices(k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table,
                              cache_batch_idx)
     scale = _default_scale(scale, q.shape[-1])
-    name = _resolve_backend(backend, q.device, q.dtype)
-    if name == "reference":
+    name = _resolve_backend(backend, q.device, q.dtype, lambda: _cuda_decode_reason(q, k_cache, v_cache))
+    if name == "triton":
+        out, lse = torch.ops.fusedattn.triton_decode_fwd(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                         block_table, cache_batch_idx, scale, left,
+                                                         0 if causal else right, float(softcap), num_splits)
+    elif name == "reference":
         out, lse = decode_attention_ref(q, k_cache, v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new,
                                         block_table=block_table, cache_batch_idx=cache_batch_idx, causal=causal,
                                         scale=scale, window=(left, right), softcap=softcap, return_lse=True)
@@ -239,7 +285,7 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
         out_a, out_b: (B, L, H, D) attention outputs (each normalized over its own keys), one dtype.
         lse_a, lse_b: (B, H, L) float32 log-sum-exps of the scores behind them (as returned with
             ``return_lse=True``).
-        backend: "auto", "cpu" or "reference".
+        backend: "auto", "cpu", "cuda", "triton" or "reference".
 
     Returns:
         (out (B, L, H, D) in out_a's dtype, lse (B, H, L) float32), with M = max(lse_a, lse_b),
@@ -261,7 +307,9 @@ def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torc
         if t.device != out_a.device:
             raise ValueError(f"{name} must be on out_a's device {out_a.device}, got {t.device}")
     _refuse_grad("merge_attention_states", out_a, lse_a, out_b, lse_b)
-    name = _resolve_backend(backend, out_a.device, out_a.dtype)
+    name = _resolve_backend(backend, out_a.device, out_a.dtype, lambda: None)  # CUDA merge takes every dtype
     if name == "reference":
         return merge_attention_states_ref(out_a, lse_a, out_b, lse_b)
+    if name == "triton":
+        return torch.ops.fusedattn.triton_merge_attention_states(out_a, lse_a, out_b, lse_b)
     return torch.ops.fusedattn.merge_attention_states(out_a, lse_a, out_b, lse_b)

@@ -8,6 +8,7 @@ names the reason), never silently.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from . import _ops
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
+# Triton's interpreter runs the Triton kernels on CPU tensors (slowly): for tests without a GPU.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 log = logging.getLogger("fusedattn")
@@ -37,7 +40,13 @@ def _probe(name: str) -> str | None:
             return "torch sees no CUDA device"
         return None
     if name == "triton":
-        return "the Triton attention kernels are not part of this build yet (kernels/ has no attention op)"
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            return f"triton is not installed ({type(e).__name__}: {e})"
+        if not (torch.cuda.is_available() or _TRITON_INTERPRET):
+            return "torch sees no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
+        return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -49,6 +58,27 @@ def _unavailable_reason(name: str) -> str | None:
     if name not in _REASONS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return _REASONS[name]
+
+
+# What the hand-written CUDA kernels (csrc/cuda) cover; other cases go to another backend.
+CUDA_DTYPES = (torch.bfloat16, torch.float16)
+CUDA_HEAD_DIMS = (64, 128, 256)
+
+
+def cuda_unsupported_reason(dtype: torch.dtype, head_dim: int, value_dim: int, has_mask: bool = False,
+                            softcap: float = 0.0) -> str | None:
+    """None when the CUDA attention kernels cover this case, else why not (names the case)."""
+    if dtype not in CUDA_DTYPES:
+        return f"dtype {dtype} (the CUDA kernels take {', '.join(str(d) for d in CUDA_DTYPES)})"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"head dim {head_dim} (the CUDA kernels are built for {', '.join(map(str, CUDA_HEAD_DIMS))})"
+    if value_dim != head_dim:
+        return f"value head dim {value_dim} != head dim {head_dim} (the CUDA kernels need them equal)"
+    if has_mask:
+        return "an attn_mask (the CUDA kernels build causal and window masks only)"
+    if softcap > 0:
+        return f"softcap={softcap} (the CUDA attention kernels have no softcap)"
+    return None
 
 
 def available_backends() -> dict[str, str | None]:
@@ -74,7 +104,9 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
             raise RuntimeError(f"fusedattn backend {requested!r} is unavailable: {reason}")
         if requested == "cpu" and device.type != "cpu":
             raise RuntimeError(f"fusedattn backend 'cpu' needs CPU tensors, got {device}")
-        if requested in ("cuda", "triton") and device.type != "cuda":
+        if requested == "triton" and device.type == "cpu" and _TRITON_INTERPRET:
+            pass  # interpreted Triton kernels take CPU tensors
+        elif requested in ("cuda", "triton") and device.type != "cuda":
             raise RuntimeError(f"fusedattn backend {requested!r} needs CUDA tensors, got {device}")
         if requested != "reference" and dtype not in FUSED_DTYPES:
             raise RuntimeError(f"fusedattn backend {requested!r} supports {FUSED_DTYPES}, got {dtype}")

@@ -425,3 +425,16 @@ def test_transformer_encoder_train_backward_with_drop_in(gen, monkeypatch, no_mh
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(got_grads, exp_grads):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_case_rule_names_the_case():
+    """Which cases the CUDA kernels take (fusedattn.dispatch.cuda_unsupported_reason); api.attention falls back
+    from "auto" (with a warning) and raises for backend="cuda" on the others."""
+    from fusedattn.dispatch import cuda_unsupported_reason as why
+    assert why(torch.bfloat16, 128, 128) is None and why(torch.float16, 64, 64) is None
+    assert why(torch.float16, 256, 256, False, 0.0) is None
+    assert "float32" in why(torch.float32, 64, 64)
+    assert "head dim 80" in why(torch.bfloat16, 80, 80)
+    assert "value head dim" in why(torch.bfloat16, 64, 128)
+    assert "attn_mask" in why(torch.bfloat16, 64, 64, True)
+    assert "softcap" in why(torch.bfloat16, 64, 64, False, 5.0)

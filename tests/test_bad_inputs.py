@@ -12,8 +12,7 @@ The catalogue:
   * the raw ops (torch.ops.fusedattn.*) called directly with bad arguments: RuntimeError, never a crash.
 
 Cases that could take the interpreter down (a wrap-around in a size computation writes past a buffer) run in a
-subprocess, so a regression fails one test instead of killing the run. Known deviations from the reference are
-marked xfail(strict=True): they document the bug and turn into failures once it is fixed.
+subprocess, so a regression fails one test instead of killing the run.
 """
 
 from __future__ import annotations
@@ -174,9 +173,6 @@ def test_window_beyond_int64(gen, window):
         fwd_op(q, k, v, None, 1.0, window[0], window[1], True, 0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the CPU forward compares key positions with the band limits in "
-                   "float32 (c.lo / c.hi in fwd_impl), which is exact only up to 2^24 keys: beyond, a sliding "
-                   "window or causal band is off by one key")
 def test_band_exact_beyond_2_24_keys():
     """Window (0, 0), causal: query i sees exactly key i + Lk - Lq. Keys past 2^24 must still be told apart.
     K is one expanded row (every score equal), so the output is the mean of the visible values."""
@@ -213,12 +209,6 @@ def test_extreme_finite_scale(gen, scale):
         check_backward(q, k, v, gen, scale=scale)
 
 
-# Not strict: whether the compiler contracts that expression into one FMA depends on the optimization level
-# (the -O1 sanitizer build of tools/asan_tests.sh gets it right).
-@pytest.mark.xfail(strict=False, reason="known bug: scores beyond ~1e9 break the CPU forward's softmax: the FMA "
-                   "that folds s*log2(e) - m*log2(e) keeps the rounding error of m*log2(e) (ulp/2 > 126 there), so "
-                   "the row maximum's exp2 input leaves exp2_nonpositive's range and the row comes out 0 with lse "
-                   "-inf (as if fully masked)")
 @pytest.mark.parametrize("scale", [1e10, -1e30])
 def test_scores_beyond_1e9(gen, scale):
     q, k, v = randn(1, 2, 5, 8, gen=gen), randn(1, 2, 7, 8, gen=gen), randn(1, 2, 7, 8, gen=gen)
@@ -266,9 +256,6 @@ def test_all_meta_raw_op_gives_shapes(gen):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: with one input on another device (here meta), the dispatcher "
-                   "picks the fake (Meta) implementation registered in fusedattn/_ops.py, which returns "
-                   "uninitialized CPU tensors instead of raising; the fake impls need a device check")
 @pytest.mark.parametrize("op,which", [("fwd", "k"), ("fwd", "v"), ("fwd", "attn_mask"), ("bwd", "grad_out"),
                                       ("bwd", "lse")])
 def test_mismatched_devices_raw_op(gen, op, which):
@@ -488,9 +475,6 @@ def test_non_finite_values_propagate_like_reference(gen, where, causal):
     torch.testing.assert_close(out[ok], ref[ok], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: bool masks are turned into additive -inf masks (prepare_mask), "
-                   "and NaN + -inf is NaN, so a NaN key hidden by a bool mask still poisons the rows it is hidden "
-                   "from; the reference (and the causal/window band) hide it")
 def test_nan_key_hidden_by_bool_mask(gen):
     q, k, v = randn(1, 2, 5, 8, gen=gen), randn(1, 2, 7, 8, gen=gen), randn(1, 2, 7, 8, gen=gen)
     k[0, :, 3, 0] = math.nan
@@ -501,9 +485,6 @@ def test_nan_key_hidden_by_bool_mask(gen):
     assert torch.equal(_nan_rows(out), _nan_rows(ref))
 
 
-@pytest.mark.xfail(strict=True, reason="known deviation: a +inf score (a +inf mask entry, or q.k overflowing "
-                   "float32) makes the forward's running sum NaN, which the final `l > 0` test takes for a fully "
-                   "masked row: lse = -inf (and out = 0 for an overflowing score); the reference gives NaN")
 @pytest.mark.parametrize("where", ["mask_plus_inf", "score_overflow"])
 def test_plus_inf_scores(gen, where):
     q, k, v = randn(1, 2, 5, 8, gen=gen), randn(1, 2, 7, 8, gen=gen), randn(1, 2, 7, 8, gen=gen).abs()

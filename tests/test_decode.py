@@ -5,11 +5,16 @@ The main grid is pairwise over dtype x page size x Lq x GQA ratio x head dim x s
 batch whose sequences have all the lengths {1, 7, 255, 256, 257, 4097} (cached + appended). Cache slots beyond a
 sequence's length hold NaN and block-table entries beyond its last page are out of range, so any read past the
 end shows up in the output (or as a crash).
+
+Every test that runs a kernel is parametrized by backend: "cpu" (C++) and "triton" (kernels/decode.py; on a GPU,
+or on CPU tensors under TRITON_INTERPRET=1, where the grid is reduced to keep the interpreter's time small:
+lengths {1, 7, 255, 257}, page sizes {1, 16, 48, 64}). "triton" is skipped when it cannot run.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +26,20 @@ from fusedattn.transformer.kv_cache import KVCache, PagedKVCache
 
 decode_op = torch.ops.fusedattn.decode_fwd
 merge_op = torch.ops.fusedattn.merge_attention_states
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_REASON = fusedattn.decode._TRITON_IMPORT_ERROR  # None: the Triton decode ops are registered
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+DEVICE = {"cpu": "cpu", "triton": TRITON_DEVICE, "reference": "cpu"}
+skip_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
+
+
+def _backends(*names):
+    """pytest params for backends, "triton" skipped when it cannot run here."""
+    return [pytest.param(n, marks=skip_triton) if n == "triton" else n for n in names]
+
+
+BACKENDS = _backends("cpu", "triton")
 
 LENGTHS = [1, 7, 255, 256, 257, 4097]  # keys per sequence after the append, all in one batch
 HKV = 2
@@ -34,6 +53,17 @@ GRID = pairwise({
     "Lnew": [0, 3],  # rows appended in place before attending
 })
 UNUSED_PAGE = -7  # block-table entries past a sequence's last page: out of range on purpose
+# The interpreter runs Triton kernels as numpy, ~1 s per call: a reduced grid (non-power-of-2 page size included).
+TRITON_LENGTHS = [1, 7, 255, 257] if INTERPRET else LENGTHS
+TRITON_GRID = pairwise({
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "page": [None, 1, 16, 48, 64],
+    "Lq": [1, 4],
+    "gqa": [1, 4],
+    "D": [64, 128],
+    "splits": [1, 2, 7, 0],
+    "Lnew": [0, 3],
+}) if INTERPRET else GRID + [dict(c, page=48) for c in GRID[:4]]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -89,6 +119,11 @@ def clone_inputs(inputs, dtype=None):
     return {name: cp(t) for name, t in inputs.items()}
 
 
+def on(x, device):
+    """The inputs dict moved to `device`."""
+    return {name: (t.to(device) if t is not None else None) for name, t in x.items()}
+
+
 def _call(fn, x, kw):
     """fn(q, k_cache, v_cache, **the other inputs, **kw) for decode_attention and decode_attention_ref."""
     args = dict(x)
@@ -106,9 +141,17 @@ def reference_pair(inputs, **kw):
     return ref, base, (xb["k_cache"], xb["v_cache"])
 
 
-def check_decode(inputs, **kw):
-    x = clone_inputs(inputs)
-    out, lse = _call(fusedattn.decode_attention, x, dict(kw, return_lse=True, backend="cpu"))
+def run_decode(inputs, backend, device=None, **kw):
+    """decode_attention on fresh copies of `inputs` (on the backend's device); returns (results on the CPU,
+    the caches after the call on the CPU)."""
+    x = on(clone_inputs(inputs), device or DEVICE[backend])
+    res = _call(fusedattn.decode_attention, x, dict(kw, backend=backend))
+    res = tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
+    return res, (x["k_cache"].cpu(), x["v_cache"].cpu())
+
+
+def check_decode(inputs, backend="cpu", **kw):
+    (out, lse), (k_out, v_out) = run_decode(inputs, backend, **kw, return_lse=True)
     (ref, ref_lse), (base, base_lse), (k_after, v_after) = reference_pair(
         inputs, **{k: v for k, v in kw.items() if k != "num_splits"})
     assert out.shape == ref.shape and out.dtype == inputs["q"].dtype
@@ -116,18 +159,21 @@ def check_decode(inputs, **kw):
     assert_close_2x(out, ref, base)
     assert_close_2x(lse, ref_lse, base_lse, name="lse")
     # The append wrote exactly the reference's rows (NaN = untouched slots on both sides).
-    assert max_abs_err(x["k_cache"], k_after) == 0 and max_abs_err(x["v_cache"], v_after) == 0
+    assert max_abs_err(k_out, k_after) == 0 and max_abs_err(v_out, v_after) == 0
     return out, lse
 
 
 # ---------------------------------------------------------------------------------------------- main grid
 
 
-@pytest.mark.parametrize("case", GRID, ids=case_id)
-def test_decode_vs_reference(case, gen):
-    inputs = make_batch(gen, LENGTHS, Lq=case["Lq"], Hq=HKV * case["gqa"], D=case["D"], dtype=case["dtype"],
+@pytest.mark.parametrize("backend,case", [("cpu", c) for c in GRID]
+                         + [pytest.param("triton", c, marks=skip_triton) for c in TRITON_GRID],
+                         ids=lambda v: v if isinstance(v, str) else case_id(v))
+def test_decode_vs_reference(backend, case, gen):
+    lengths = TRITON_LENGTHS if backend == "triton" else LENGTHS
+    inputs = make_batch(gen, lengths, Lq=case["Lq"], Hq=HKV * case["gqa"], D=case["D"], dtype=case["dtype"],
                         page=case["page"], Lnew=case["Lnew"])
-    check_decode(inputs, num_splits=case["splits"])
+    check_decode(inputs, backend, num_splits=case["splits"])
 
 
 @pytest.mark.parametrize("case", pairwise({
@@ -136,20 +182,23 @@ def test_decode_vs_reference(case, gen):
     "page": [None, 16],
     "softcap": [0.0, 5.0],
 }), ids=case_id)
-def test_window_softcap_scale(case, gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_window_softcap_scale(case, gen, backend):
     inputs = make_batch(gen, [3, 40, 300], Lq=4, Hq=8, D=64, page=case["page"], Lnew=2)
     inputs["q"] = inputs["q"] * 3  # large scores so that the cap bites
-    check_decode(inputs, causal=case["causal"], window=case["window"], softcap=case["softcap"], scale=0.2,
+    check_decode(inputs, backend, causal=case["causal"], window=case["window"], softcap=case["softcap"], scale=0.2,
                  num_splits=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_value_head_dim_differs(gen, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_value_head_dim_differs(gen, dtype, backend):
     inputs = make_batch(gen, [5, 70, 129], Lq=2, Hq=6, Hkv=3, D=40, Dv=72, dtype=dtype, page=8, Lnew=1)
-    check_decode(inputs, num_splits=2)
+    check_decode(inputs, backend, num_splits=2)
 
 
-def test_cache_batch_idx(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cache_batch_idx(gen, backend):
     """Sequences read (and append to) the cache rows cache_batch_idx names; other rows are untouched."""
     inputs = make_batch(gen, [9, 33, 20, 50], Lq=2, Hq=4, D=32, Lnew=2)
     # Spread the 4 sequences over a cache of 6 rows, in a shuffled order.
@@ -159,10 +208,11 @@ def test_cache_batch_idx(gen):
         big[rows.long()] = inputs[name]
         inputs[name] = big
     inputs["cache_batch_idx"] = rows
-    check_decode(inputs, num_splits=2)
+    check_decode(inputs, backend, num_splits=2)
 
 
-def test_strided_inputs(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(gen, backend):
     """q from a (B, Hq, Lq, D) tensor, k/v caches as views of one interleaved buffer, strided k_new."""
     B, L, Hkv, Hq, D = 3, 50, 2, 8, 32
     kv = randn(B, L, 2, Hkv, D, gen=gen)  # (B, L, {k, v}, Hkv, D)
@@ -170,11 +220,11 @@ def test_strided_inputs(gen):
     new = randn(B, Hkv, 3, 2 * D, gen=gen)[..., ::2].transpose(1, 2)  # (B, 3, Hkv, D), strided head dim
     inputs = dict(q=q, k_cache=kv[:, :, 0], v_cache=kv[:, :, 1], cache_seqlens=torch.tensor([0, 20, 47],
                   dtype=torch.int32), k_new=new, v_new=new * 2, block_table=None)
-    check_decode(inputs, num_splits=2)
+    check_decode(inputs, backend, num_splits=2)
     # same numbers as from contiguous copies
     contiguous = {n: (t.contiguous() if t is not None else None) for n, t in inputs.items()}
-    out = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(num_splits=2))
-    out_c = _call(fusedattn.decode_attention, clone_inputs(contiguous), dict(num_splits=2))
+    out, _ = run_decode(inputs, backend, num_splits=2)
+    out_c, _ = run_decode(contiguous, backend, num_splits=2)
     torch.testing.assert_close(out, out_c, atol=0, rtol=0)
 
 
@@ -183,25 +233,28 @@ def test_strided_inputs(gen):
 
 @pytest.mark.parametrize("page", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_append_then_attend_equals_attending_the_concatenation(gen, page, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_append_then_attend_equals_attending_the_concatenation(gen, page, dtype, backend):
     inputs = make_batch(gen, [4, 100, 517], Lq=3, Hq=8, D=64, dtype=dtype, page=page, Lnew=3)
-    x = clone_inputs(inputs)
-    out = _call(fusedattn.decode_attention, x, dict(num_splits=2))
+    out, (k_after, v_after) = run_decode(inputs, backend, num_splits=2)
     # The same keys, already in the cache: no append, lengths advanced by Lnew.
     y = clone_inputs(inputs)
-    y["k_cache"], y["v_cache"] = x["k_cache"].clone(), x["v_cache"].clone()
+    y["k_cache"], y["v_cache"] = k_after.clone(), v_after.clone()
     y["cache_seqlens"] = y["cache_seqlens"] + 3
     y["k_new"] = y["v_new"] = None
-    out_concat = _call(fusedattn.decode_attention, y, dict(num_splits=2))
+    out_concat, (k_untouched, _) = run_decode(y, backend, num_splits=2)
     torch.testing.assert_close(out, out_concat, atol=0, rtol=0)
-    assert max_abs_err(y["k_cache"], x["k_cache"]) == 0  # attending did not touch the cache
+    assert max_abs_err(k_untouched, k_after) == 0  # attending did not touch the cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_counts_agree(gen, dtype):
-    inputs = make_batch(gen, [1, 700, 2000], Lq=2, Hq=8, D=64, dtype=dtype, page=16)
-    outs = [_call(fusedattn.decode_attention, clone_inputs(inputs), dict(num_splits=s, return_lse=True))
-            for s in (1, 2, 3, 7, 64, 0)]
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_split_counts_agree(gen, dtype, backend):
+    interpreted = INTERPRET and backend == "triton"  # ~20 ms per program there: fewer keys, fewer splits
+    lengths = [1, 300, 700] if interpreted else [1, 700, 2000]
+    inputs = make_batch(gen, lengths, Lq=2, Hq=8, D=64, dtype=dtype, page=16)
+    outs = [run_decode(inputs, backend, num_splits=s, return_lse=True)[0]
+            for s in ((1, 2, 7, 16, 0) if interpreted else (1, 2, 3, 7, 64, 0))]
     tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for out, lse in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], **tol)
@@ -209,20 +262,24 @@ def test_split_counts_agree(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", _backends("cpu", "triton", "reference"))
 def test_merge_of_partial_states_equals_attention_over_the_union(gen, dtype, backend):
     """Attend to keys [0, a) and [a, L) separately (non-causal), merge, compare with attending to [0, L)."""
     B, L, Hkv, Hq, D = 3, 300, 2, 8, 64
     inputs = make_batch(gen, [L] * B, Lq=4, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype)
     a = torch.tensor([0, 100, 299], dtype=torch.int32)  # split points (empty prefix included)
     k, v, q = inputs["k_cache"], inputs["v_cache"], inputs["q"]
-    full, full_lse = fusedattn.decode_attention(q, k, v, cache_seqlens=L, causal=False, return_lse=True)
-    out_a, lse_a = fusedattn.decode_attention(q, k, v, cache_seqlens=a, causal=False, return_lse=True)
+    dev = DEVICE[backend]
+    kw = dict(causal=False, return_lse=True, backend=backend)
+    full, full_lse = fusedattn.decode_attention(q.to(dev), k.to(dev), v.to(dev), cache_seqlens=L, **kw)
+    out_a, lse_a = fusedattn.decode_attention(q.to(dev), k.to(dev), v.to(dev), cache_seqlens=a.to(dev), **kw)
     # suffix of sequence b: keys a[b] .. L-1, shifted to the start of a cache row
     k_b = torch.stack([torch.roll(k[b], -int(a[b]), dims=0) for b in range(B)])
     v_b = torch.stack([torch.roll(v[b], -int(a[b]), dims=0) for b in range(B)])
-    out_b, lse_b = fusedattn.decode_attention(q, k_b, v_b, cache_seqlens=L - a, causal=False, return_lse=True)
+    out_b, lse_b = fusedattn.decode_attention(q.to(dev), k_b.to(dev), v_b.to(dev), cache_seqlens=(L - a).to(dev),
+                                              **kw)
     out, lse = fusedattn.merge_attention_states(out_a, lse_a, out_b, lse_b, backend=backend)
+    out, lse, full, full_lse = out.cpu(), lse.cpu(), full.cpu(), full_lse.cpu()
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref, ref_lse = attention_ref(q.double().transpose(1, 2), k[:, :L].double().transpose(1, 2),
                                  v[:, :L].double().transpose(1, 2), return_lse=True, compute_dtype=torch.float64)
@@ -234,8 +291,18 @@ def test_merge_of_partial_states_equals_attention_over_the_union(gen, dtype, bac
     assert max_abs_err(lse, full_lse) <= 1e-5 * max(1.0, ref_lse.abs().max().item())
 
 
+def _merge_ops():
+    ops = [pytest.param(merge_op, id="cpu")]
+    if TRITON_REASON is None:
+        ops.append(pytest.param(torch.ops.fusedattn.triton_merge_attention_states, id="triton"))
+    else:
+        ops.append(pytest.param(None, id="triton", marks=skip_triton))
+    return ops
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_merge_vs_reference(gen, dtype):
+@pytest.mark.parametrize("op", _merge_ops())
+def test_merge_vs_reference(gen, dtype, op):
     B, L, H, D = 2, 7, 3, 40
     out_a, out_b = randn(B, L, H, D, dtype=dtype, gen=gen), randn(B, L, H, D, dtype=dtype, gen=gen)
     lse_a, lse_b = randn(B, H, L, gen=gen) * 4, randn(B, H, L, gen=gen) * 4
@@ -243,7 +310,8 @@ def test_merge_vs_reference(gen, dtype):
     lse_b[0, 1, 2:5] = -math.inf
     lse_a[1, 2, 4:] = lse_b[1, 2, 4:] = -math.inf  # both empty
     out_a[0, :3, 0] = math.nan  # the output behind an empty state is never read
-    out, lse = merge_op(out_a, lse_a, out_b, lse_b)
+    dev = "cpu" if op is merge_op else TRITON_DEVICE
+    out, lse = (r.cpu() for r in op(out_a.to(dev), lse_a.to(dev), out_b.to(dev), lse_b.to(dev)))
     ref, ref_lse = merge_attention_states_ref(out_a.double(), lse_a, out_b.double(), lse_b,
                                               compute_dtype=torch.float64)
     base, base_lse = merge_attention_states_ref(out_a, lse_a, out_b, lse_b, compute_dtype=dtype)
@@ -256,27 +324,28 @@ def test_merge_vs_reference(gen, dtype):
 
 
 @pytest.mark.parametrize("page", [None, 4])
-def test_zero_length_sequence_gives_zero(gen, page):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_length_sequence_gives_zero(gen, page, backend):
     inputs = make_batch(gen, [0, 5, 0], Lq=3, Hq=4, D=32, page=page)
     if page is not None:
         inputs["block_table"][0] = 10**6  # an empty sequence uses no page: its row is never read
-    out, lse = _call(fusedattn.decode_attention, clone_inputs(inputs), dict(return_lse=True))
+    (out, lse), _ = run_decode(inputs, backend, return_lse=True)
     assert (out[0] == 0).all() and (out[2] == 0).all()
     assert (lse[0] == -math.inf).all() and (lse[2] == -math.inf).all()
     # causal, bottom-right: with 5 keys and 3 queries every query of sequence 1 sees some key
     assert lse[1].isfinite().all()
-    check_decode(inputs)
+    check_decode(inputs, backend)
 
 
 @pytest.mark.parametrize("B,Lq", [(0, 1), (2, 0)])
-def test_empty_batch_or_queries(gen, B, Lq):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_or_queries(gen, B, Lq, backend):
     inputs = make_batch(gen, [3] * B, Lq=Lq, Hq=4, D=16, Lnew=1)
-    x = clone_inputs(inputs)
-    out, lse = _call(fusedattn.decode_attention, x, dict(return_lse=True))
+    (out, lse), (k_out, _) = run_decode(inputs, backend, return_lse=True)
     assert out.shape == (B, Lq, 4, 16) and lse.shape == (B, 4, Lq)
     if B:  # the append still happens
         _, _, (k_after, _) = reference_pair(inputs)
-        assert max_abs_err(x["k_cache"], k_after) == 0
+        assert max_abs_err(k_out, k_after) == 0
 
 
 def test_reference_backend_and_fallback(gen):
@@ -289,6 +358,35 @@ def test_reference_backend_and_fallback(gen):
     torch.testing.assert_close(out64.float(), out_ref, atol=1e-5, rtol=1e-5)
 
 
+def test_triton_backend_selection(gen):
+    """backend="triton" runs the Triton op where it can run, and otherwise refuses naming the reason."""
+    inputs = make_batch(gen, [5, 9], Lq=2, Hq=4, D=16, page=4, Lnew=1)
+    if TRITON_REASON is not None:
+        with pytest.raises(RuntimeError, match="triton"):
+            run_decode(inputs, "triton")
+        return
+    out, _ = run_decode(inputs, "triton")
+    out_ref, _ = run_decode(inputs, "reference")
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    if TRITON_DEVICE == "cuda":  # "auto" on CUDA tensors picks the Triton kernel: same numbers, no warning
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out_auto, _ = run_decode(inputs, "auto", device="cuda")
+        torch.testing.assert_close(out_auto, out, atol=0, rtol=0)
+
+
+@skip_triton
+def test_triton_split_heuristic():
+    from fusedattn.kernels.decode import MIN_KEYS_PER_SPLIT, num_splits_heuristic
+    # small batch, long cache: enough programs for 2 waves of 132 SMs (H100)
+    assert num_splits_heuristic(1 * 8, 32768, 132) == 33
+    assert num_splits_heuristic(64 * 8, 8192, 132) == 1  # the batch alone fills the machine
+    assert num_splits_heuristic(8, 300, 132) == 1  # too short to split
+    assert num_splits_heuristic(8, 4 * MIN_KEYS_PER_SPLIT, 132) == 4  # capped by keys per split
+    assert num_splits_heuristic(1, 10**7, 10**4) == 1024  # capped by MAX_SPLITS
+
+
 # ---------------------------------------------------------------------------------------------- opcheck, compile
 
 
@@ -299,38 +397,92 @@ def _op_args(gen, page, with_new):
             inputs["v_new"], inputs["block_table"], None, 0.25, -1, 0, 0.0, 2)
 
 
+def _ops_of(backend):
+    """(decode op, merge op, device) of a backend."""
+    if backend == "triton":
+        return (torch.ops.fusedattn.triton_decode_fwd, torch.ops.fusedattn.triton_merge_attention_states,
+                TRITON_DEVICE)
+    return decode_op, merge_op, "cpu"
+
+
 @pytest.mark.parametrize("page", [None, 4])
 @pytest.mark.parametrize("with_new", [False, True])
-def test_opcheck_decode_fwd(gen, page, with_new):
-    torch.library.opcheck(decode_op.default, _op_args(gen, page, with_new))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_decode_fwd(gen, page, with_new, backend):
+    op, _, dev = _ops_of(backend)
+    args = tuple(a.to(dev) if isinstance(a, torch.Tensor) else a for a in _op_args(gen, page, with_new))
+    torch.library.opcheck(op.default, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck_merge(gen, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_merge(gen, dtype, backend):
+    _, op, dev = _ops_of(backend)
     args = (randn(2, 5, 3, 8, dtype=dtype, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, dtype=dtype, gen=gen),
             randn(2, 3, 5, gen=gen))
-    torch.library.opcheck(merge_op.default, args)
+    torch.library.opcheck(op.default, tuple(a.to(dev) for a in args))
+
+
+@skip_triton
+@pytest.mark.parametrize("page", [None, 4])
+def test_triton_op_body_runs_on_fake_tensors(gen, page):
+    """On a GPU the Triton ops are triton_ops: torch.compile runs their Python body on fake tensors (it is also
+    their fake impl). It must never read tensor data: run it under FakeTensorMode with launches recorded."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedattn.kernels import decode as kd
+    launched = []
+
+    def record(kernel):
+        return _Grid(kernel, launched)
+
+    args = _op_args(gen, page, True)
+    merge_args = (randn(2, 5, 3, 8, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, gen=gen),
+                  randn(2, 3, 5, gen=gen))
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        out, lse = kd._decode_impl(*fake, record)
+        assert out.shape == (2, 2, 4, 16) and lse.shape == (2, 4, 2) and lse.dtype == torch.float32
+        merged, merged_lse = kd._merge_impl(*(mode.from_tensor(a) for a in merge_args), record)
+        assert merged.shape == merge_args[0].shape and merged_lse.shape == merge_args[1].shape
+    assert [k for k, _ in launched] == [kd._append_kv, kd._decode_split_kv, kd._combine_lse, kd._combine_lse]
+
+
+class _Grid:
+    """kernel[grid](...) that records the launch instead of running it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.log.append((self.kernel, grid))
 
 
 class _Step(torch.nn.Module):
     """One decoding step: append the new token's k/v in place and attend, then merge with a second state."""
 
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.backend = backend
+
     def forward(self, q, k_cache, v_cache, lens, k_new, v_new, block_table):
         out, lse = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                                              block_table=block_table, return_lse=True)
-        merged, _ = fusedattn.merge_attention_states(out, lse, out * 2, lse - 1)
+                                              block_table=block_table, return_lse=True, backend=self.backend)
+        merged, _ = fusedattn.merge_attention_states(out, lse, out * 2, lse - 1, backend=self.backend)
         return out, lse, merged
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("page", [None, 4])
-def test_torch_compile_fullgraph(gen, backend, page):
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_torch_compile_fullgraph(gen, backend, page, kernels):
     torch._dynamo.reset()
     inputs = make_batch(gen, [3, 11], Lq=1, Hq=4, D=16, page=page, Lnew=1)
     inputs = {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
+    inputs = on(inputs, DEVICE[kernels])
     names = ("q", "k_cache", "v_cache", "cache_seqlens", "k_new", "v_new", "block_table")
     eager_in, compiled_in = clone_inputs(inputs), clone_inputs(inputs)
-    model = _Step()
+    model = _Step(kernels)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         expected = model(*(eager_in[n] for n in names))
@@ -342,15 +494,24 @@ def test_torch_compile_fullgraph(gen, backend, page):
     torch.testing.assert_close(compiled_in["v_cache"], eager_in["v_cache"], atol=0, rtol=0)
 
 
-def test_compiled_call_still_checks_indices(gen):
-    """Under torch.compile the wrapper skips its value checks; the op's own checks still refuse bad indices."""
+@pytest.mark.parametrize("kernels", BACKENDS)
+def test_compiled_call_still_checks_indices(gen, kernels):
+    """Under torch.compile the wrapper skips its value checks; the op's own checks still refuse bad indices.
+    (The GPU Triton op is traced by torch.compile, so its host-side checks cannot read the indices there; its
+    kernels then refuse the bad page instead: no access, and the sequence's output is NaN.)"""
     torch._dynamo.reset()
     inputs = make_batch(gen, [3, 11], Lq=1, Hq=4, D=16, page=4)
     inputs["block_table"][1, 0] = 999
-    model = torch.compile(_Step(), fullgraph=True, backend="aot_eager")
+    inputs = on(inputs, DEVICE[kernels])
+    model = torch.compile(_Step(kernels), fullgraph=True, backend="aot_eager")
+    args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], None, None,
+            inputs["block_table"])
+    if kernels == "triton" and TRITON_DEVICE == "cuda":
+        out, _, _ = model(*args)
+        assert out[1].isnan().all() and not out[0].isnan().any()
+        return
     with pytest.raises(Exception, match="block_table"):
-        model(inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], None, None,
-              inputs["block_table"])
+        model(*args)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -409,16 +570,61 @@ BAD_INPUTS = {
 }
 
 
+# cases where only index *values* are wrong (shapes and dtypes fine)
+VALUE_CASES = {"negative_seqlen", "seqlen_past_capacity", "seqlen_past_capacity_contiguous",
+               "block_table_entry_too_large", "block_table_entry_negative", "cache_batch_idx_out_of_range"}
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=str)
-def test_bad_inputs_raise_naming_the_argument(gen, case):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise_naming_the_argument(gen, case, backend):
     mutate, name, raw_op_checks = BAD_INPUTS[case]
     x = mutate(_valid(gen))
+    dev = DEVICE[backend]
+    if dev != "cpu":
+        x = {n: (t.to(dev) if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t) for n, t in x.items()}
     with pytest.raises(ValueError, match=name):
-        _call(fusedattn.decode_attention, dict(x), {})
-    if raw_op_checks:  # the op itself (what torch.compile'd code calls) refuses it too, before any access
-        with pytest.raises(RuntimeError, match=name):
-            decode_op(x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["k_new"], x["v_new"],
-                      x["block_table"], x.get("cache_batch_idx"), 0.25, -1, 0, 0.0, 0)
+        _call(fusedattn.decode_attention, dict(x), dict(backend=backend))
+    if not raw_op_checks:
+        return
+    # The op itself (what torch.compile'd code calls) refuses it too, before any access. On a GPU the Triton op
+    # leaves index values to its kernels (no device sync per call): they touch nothing outside the tensors and
+    # give the affected sequence NaN output.
+    op = _ops_of(backend)[0]
+    args = (x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["k_new"], x["v_new"], x["block_table"],
+            x.get("cache_batch_idx"), 0.25, -1, 0, 0.0, 0)
+    if dev == "cuda" and case in VALUE_CASES:
+        out, lse = op(*args)
+        assert out.isnan().any() and lse.isnan().any()
+        return
+    with pytest.raises(RuntimeError, match=name):
+        op(*args)
+
+
+@skip_triton
+@pytest.mark.parametrize("case", sorted(VALUE_CASES))
+def test_triton_kernels_refuse_bad_indices_themselves(gen, case, monkeypatch):
+    """The path where no host check reads the indices (a GPU, or torch.compile tracing): the kernels touch
+    nothing outside the caches, skip the bad sequence's append, and give it NaN output and lse; the other
+    sequence is unaffected."""
+    from fusedattn.kernels import decode as kd
+    monkeypatch.setattr(kd, "_is_concrete", lambda *ts: False)
+    x = on(BAD_INPUTS[case][0](_valid(gen)), TRITON_DEVICE)
+    seqlens, table, cbi = x["cache_seqlens"], x["block_table"], x.get("cache_batch_idx")
+    bad = {"negative_seqlen": 1, "seqlen_past_capacity": 1, "seqlen_past_capacity_contiguous": 1,
+           "block_table_entry_too_large": 1, "block_table_entry_negative": 0, "cache_batch_idx_out_of_range": 1}[case]
+    k_before, v_before = x["k_cache"].clone(), x["v_cache"].clone()
+    out, lse = kd._decode_impl(x["q"], x["k_cache"], x["v_cache"], seqlens, x["k_new"], x["v_new"], table, cbi,
+                               0.25, -1, 0, 0.0, 2, kd._launch if INTERPRET else kd.wrap_triton)
+    out, lse = out.cpu(), lse.cpu()
+    assert out[bad].isnan().all() and lse[bad].isnan().all()
+    assert out[1 - bad].isfinite().all() and lse[1 - bad].isfinite().all()
+    if case.startswith("seqlen") or case == "negative_seqlen" or case == "cache_batch_idx_out_of_range":
+        # the bad sequence's append was skipped: only the good sequence's rows changed
+        changed = (x["k_cache"] != k_before).flatten(2).any(-1).nonzero()  # (changed (row, position) pairs)
+        good_row = int(cbi[1 - bad]) if cbi is not None else 1 - bad
+        if table is None:
+            assert set(changed[:, 0].tolist()) <= {good_row}
 
 
 @pytest.mark.parametrize("kw,name", [(dict(num_splits=-1), "num_splits"), (dict(window=(-2, 0)), "window"),
@@ -443,14 +649,16 @@ def test_refuses_inputs_that_require_grad(gen):
     (lambda a: a.__setitem__("out_b", a["out_b"].to(torch.bfloat16)), "out_b"),
     (lambda a: a.__setitem__("out_a", a["out_a"][0]), "out_a"),
 ])
-def test_merge_bad_inputs(gen, bad, name):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_bad_inputs(gen, bad, name, backend):
     args = dict(out_a=randn(2, 5, 3, 8, gen=gen), lse_a=randn(2, 3, 5, gen=gen), out_b=randn(2, 5, 3, 8, gen=gen),
                 lse_b=randn(2, 3, 5, gen=gen))
     bad(args)
+    args = {n: t.to(DEVICE[backend]) for n, t in args.items()}
     with pytest.raises(ValueError, match=name):
-        fusedattn.merge_attention_states(**args)
+        fusedattn.merge_attention_states(**args, backend=backend)
     with pytest.raises(RuntimeError, match=name):
-        merge_op(args["out_a"], args["lse_a"], args["out_b"], args["lse_b"])
+        _ops_of(backend)[1](args["out_a"], args["lse_a"], args["out_b"], args["lse_b"])
 
 
 # ---------------------------------------------------------------------------------------------- KV caches

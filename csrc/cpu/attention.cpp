@@ -81,6 +81,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   check_sizes(B, Hq, Lq, Lk, q.size(3), Dv);
   AttnFwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.out = out.data_ptr();
   for (int d = 0; d < 3; ++d) p.out_stride[d] = out.stride(d);
   p.lse = lse.data_ptr<float>();
@@ -126,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
   AttnBwdParams p{};
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
+  p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.dout = grad_out.data_ptr();
   for (int d = 0; d < 4; ++d) p.dout_stride[d] = grad_out.stride(d);
   p.lse = lse_c.data_ptr<float>();

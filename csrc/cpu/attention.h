@@ -20,6 +20,10 @@ struct MaskSpec {
   int64_t diag_offset = 0;
   const float* mask = nullptr;  // additive, broadcast to (B, Hq, Lq, Lk) by strides; last stride 1
   int64_t mask_stride[3] = {0, 0, 0};  // b, h, i  (elements)
+  // The mask came from a bool mask (entries 0 / -inf): a -inf entry hides its key outright
+  // (score = -inf, not score + -inf), so a NaN score there stays hidden, as torch's masked_fill does.
+  // An additive float mask is added as is (NaN + -inf is NaN, as in torch).
+  bool mask_hides = false;
 };
 
 struct AttnFwdParams {

