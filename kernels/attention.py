@@ -59,24 +59,6 @@ __all__ = ["attention", "varlen_attention", "INTERPRET"]
 
 
 @triton.jit
-def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc + a @ b in float32. UPCAST (interpreter only): the interpreter multiplies bf16 bit patterns as
-    integers, so operands are converted to float32 first."""
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _tanh(x):
-    # tanh from exp2 (no libdevice: the same code runs under the interpreter). e = exp(-2|x|) never overflows.
-    e = tl.math.exp2(-2.0 * LOG2E * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x < 0, -t, t)
-
-
-@triton.jit
 def _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
     """(first row of the sequence in the packed tensor, its length) for queries and keys. Dense tensors start at
     row 0 of their batch entry (the batch stride does the rest); varlen ones at cu_seqlens[b] (batch stride 0)."""
@@ -102,7 +84,11 @@ def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, windo
     qk: raw q.k tile, (BLOCK_M, BLOCK_N) when ROWS_FIRST else transposed (BLOCK_N, BLOCK_M); rows / cols are the
     query / key indices broadcast to the tile's shape. diag = Lk - Lq (bottom-right) or 0 (top-left)."""
     if SOFTCAP:
-        t = _tanh(qk * (scale / softcap))
+        # tanh from exp2 (no libdevice, so the interpreter runs the same code); exp2(-2|x| log2 e) cannot overflow
+        x = qk * (scale / softcap)
+        e = tl.math.exp2(-2.0 * LOG2E * tl.abs(x))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
         s = t * (softcap * LOG2E)
     else:
         t = qk  # unused
@@ -150,6 +136,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     q_ptrs = (Q + off_b64 * stride_qb + off_h64 * stride_qh + (q_start + offs_m[:, None]).to(tl.int64) * stride_qm
               + offs_d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers: compute in float32
+        q = q.to(tl.float32)
     kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
                + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
     v_ptrs = (V + off_b64 * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
@@ -173,7 +161,9 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
-        qk = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION)
         s, _ = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
                        scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -183,7 +173,9 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
         p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
@@ -267,6 +259,9 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
     v = tl.load(V + off_b64 * stride_vb + off_hk64 * stride_vh + krows[:, None] * stride_vn
                 + offs_dv[None, :] * stride_vd,
                 mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -293,21 +288,24 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
             do = tl.load(do_base + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                          mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_M, BLOCK_DV)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
             lse = tl.load(l_base + qrows * stride_lm, mask=row_ok, other=0.0) * LOG2E
             # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(d_base + qrows * stride_lm, mask=row_ok, other=0.0)
-            qkT = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
             sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
                              m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
                              scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, False)
             pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
-            dv = _dot(pT.to(do.dtype), do, dv, UPCAST, PRECISION)
-            dpT = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PRECISION)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
             if SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)  # d/ds softcap*tanh(s/softcap)
-            dk = _dot(dsT.to(q.dtype), q, dk, UPCAST, PRECISION)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
 
     dk *= scale
     n_ok = offs_n[:, None] < seq_k
@@ -354,6 +352,9 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
     do = tl.load(DO + off_b64 * stride_gb + off_h64 * stride_gh + qrows[:, None] * stride_gm
                  + offs_dv[None, :] * stride_gd, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     lse = tl.load(Lse + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0) * LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
@@ -377,15 +378,18 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
         vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV),
                      other=0.0)
-        qk = _dot(q, kT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION)
         s, t = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
                        scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
         p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        dp = _dot(do, vT, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PRECISION)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, UPCAST, PRECISION)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
     dq *= scale
     tl.store(DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + qrows[:, None] * stride_dqm
              + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -414,7 +418,7 @@ _BWD_CONFIGS = {
     128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 32, 4, 1)],
     256: [_cfg(32, 64, 8, 1), _cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(16, 32, 4, 1)],
 }
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}  # the interpreter runs numpy per block: few, small blocks
+_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}  # the interpreter pays per block op: few blocks
 _KEY = ["HEAD_DIM_KEY", "CAUSAL_KEY"]
 
 
