@@ -28,7 +28,7 @@ csrc/torch_bindings.cpp and fusedattn/reference.py): query i sees key j iff
 additive mask; a row that sees no key gives out 0 and lse -inf. The varlen ops apply the same rule per sequence,
 always bottom-right aligned (``flash_attn_varlen_func``'s convention).
 
-Precision: scores, softmax statistics and accumulators are float32. fp16/bf16 inputs go through tensor-core
+Precision: scores (natural units, see LOG2E), softmax statistics and accumulators are float32. fp16/bf16 inputs go through tensor-core
 ``tl.dot`` on the input dtype (P and dS are rounded to it before their matmuls, as in FlashAttention). float32
 inputs use ``tl.dot(..., input_precision="ieee")``: exact fp32 products, **no tf32**, so fp32 results are as
 accurate as a float32 PyTorch computation (and about 8x slower than bf16 on tensor-core GPUs).
@@ -47,8 +47,13 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e)): exp2 is the native instruction, so log2(e) is folded
-LN2 = 0.6931471805599453  # into the score scale once instead of a multiply per exp.
+# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. log2(e) multiplies the *shifted* score (s - max),
+# not the raw one: scores and row max stay in natural units, so s - max is exact when s is the max (a row with one
+# dominant key, e.g. masked by -1e4, gets P = 1 exactly) and lse = max + log(l) round-trips bit for bit into the
+# backward, where P = exp2((s - lse) * log2(e)). Folding log2(e) into the scale instead loses ~ulp(|lse| * 1.44)
+# in P once |scores| is large (1e-3 relative at 1e4: the fp32 gradient rule fails).
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 __all__ = ["attention", "varlen_attention", "INTERPRET"]
 
@@ -79,7 +84,7 @@ def _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
 def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, window_left, window_right,
             HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
             ROWS_FIRST: tl.constexpr):
-    """Scores in log2 units, -inf where not visible, and tanh(s / softcap) (for the softcap's derivative).
+    """Scores (natural units), -inf where not visible, and tanh(s / softcap) (for the softcap's derivative).
 
     qk: raw q.k tile, (BLOCK_M, BLOCK_N) when ROWS_FIRST else transposed (BLOCK_N, BLOCK_M); rows / cols are the
     query / key indices broadcast to the tile's shape. diag = Lk - Lq (bottom-right) or 0 (top-left)."""
@@ -89,13 +94,13 @@ def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, windo
         e = tl.math.exp2(-2.0 * LOG2E * tl.abs(x))
         t = (1.0 - e) / (1.0 + e)
         t = tl.where(x < 0, -t, t)
-        s = t * (softcap * LOG2E)
+        s = t * softcap
     else:
         t = qk  # unused
-        s = qk * (scale * LOG2E)
+        s = qk * scale
     visible = (rows < seq_q) & (cols < seq_k)
     if HAS_MASK:
-        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32) * LOG2E
+        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
     if WIN_LEFT:
         visible &= cols >= rows + diag - window_left
     if WIN_RIGHT:
@@ -153,8 +158,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     if WIN_RIGHT:
         hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
 
-    # Online softmax in log2 units: m_i is the running row max, l_i the running sum of exp2(s - m_i), acc the
-    # running P @ V; when the max grows, l_i and acc are rescaled by alpha = exp2(m_old - m_new).
+    # Online softmax: m_i is the running row max, l_i the running sum of exp(s - m_i), acc the
+    # running P @ V; when the max grows, l_i and acc are rescaled by alpha = exp(m_old - m_new).
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -169,8 +174,8 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -inf so far shifts by 0, so exp2 gives 0 rather than exp2(-inf + inf) = NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
+        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)
         if UPCAST:
@@ -181,7 +186,7 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # natural log
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)  # natural log
     o_ptrs = (Out + off_b64 * stride_ob + off_h64 * stride_oh + (q_start + offs_m[:, None]).to(tl.int64) * stride_om
               + offs_dv[None, :] * stride_od)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < DV))
@@ -291,7 +296,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
             if UPCAST:
                 q = q.to(tl.float32)
                 do = do.to(tl.float32)
-            lse = tl.load(l_base + qrows * stride_lm, mask=row_ok, other=0.0) * LOG2E
+            lse = tl.load(l_base + qrows * stride_lm, mask=row_ok, other=0.0)
             # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
             lse = tl.where(lse == float("-inf"), float("inf"), lse)
             delta = tl.load(d_base + qrows * stride_lm, mask=row_ok, other=0.0)
@@ -299,7 +304,7 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
             sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
                              m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
                              scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, False)
-            pT = tl.math.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
+            pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)  # (BLOCK_N, BLOCK_M)
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dsT = pT * (dpT - delta[None, :])
@@ -355,7 +360,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    lse = tl.load(Lse + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0) * LOG2E
+    lse = tl.load(Lse + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
     kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
@@ -384,7 +389,7 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
         qk = tl.dot(q, kT, input_precision=PRECISION)
         s, t = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
                        scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
-        p = tl.math.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, vT, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:

@@ -233,7 +233,7 @@ WINDOW_GRID = pairwise({
 SMALL_WINDOW_GRID = pairwise({
     "window": [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1)],
     "causal": ["none", "top_left", "bottom_right"],
-    "lens": [(70, 70), (20, 90), (90, 20)],
+    "lens": [(70, 70), (20, 70), (70, 20)],
     "dtype": [torch.float32, torch.bfloat16, torch.float16],
 })
 
@@ -268,6 +268,7 @@ def test_softcap(backend, case, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_softcap_scale_combined(gen, dtype, backend):
+    reduced(backend, dtype == torch.bfloat16)
     q, k, v = (randn(B, 6, 45, 48, dtype=dtype, gen=gen), randn(B, 2, 70, 48, dtype=dtype, gen=gen),
                randn(B, 2, 70, 48, dtype=dtype, gen=gen))
     mask = make_mask("additive", 6, 45, 70, dtype, gen)
