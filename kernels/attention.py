@@ -52,8 +52,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # dominant key, e.g. masked by -1e4, gets P = 1 exactly) and lse = max + log(l) round-trips bit for bit into the
 # backward, where P = exp2((s - lse) * log2(e)). Folding log2(e) into the scale instead loses ~ulp(|lse| * 1.44)
 # in P once |scores| is large (1e-3 relative at 1e4: the fp32 gradient rule fails).
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # tl.constexpr: compiled kernels read only constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
 
 __all__ = ["attention", "varlen_attention", "INTERPRET"]
 
