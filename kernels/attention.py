@@ -431,15 +431,34 @@ def _bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
 
 
-def _autotuned(fn, configs):
-    if INTERPRET:
-        return {b: fn for b in configs}
-    return {b: triton.autotune(configs=cfgs, key=_KEY)(fn) for b, cfgs in configs.items()}
+_SMEM_LIMIT = 200 * 1024  # bytes; H100 allows 227 KiB per block, the estimates below run ~10% low
 
 
-_FWD_KERNELS = _autotuned(_attn_fwd, _FWD_CONFIGS)
-_DKDV_KERNELS = _autotuned(_attn_bwd_dkdv, _BWD_CONFIGS)
-_DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS)
+def _fwd_smem(cfg, block_d, elem):  # the Q tile plus num_stages buffered K and V tiles
+    return elem * (cfg.kwargs["BLOCK_M"] * block_d + cfg.num_stages * cfg.kwargs["BLOCK_N"] * 2 * block_d)
+
+
+def _bwd_smem(cfg, block_d, elem):  # the K and V tiles plus num_stages buffered Q and dO tiles
+    return elem * 2 * block_d * (cfg.kwargs["BLOCK_N"] + max(cfg.num_stages, 1) * cfg.kwargs["BLOCK_M"])
+
+
+def _autotuned(fn, configs, smem):
+    """One autotuned kernel per (head-dim bucket, element size): the configs whose tiles fit in shared memory
+    (float32 tiles are twice as large; at least the smallest config is kept)."""
+    kernels = {}
+    for bucket, cfgs in configs.items():
+        for elem in (2, 4):
+            if INTERPRET:
+                kernels[bucket, elem] = fn
+                continue
+            fit = [c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT] or [min(cfgs, key=lambda c: smem(c, bucket, elem))]
+            kernels[bucket, elem] = triton.autotune(configs=fit, key=_KEY)(fn)
+    return kernels
+
+
+_FWD_KERNELS = _autotuned(_attn_fwd, _FWD_CONFIGS, _fwd_smem)
+_DKDV_KERNELS = _autotuned(_attn_bwd_dkdv, _BWD_CONFIGS, _bwd_smem)
+_DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS, _bwd_smem)
 
 
 # ================================================================================================================
@@ -518,7 +537,7 @@ def _fwd_launch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max
     if out.numel() == 0 or lse.numel() == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
-    kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"])]
+    kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"]), q.element_size()]
     _launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
         q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *mask_strides, *strides(out), *lse_strides,
@@ -553,7 +572,7 @@ def _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q,
         *strides(out), *strides(grad_out), *glse_strides, *lse_strides,
         Lq, Dv, IS_VARLEN=is_varlen, HAS_GLSE=grad_lse is not None, BLOCK_M=pre_block, BLOCK_DV=block_dv)
     flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
-    bucket = _bucket(flags["HEAD_DIM_KEY"])
+    bucket = (_bucket(flags["HEAD_DIM_KEY"]), q.element_size())
     mask_arg = mask if mask is not None else q
     common = (Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right)
     _launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
