@@ -91,7 +91,7 @@ def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, windo
     if SOFTCAP:
         # tanh from exp2 (no libdevice, so the interpreter runs the same code); exp2(-2|x| log2 e) cannot overflow
         x = qk * (scale / softcap)
-        e = tl.math.exp2(-2.0 * LOG2E * tl.abs(x))
+        e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
         t = (1.0 - e) / (1.0 + e)
         t = tl.where(x < 0, -t, t)
         s = t * softcap
