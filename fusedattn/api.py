@@ -129,7 +129,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return (out, lse) if return_lse else out
     if causal:
         right = 0
-    out, lse = torch.ops.fusedattn.attention_fwd(q, k, v, attn_mask, scale, left, right, True, float(softcap))
+    # "cpu" and "cuda" share one op (torch dispatches on the device); the Triton kernels are their own op.
+    op = torch.ops.fusedattn.triton_attention_fwd if name == "triton" else torch.ops.fusedattn.attention_fwd
+    out, lse = op(q, k, v, attn_mask, scale, left, right, True, float(softcap))
     return (out, lse) if return_lse else out
 
 
@@ -146,9 +148,21 @@ def _sdpa_fallback_reason(query, key, value, attn_mask, dropout_p, enable_gqa) -
     if attn_mask is not None and attn_mask.requires_grad:
         return "attn_mask requires grad (the fused kernels give no mask gradient)"
     if query.device.type != "cpu":
-        reason = dispatch._unavailable_reason("cuda") if query.device.type == "cuda" else None
-        return f"no fused kernel for {query.device} tensors" + (f" ({reason})" if reason else "")
+        if query.device.type != "cuda":
+            return f"no fused kernel for {query.device} tensors"
+        if _sdpa_cuda_backend() is None:
+            return (f"no fused kernel for {query.device} tensors (triton: {dispatch._unavailable_reason('triton')}; "
+                    f"cuda: {dispatch._unavailable_reason('cuda')})")
+        return None
     return dispatch._unavailable_reason("cpu")
+
+
+def _sdpa_cuda_backend() -> Optional[str]:
+    """The drop-in's kernel for CUDA tensors: the Triton kernels, else the CUDA C++ ones, else None."""
+    for name in ("triton", "cuda"):
+        if dispatch._unavailable_reason(name) is None:
+            return name
+    return None
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -194,6 +208,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         except RuntimeError:
             return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    out, _ = torch.ops.fusedattn.attention_fwd(
-        q, k, v, mask, _default_scale(scale, q.shape[-1]), -1, 0 if is_causal else -1, False, 0.0)
+    use_triton = query.device.type == "cuda" and _sdpa_cuda_backend() == "triton"
+    op = torch.ops.fusedattn.triton_attention_fwd if use_triton else torch.ops.fusedattn.attention_fwd
+    out, _ = op(q, k, v, mask, _default_scale(scale, q.shape[-1]), -1, 0 if is_causal else -1, False, 0.0)
     return out.squeeze(1) if squeeze else out

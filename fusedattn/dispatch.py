@@ -16,11 +16,14 @@ import torch
 from . import _ops
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "reference")
-# Triton's interpreter runs the Triton kernels on CPU tensors (slowly): for tests without a GPU.
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 log = logging.getLogger("fusedattn")
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter runs the Triton kernels on CPU tensors (slowly): for tests without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _probe(name: str) -> str | None:
@@ -40,17 +43,22 @@ def _probe(name: str) -> str | None:
             return "torch sees no CUDA device"
         return None
     if name == "triton":
+        if not (torch.cuda.is_available() or _interpreting()):
+            return "torch sees no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on the CPU, slowly)"
         try:
             import triton  # noqa: F401
         except ImportError as e:
-            return f"triton is not installed ({type(e).__name__}: {e})"
-        if not (torch.cuda.is_available() or _TRITON_INTERPRET):
-            return "torch sees no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
+            return f"triton is not installed ({e})"
+        try:  # registers torch.ops.fusedattn.triton_attention_fwd/_bwd and triton_varlen_fwd/_bwd
+            from fusedattn.kernels import attention  # noqa: F401
+        except Exception as e:  # a broken triton install must not break `import fusedattn`
+            return f"the Triton attention kernels failed to load ({type(e).__name__}: {e})"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
 # Fixed for the life of the process; a plain dict so torch.compile can trace lookups into it.
+_INTERPRETING = _interpreting()
 _REASONS: dict[str, str | None] = {name: _probe(name) for name in BACKENDS if name != "auto"}
 
 
@@ -104,10 +112,11 @@ def select_backend(requested: str, device: torch.device, dtype: torch.dtype) -> 
             raise RuntimeError(f"fusedattn backend {requested!r} is unavailable: {reason}")
         if requested == "cpu" and device.type != "cpu":
             raise RuntimeError(f"fusedattn backend 'cpu' needs CPU tensors, got {device}")
-        if requested == "triton" and device.type == "cpu" and _TRITON_INTERPRET:
-            pass  # interpreted Triton kernels take CPU tensors
-        elif requested in ("cuda", "triton") and device.type != "cuda":
-            raise RuntimeError(f"fusedattn backend {requested!r} needs CUDA tensors, got {device}")
+        if requested == "cuda" and device.type != "cuda":
+            raise RuntimeError(f"fusedattn backend 'cuda' needs CUDA tensors, got {device}")
+        if requested == "triton" and device.type != "cuda" and not (_INTERPRETING and device.type == "cpu"):
+            raise RuntimeError(f"fusedattn backend 'triton' needs CUDA tensors (or CPU tensors with "
+                               f"TRITON_INTERPRET=1), got {device}")
         if requested != "reference" and dtype not in FUSED_DTYPES:
             raise RuntimeError(f"fusedattn backend {requested!r} supports {FUSED_DTYPES}, got {dtype}")
         return requested

@@ -7,11 +7,18 @@ built.
 from __future__ import annotations
 
 import itertools
+import os
 import zlib
 from typing import Dict, List, Sequence
 
 import pytest
 import torch
+
+# Without a GPU, the "triton" cases of the test grids run the Triton kernels through Triton's interpreter
+# (numpy, on the CPU; reduced grids). This has to be decided before triton is first imported (fusedattn imports
+# it when the triton backend is usable); TRITON_INTERPRET=0 in the environment opts out.
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 # --------------------------------------------------------------------------------------------------------------

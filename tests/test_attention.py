@@ -1,5 +1,8 @@
-"""CPU attention kernel (fusedattn.attention(backend="cpu") and the raw torch.ops.fusedattn ops) against the
-reference under FlashAttention's 2x rule (3x for gradients).
+"""Fused attention kernels (fusedattn.attention(backend=...) and the raw torch.ops.fusedattn ops) against the
+reference under FlashAttention's 2x rule (3x for gradients), for each backend: "cpu" (C++) and "triton"
+(on a GPU when there is one, else on the CPU through TRITON_INTERPRET=1; skipped when triton is unavailable).
+Under the interpreter the triton cases use a reduced grid (small shapes; see SMALL_GRID and `reduced`): the
+interpreter runs every block operation through numpy.
 
 The main grids are pairwise over dtype x causal x head_dim x (Lq, Lk) x GQA x mask: every pair of values meets in
 some case (55 cases) instead of the 5832 of the full product. Top-left causal goes through the raw op
@@ -17,11 +20,44 @@ import fusedattn
 from conftest import assert_close_2x, case_id, max_abs_err, pairwise, randn
 from fusedattn.reference import attention_ref
 
-fwd_op = torch.ops.fusedattn.attention_fwd
-bwd_op = torch.ops.fusedattn.attention_bwd
+TRITON_REASON = fusedattn.available_backends()["triton"]
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = TRITON_REASON is None and TRITON_DEVICE == "cpu"  # TRITON_INTERPRET=1 on a CPU machine
+_skip_triton = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("triton", id="triton", marks=_skip_triton)]
+DEVICE = {"cpu": "cpu", "triton": TRITON_DEVICE}
+
+
+def fwd_op(backend):
+    return torch.ops.fusedattn.triton_attention_fwd if backend == "triton" else torch.ops.fusedattn.attention_fwd
+
+
+def bwd_op(backend):
+    return torch.ops.fusedattn.triton_attention_bwd if backend == "triton" else torch.ops.fusedattn.attention_bwd
+
+
+def with_backends(cases, small_cases):
+    """(backend, case) params: every case on the CPU kernel and on triton with a GPU; `small_cases` on triton
+    under the interpreter."""
+    params = [pytest.param("cpu", c, id="cpu-" + case_id(c)) for c in cases]
+    params += [pytest.param("triton", c, id="triton-" + case_id(c), marks=_skip_triton)
+               for c in (small_cases if INTERPRETED else cases)]
+    return params
+
+
+def reduced(backend, keep: bool) -> None:
+    """Skip a case outside the interpreter's reduced grid (triton on CPU); no-op everywhere else."""
+    if backend == "triton" and INTERPRETED and not keep:
+        pytest.skip("outside the reduced grid run under TRITON_INTERPRET=1")
+
+
+def to_dev(backend, *tensors):
+    out = tuple(None if t is None else t.to(DEVICE[backend]) for t in tensors)
+    return out if len(out) > 1 else out[0]
+
 
 B = 2
-HEADS = {"mha": (2, 2), "gqa": (8, 2), "mqa": (4, 1)}  # name -> (Hq, Hkv)
+HEADS = {"mha": (2, 2), "gqa": (8, 2), "mqa": (4, 1), "gqa2": (4, 2)}  # name -> (Hq, Hkv)
 LENGTHS = [(1, 1), (1, 97), (17, 17), (17, 257), (97, 17), (97, 97), (257, 1), (257, 97), (257, 257)]
 GRID = pairwise({
     "dtype": [torch.float32, torch.bfloat16, torch.float16],
@@ -29,6 +65,15 @@ GRID = pairwise({
     "head_dim": [1, 8, 64, 80, 128, 256],
     "lens": LENGTHS,
     "heads": ["mha", "gqa", "mqa"],
+    "mask": ["none", "bool", "additive", "fully_masked"],
+})
+# The interpreter's grid: head dims from the task list (incl. non-powers of two), lengths <= 97.
+SMALL_GRID = pairwise({
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    "causal": ["none", "top_left", "bottom_right"],
+    "head_dim": [16, 40, 64, 128],
+    "lens": [(1, 17), (17, 17), (97, 33), (33, 97)],
+    "heads": ["mha", "gqa2", "mqa"],
     "mask": ["none", "bool", "additive", "fully_masked"],
 })
 # 1025-long sequences are slow in the float64 reference: a handful, with few heads.
@@ -66,19 +111,19 @@ def additive_full(mask, shape):
     if mask is None:
         return None
     if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape).masked_fill(~mask, -math.inf)
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -math.inf)
     return mask.float().expand(shape)
 
 
-def run_kernel(q, k, v, *, causal="none", attn_mask=None, window=(-1, -1), softcap=0.0, scale=None):
-    """(out, lse) from the CPU kernel. top_left uses the raw op (the public function is bottom-right)."""
+def run_kernel(q, k, v, *, causal="none", attn_mask=None, window=(-1, -1), softcap=0.0, scale=None, backend="cpu"):
+    """(out, lse) from `backend`'s kernel. top_left uses the raw op (the public function is bottom-right)."""
     if causal == "top_left":
         Bq, Hq, Lq, D = q.shape
         mask = additive_full(attn_mask, (Bq, Hq, Lq, k.shape[2]))
         scale = 1.0 / math.sqrt(D) if scale is None else scale
-        return fwd_op(q, k, v, mask, scale, window[0], 0, False, softcap)
+        return fwd_op(backend)(q, k, v, mask, scale, window[0], 0, False, softcap)
     return fusedattn.attention(q, k, v, causal=causal == "bottom_right", attn_mask=attn_mask, window=window,
-                               softcap=softcap, scale=scale, return_lse=True, backend="cpu")
+                               softcap=softcap, scale=scale, return_lse=True, backend=backend)
 
 
 def ref_kwargs(causal, attn_mask, **kw):
@@ -107,8 +152,9 @@ def grads(fn, inputs, g_out, g_lse=None):
     return torch.autograd.grad(outputs, inputs, cotangents)
 
 
-def check_forward(q, k, v, causal="none", attn_mask=None, **kw):
-    out, lse = run_kernel(q, k, v, causal=causal, attn_mask=attn_mask, **kw)
+def check_forward(q, k, v, causal="none", attn_mask=None, backend="cpu", **kw):
+    q, k, v, attn_mask = to_dev(backend, q, k, v, attn_mask)
+    out, lse = run_kernel(q, k, v, causal=causal, attn_mask=attn_mask, backend=backend, **kw)
     (ref, ref_lse), (base, base_lse) = reference_pair(q, k, v, **ref_kwargs(causal, attn_mask, **kw))
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
@@ -116,10 +162,11 @@ def check_forward(q, k, v, causal="none", attn_mask=None, **kw):
     assert_close_2x(lse, ref_lse, base_lse, name="lse")
 
 
-def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, **kw):
+def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, backend="cpu", **kw):
     Bq, Hq, Lq, _ = q.shape
     g_out = randn(Bq, Hq, Lq, v.shape[-1], dtype=q.dtype, gen=gen)
     g_lse = randn(Bq, Hq, Lq, gen=gen) if use_lse else None
+    q, k, v, attn_mask, g_out, g_lse = to_dev(backend, q, k, v, attn_mask, g_out, g_lse)
     rkw = ref_kwargs(causal, attn_mask, **kw)
     mask64 = attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point() else attn_mask
     rkw64 = dict(rkw, attn_mask=mask64)
@@ -131,7 +178,7 @@ def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, *
         return attention_ref(*x, return_lse=True, compute_dtype=q.dtype, **rkw)
 
     def kernel_fn(*x):
-        return run_kernel(*x, causal=causal, attn_mask=attn_mask, **kw)
+        return run_kernel(*x, causal=causal, attn_mask=attn_mask, backend=backend, **kw)
 
     ref = grads(ref_fn, [q.double(), k.double(), v.double()], g_out.double(),
                 None if g_lse is None else g_lse.double())
@@ -161,59 +208,71 @@ def make_qkv(case, gen):
 # ---------------------------------------------------------------------------------------------- main grids
 
 
-@pytest.mark.parametrize("case", GRID + LONG, ids=case_id)
-def test_forward(case, gen):
+@pytest.mark.parametrize("backend,case", with_backends(GRID + LONG, SMALL_GRID))
+def test_forward(backend, case, gen):
     q, k, v, mask = make_qkv(case, gen)
-    check_forward(q, k, v, causal=case["causal"], attn_mask=mask)
+    check_forward(q, k, v, causal=case["causal"], attn_mask=mask, backend=backend)
 
 
-@pytest.mark.parametrize("case", GRID + LONG[-1:], ids=case_id)
-def test_backward(case, gen):
+@pytest.mark.parametrize("backend,case", with_backends(GRID + LONG[-1:], SMALL_GRID))
+def test_backward(backend, case, gen):
     q, k, v, mask = make_qkv(case, gen)
-    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask)
+    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------- window, softcap
 
 
 WINDOWS = [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1), (0, -1), (-1, 0)]
-
-
-@pytest.mark.parametrize("case", pairwise({
+WINDOW_GRID = pairwise({
     "window": WINDOWS,
     "causal": ["none", "top_left", "bottom_right"],
     "lens": [(97, 97), (33, 129), (129, 33)],
     "dtype": [torch.float32, torch.bfloat16, torch.float16],
-}), ids=case_id)
-def test_window(case, gen):
+})
+SMALL_WINDOW_GRID = pairwise({
+    "window": [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1)],
+    "causal": ["none", "top_left", "bottom_right"],
+    "lens": [(70, 70), (20, 70), (70, 20)],
+    "dtype": [torch.float32, torch.bfloat16, torch.float16],
+})
+
+
+@pytest.mark.parametrize("backend,case", with_backends(WINDOW_GRID, SMALL_WINDOW_GRID))
+def test_window(backend, case, gen):
     Lq, Lk = case["lens"]
     q, k, v = (randn(B, 4, Lq, 32, dtype=case["dtype"], gen=gen), randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen),
                randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen))
-    check_forward(q, k, v, causal=case["causal"], window=case["window"])
-    check_backward(q, k, v, gen, causal=case["causal"], window=case["window"])
+    check_forward(q, k, v, causal=case["causal"], window=case["window"], backend=backend)
+    check_backward(q, k, v, gen, causal=case["causal"], window=case["window"], backend=backend)
 
 
-@pytest.mark.parametrize("case", pairwise({
+SOFTCAP_GRID = pairwise({
     "softcap": [1.0, 5.0, 30.0],
     "causal": ["none", "top_left", "bottom_right"],
     "mask": ["none", "additive", "fully_masked"],
     "dtype": [torch.float32, torch.bfloat16, torch.float16],
-}), ids=case_id)
-def test_softcap(case, gen):
+})
+
+
+@pytest.mark.parametrize("backend,case", with_backends(SOFTCAP_GRID, SOFTCAP_GRID))
+def test_softcap(backend, case, gen):
     dt = case["dtype"]
     q = randn(B, 4, 37, 64, dtype=dt, gen=gen) * 3  # large scores so the cap bites
     k, v = randn(B, 4, 53, 64, dtype=dt, gen=gen), randn(B, 4, 53, 64, dtype=dt, gen=gen)
     mask = make_mask(case["mask"], 4, 37, 53, dt, gen)
-    check_forward(q, k, v, causal=case["causal"], attn_mask=mask, softcap=case["softcap"])
-    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask, softcap=case["softcap"])
+    check_forward(q, k, v, causal=case["causal"], attn_mask=mask, softcap=case["softcap"], backend=backend)
+    check_backward(q, k, v, gen, causal=case["causal"], attn_mask=mask, softcap=case["softcap"], backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_window_softcap_scale_combined(gen, dtype):
+def test_window_softcap_scale_combined(gen, dtype, backend):
+    reduced(backend, dtype == torch.bfloat16)
     q, k, v = (randn(B, 6, 45, 48, dtype=dtype, gen=gen), randn(B, 2, 70, 48, dtype=dtype, gen=gen),
                randn(B, 2, 70, 48, dtype=dtype, gen=gen))
     mask = make_mask("additive", 6, 45, 70, dtype, gen)
-    kw = dict(window=(12, 3), softcap=8.0, scale=0.3, attn_mask=mask)
+    kw = dict(window=(12, 3), softcap=8.0, scale=0.3, attn_mask=mask, backend=backend)
     check_forward(q, k, v, causal="bottom_right", **kw)
     check_backward(q, k, v, gen, causal="bottom_right", **kw)
     check_forward(q, k, v, causal="none", **kw)
@@ -223,19 +282,23 @@ def test_window_softcap_scale_combined(gen, dtype):
 # ---------------------------------------------------------------------------------------------- shapes and layout
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("D,Dv", [(64, 32), (32, 80), (8, 128), (128, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_value_head_dim_differs(gen, D, Dv, dtype):
+def test_value_head_dim_differs(gen, D, Dv, dtype, backend):
+    reduced(backend, (D, Dv, dtype) in ((64, 32, torch.bfloat16), (32, 80, torch.float32)))
     q, k, v = (randn(B, 4, 29, D, dtype=dtype, gen=gen), randn(B, 2, 41, D, dtype=dtype, gen=gen),
                randn(B, 2, 41, Dv, dtype=dtype, gen=gen))
-    check_forward(q, k, v, causal="bottom_right")
-    check_backward(q, k, v, gen, causal="bottom_right")
-    check_forward(q, k, v, causal="top_left")
+    check_forward(q, k, v, causal="bottom_right", backend=backend)
+    check_backward(q, k, v, gen, causal="bottom_right", backend=backend)
+    check_forward(q, k, v, causal="top_left", backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", ["none", "bottom_right", "top_left"])
-def test_non_contiguous_inputs(gen, dtype, causal):
+def test_non_contiguous_inputs(gen, dtype, causal, backend):
+    reduced(backend, (dtype == torch.float16) == (causal != "top_left"))
     # (B, L, H, D) storage viewed as (B, H, L, D), the layout most models produce.
     Lq, Lk = 33, 47
     q = randn(B, Lq, 4, 64, dtype=dtype, gen=gen).transpose(1, 2)
@@ -243,41 +306,49 @@ def test_non_contiguous_inputs(gen, dtype, causal):
     v = randn(B, Lk, 2, 96, dtype=dtype, gen=gen)[..., ::2].transpose(1, 2)  # also a strided head dim
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     mask = make_mask("bool", 4, Lq, Lk, dtype, gen)
-    check_forward(q, k, v, causal=causal, attn_mask=mask)
-    check_backward(q, k, v, gen, causal=causal, attn_mask=mask)
+    check_forward(q, k, v, causal=causal, attn_mask=mask, backend=backend)
+    check_backward(q, k, v, gen, causal=causal, attn_mask=mask, backend=backend)
     # same numbers as contiguous copies
-    out = run_kernel(q, k, v, causal=causal, attn_mask=mask)[0]
-    out_c = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, attn_mask=mask)[0]
+    q, k, v, mask = to_dev(backend, q, k, v, mask)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = run_kernel(q, k, v, causal=causal, attn_mask=mask, backend=backend)[0]
+    out_c = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, attn_mask=mask,
+                       backend=backend)[0]
     torch.testing.assert_close(out, out_c, atol=0, rtol=0)
 
 
-def test_expanded_mask_strides(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_mask_strides(gen, backend):
     """Masks broadcast with stride 0 along batch, head and query rows."""
     q, k, v = randn(B, 4, 19, 32, gen=gen), randn(B, 4, 23, 32, gen=gen), randn(B, 4, 23, 32, gen=gen)
     for mask in (torch.randn(23, generator=gen), torch.randn(B, 1, 1, 23, generator=gen),
                  torch.randn(1, 4, 19, 1, generator=gen), torch.randn(19, 23, generator=gen)):
-        check_forward(q, k, v, attn_mask=mask)
-        check_forward(q, k, v, causal="top_left", attn_mask=mask)
+        check_forward(q, k, v, attn_mask=mask, backend=backend)
+        check_forward(q, k, v, causal="top_left", attn_mask=mask, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------- lse gradient, NaN
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
-def test_backward_through_lse(gen, dtype, causal):
+def test_backward_through_lse(gen, dtype, causal, backend):
+    reduced(backend, dtype == torch.float32 or causal == "bottom_right")
     q, k, v = (randn(B, 4, 31, 64, dtype=dtype, gen=gen), randn(B, 2, 31, 64, dtype=dtype, gen=gen),
                randn(B, 2, 31, 64, dtype=dtype, gen=gen))
     mask = make_mask("additive", 4, 31, 31, dtype, gen).clamp_min(-1e4)  # finite: every row keeps a key
-    check_backward(q, k, v, gen, causal=causal, attn_mask=mask, use_lse=True)
+    check_backward(q, k, v, gen, causal=causal, attn_mask=mask, use_lse=True, backend=backend)
 
 
-def test_backward_through_lse_only_raw_op(gen):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_through_lse_only_raw_op(gen, backend):
     q, k, v = randn(1, 2, 9, 16, gen=gen), randn(1, 2, 12, 16, gen=gen), randn(1, 2, 12, 16, gen=gen)
     g_lse = randn(1, 2, 9, gen=gen)
+    q, k, v, g_lse = to_dev(backend, q, k, v, g_lse)
     for t in (q, k, v):
         t.requires_grad_()
-    _, lse = fwd_op(q, k, v, None, 0.25, -1, 0, True, 0.0)
+    _, lse = fwd_op(backend)(q, k, v, None, 0.25, -1, 0, True, 0.0)
     dq, dk, dv = torch.autograd.grad(lse, (q, k, v), g_lse, allow_unused=True)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     _, lse64 = attention_ref(q64, k64, v64, causal=True, scale=0.25, return_lse=True, compute_dtype=torch.float64)
@@ -287,13 +358,18 @@ def test_backward_through_lse_only_raw_op(gen):
     assert dv is None or (dv == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
-def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal):
+def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal, backend):
+    reduced(backend, (dtype, causal) in ((torch.float32, "none"), (torch.bfloat16, "top_left"),
+                                         (torch.float16, "bottom_right")))
     q, k, v = (randn(B, 4, 21, 32, dtype=dtype, gen=gen), randn(B, 2, 21, 32, dtype=dtype, gen=gen),
                randn(B, 2, 21, 32, dtype=dtype, gen=gen))
     q[1, 3, 7, 5] = math.nan
-    out, lse = run_kernel(q, k, v, causal=causal)
+    q, k, v = to_dev(backend, q, k, v)
+    out, lse = run_kernel(q, k, v, causal=causal, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
     assert out[1, 3, 7].isnan().all(), "NaN in q[1, 3, 7] must reach out[1, 3, 7]"
     assert lse[1, 3, 7].isnan(), "NaN in q[1, 3, 7] must reach lse[1, 3, 7]"
     bad = torch.zeros(out.shape[:-1], dtype=torch.bool)
@@ -304,13 +380,14 @@ def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal):
 # ---------------------------------------------------------------------------------------------- empty inputs
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("Bz,Lq,Lk", [(0, 5, 7), (2, 0, 7), (2, 5, 0), (2, 0, 0)])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
-def test_empty_inputs(gen, Bz, Lq, Lk, causal):
-    q = randn(Bz, 4, Lq, 16, gen=gen, requires_grad=True)
-    k = randn(Bz, 2, Lk, 16, gen=gen, requires_grad=True)
-    v = randn(Bz, 2, Lk, 24, gen=gen, requires_grad=True)
-    out, lse = run_kernel(q, k, v, causal=causal)
+def test_empty_inputs(gen, Bz, Lq, Lk, causal, backend):
+    q = to_dev(backend, randn(Bz, 4, Lq, 16, gen=gen)).requires_grad_()
+    k = to_dev(backend, randn(Bz, 2, Lk, 16, gen=gen)).requires_grad_()
+    v = to_dev(backend, randn(Bz, 2, Lk, 24, gen=gen)).requires_grad_()
+    out, lse = run_kernel(q, k, v, causal=causal, backend=backend)
     assert out.shape == (Bz, 4, Lq, 24) and lse.shape == (Bz, 4, Lq)
     assert (out == 0).all(), "a query that sees no key must output 0"
     ref_lse = attention_ref(q, k, v, return_lse=True)[1]
@@ -323,38 +400,41 @@ def test_empty_inputs(gen, Bz, Lq, Lk, causal):
 # ---------------------------------------------------------------------------------------------- opcheck
 
 
-def _fwd_args(gen, dtype, with_mask, requires_grad, bottom_right=True, window=(-1, 0), softcap=0.0):
-    q = randn(2, 4, 5, 8, dtype=dtype, gen=gen, requires_grad=requires_grad)
-    k = randn(2, 2, 7, 8, dtype=dtype, gen=gen, requires_grad=requires_grad)
-    v = randn(2, 2, 7, 12, dtype=dtype, gen=gen, requires_grad=requires_grad)
-    mask = torch.randn(1, 1, 5, 7, generator=gen).expand(2, 4, 5, 7) if with_mask else None
+def _fwd_args(gen, dtype, with_mask, requires_grad, bottom_right=True, window=(-1, 0), softcap=0.0, backend="cpu"):
+    q = to_dev(backend, randn(2, 4, 5, 8, dtype=dtype, gen=gen)).requires_grad_(requires_grad)
+    k = to_dev(backend, randn(2, 2, 7, 8, dtype=dtype, gen=gen)).requires_grad_(requires_grad)
+    v = to_dev(backend, randn(2, 2, 7, 12, dtype=dtype, gen=gen)).requires_grad_(requires_grad)
+    mask = to_dev(backend, torch.randn(1, 1, 5, 7, generator=gen)).expand(2, 4, 5, 7) if with_mask else None
     return (q, k, v, mask, 0.35, window[0], window[1], bottom_right, softcap)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_fwd(gen, dtype, with_mask, requires_grad):
-    args = _fwd_args(gen, dtype, with_mask, requires_grad)
-    torch.library.opcheck(fwd_op.default, args)
+def test_opcheck_fwd(gen, dtype, with_mask, requires_grad, backend):
+    args = _fwd_args(gen, dtype, with_mask, requires_grad, backend=backend)
+    torch.library.opcheck(fwd_op(backend).default, args)
 
 
-def test_opcheck_fwd_window_softcap_top_left(gen):
-    args = _fwd_args(gen, torch.float32, True, True, bottom_right=False, window=(2, 1), softcap=3.0)
-    torch.library.opcheck(fwd_op.default, args)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_fwd_window_softcap_top_left(gen, backend):
+    args = _fwd_args(gen, torch.float32, True, True, bottom_right=False, window=(2, 1), softcap=3.0, backend=backend)
+    torch.library.opcheck(fwd_op(backend).default, args)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("with_grad_lse", [False, True])
-def test_opcheck_bwd(gen, with_mask, with_grad_lse):
-    q, k, v, mask, scale, wl, wr, br, cap = _fwd_args(gen, torch.float32, with_mask, False)
-    out, lse = fwd_op(q, k, v, mask, scale, wl, wr, br, cap)
-    grad_out = randn(*out.shape, gen=gen)
-    grad_lse = randn(*lse.shape, gen=gen) if with_grad_lse else None
+def test_opcheck_bwd(gen, with_mask, with_grad_lse, backend):
+    q, k, v, mask, scale, wl, wr, br, cap = _fwd_args(gen, torch.float32, with_mask, False, backend=backend)
+    out, lse = fwd_op(backend)(q, k, v, mask, scale, wl, wr, br, cap)
+    grad_out = to_dev(backend, randn(*out.shape, gen=gen))
+    grad_lse = to_dev(backend, randn(*lse.shape, gen=gen)) if with_grad_lse else None
     args = (grad_out, q, k, v, out, lse, mask, scale, wl, wr, br, cap, grad_lse)
-    torch.library.opcheck(bwd_op.default, args)
+    torch.library.opcheck(bwd_op(backend).default, args)
     # and the op's numbers: the reference's autograd
-    dq, dk, dv = bwd_op(*args)
+    dq, dk, dv = bwd_op(backend)(*args)
     ref_dq, ref_dk, ref_dv = grads(
         lambda *x: attention_ref(*x, attn_mask=None if mask is None else mask.double(), causal=True, scale=scale,
                                  return_lse=True, compute_dtype=torch.float64),
@@ -367,33 +447,46 @@ def test_opcheck_bwd(gen, with_mask, with_grad_lse):
 
 
 class _FlashStyle(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
     def forward(self, q, k, v, mask):
-        out, lse = fusedattn.attention(q, k, v, causal=True, attn_mask=mask, return_lse=True)
+        out, lse = fusedattn.attention(q, k, v, causal=True, attn_mask=mask, return_lse=True, backend=self.backend)
         return out, lse
 
 
 class _DropIn(torch.nn.Module):
+    """The drop-in picks its kernel from the device: cpu for CPU tensors, triton for CUDA ones."""
+
+    def __init__(self, backend):
+        super().__init__()
+
     def forward(self, q, k, v, mask):
         out = fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return out, out.sum(-1)
 
 
+@pytest.mark.parametrize("kernel", BACKENDS)
 @pytest.mark.parametrize("module", [_FlashStyle, _DropIn])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(gen, module, backend):
+def test_torch_compile_fullgraph(gen, module, backend, kernel):
+    if kernel == "triton" and module is _DropIn and DEVICE["triton"] == "cpu":
+        pytest.skip("the drop-in runs the triton kernels on CUDA tensors only")
     torch._dynamo.reset()
-    q = randn(2, 4, 11, 16, gen=gen, requires_grad=True)
-    k = randn(2, 2, 13, 16, gen=gen, requires_grad=True)
-    v = randn(2, 2, 13, 16, gen=gen, requires_grad=True)
+    q = to_dev(kernel, randn(2, 4, 11, 16, gen=gen)).requires_grad_()
+    k = to_dev(kernel, randn(2, 2, 13, 16, gen=gen)).requires_grad_()
+    v = to_dev(kernel, randn(2, 2, 13, 16, gen=gen)).requires_grad_()
     mask = torch.rand(2, 1, 11, 13, generator=gen) > 0.3
     mask[..., -1] = True
-    model = module()
+    mask = to_dev(kernel, mask)
+    model = module(kernel)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     out_c, lse_c = compiled(q, k, v, mask)
     out_e, lse_e = model(q, k, v, mask)
     torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse_c, lse_e, atol=1e-5, rtol=1e-5)
-    g = randn(*out_e.shape, gen=gen)
+    g = to_dev(kernel, randn(*out_e.shape, gen=gen))
     grads_c = torch.autograd.grad((out_c * g).sum() + lse_c.sum(), (q, k, v))
     grads_e = torch.autograd.grad((out_e * g).sum() + lse_e.sum(), (q, k, v))
     for gc, ge in zip(grads_c, grads_e):

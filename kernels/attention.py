@@ -1,0 +1,744 @@
+"""Triton flash attention: forward, backward (dK/dV pass + dQ pass), dense and varlen, and their torch ops.
+
+Layout of this file: the kernels (``_attn_fwd``, ``_attn_bwd_preprocess``, ``_attn_bwd_dkdv``,
+``_attn_bwd_dq``), their autotune configs, the launchers, then the torch ops and the two differentiable entry
+points ``attention`` and ``varlen_attention``. The op registration lives here rather than in fusedattn/_ops.py
+because on a GPU the op *is* the launcher: ``torch.library.triton_op`` wraps the Python function that launches
+the kernels (through ``wrap_triton``), so torch.compile sees the kernels themselves. Under the interpreter
+(``TRITON_INTERPRET=1``) the same launchers are registered with ``torch.library.custom_op`` plus fake impls,
+because triton_op does not survive torch.compile there. Registered ops (namespace ``fusedattn``):
+
+    triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int window_left,
+                         int window_right, bool bottom_right, float softcap) -> (Tensor out, Tensor lse)
+    triton_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                         Tensor? attn_mask, float scale, int window_left, int window_right, bool bottom_right,
+                         float softcap, Tensor? grad_lse) -> (Tensor dq, Tensor dk, Tensor dv)
+    triton_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,
+                      int max_seqlen_k, float scale, int window_left, int window_right, float softcap)
+                      -> (Tensor out, Tensor lse)
+    triton_varlen_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,
+                      Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale,
+                      int window_left, int window_right, float softcap, Tensor? grad_lse)
+                      -> (Tensor dq, Tensor dk, Tensor dv)
+
+The dense ops have exactly the semantics of ``fusedattn::attention_fwd`` / ``attention_bwd`` (see
+csrc/torch_bindings.cpp and fusedattn/reference.py): query i sees key j iff
+``i + off - window_left <= j <= i + off + window_right`` with ``off = Lk - Lq`` when ``bottom_right`` (else 0) and
+-1 meaning unbounded; ``softcap > 0`` caps the scaled scores with ``softcap * tanh(s / softcap)`` before the
+additive mask; a row that sees no key gives out 0 and lse -inf. The varlen ops apply the same rule per sequence,
+always bottom-right aligned (``flash_attn_varlen_func``'s convention).
+
+Precision: scores (natural units, see LOG2E), softmax statistics and accumulators are float32. fp16/bf16 inputs go through tensor-core
+``tl.dot`` on the input dtype (P and dS are rounded to it before their matmuls, as in FlashAttention). float32
+inputs use ``tl.dot(..., input_precision="ieee")``: exact fp32 products, **no tf32**, so fp32 results are as
+accurate as a float32 PyTorch computation (and about 8x slower than bf16 on tensor-core GPUs).
+
+Determinism: no atomics. dK/dV are accumulated by the program that owns a key block (looping over every query
+head of its GQA group), dQ by the program that owns a query block, so gradients are bit-identical run to run.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. log2(e) multiplies the *shifted* score (s - max),
+# not the raw one: scores and row max stay in natural units, so s - max is exact when s is the max (a row with one
+# dominant key, e.g. masked by -1e4, gets P = 1 exactly) and lse = max + log(l) round-trips bit for bit into the
+# backward, where P = exp2((s - lse) * log2(e)). Folding log2(e) into the scale instead loses ~ulp(|lse| * 1.44)
+# in P once |scores| is large (1e-3 relative at 1e4: the fp32 gradient rule fails).
+LOG2E = tl.constexpr(1.4426950408889634)  # tl.constexpr: compiled kernels read only constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
+
+__all__ = ["attention", "varlen_attention", "INTERPRET"]
+
+
+# ================================================================================================================
+# kernels
+# ================================================================================================================
+
+
+@triton.jit
+def _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
+    """(first row of the sequence in the packed tensor, its length) for queries and keys. Dense tensors start at
+    row 0 of their batch entry (the batch stride does the rest); varlen ones at cu_seqlens[b] (batch stride 0)."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + off_b)
+        seq_q = tl.load(CuQ + off_b + 1) - q_start
+        k_start = tl.load(CuK + off_b)
+        seq_k = tl.load(CuK + off_b + 1) - k_start
+    else:
+        q_start = 0
+        seq_q = Lq
+        k_start = 0
+        seq_k = Lk
+    return q_start, seq_q, k_start, seq_k
+
+
+@triton.jit
+def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, window_left, window_right,
+            HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+            ROWS_FIRST: tl.constexpr):
+    """Scores (natural units), -inf where not visible, and tanh(s / softcap) (for the softcap's derivative).
+
+    qk: raw q.k tile, (BLOCK_M, BLOCK_N) when ROWS_FIRST else transposed (BLOCK_N, BLOCK_M); rows / cols are the
+    query / key indices broadcast to the tile's shape. diag = Lk - Lq (bottom-right) or 0 (top-left)."""
+    if SOFTCAP:
+        # tanh from exp2 (no libdevice, so the interpreter runs the same code); exp2(-2|x| log2 e) cannot overflow
+        x = qk * (scale / softcap)
+        e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
+        t = (1.0 - e) / (1.0 + e)
+        t = tl.where(x < 0, -t, t)
+        s = t * softcap
+    else:
+        t = qk  # unused
+        s = qk * scale
+    visible = (rows < seq_q) & (cols < seq_k)
+    if HAS_MASK:
+        s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
+    if WIN_LEFT:
+        visible &= cols >= rows + diag - window_left
+    if WIN_RIGHT:
+        visible &= cols <= rows + diag + window_right
+    s = tl.where(visible, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_mb, stride_mh, stride_mm, stride_mn,
+              stride_ob, stride_oh, stride_om, stride_od,
+              stride_lb, stride_lh, stride_lm,
+              Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
+              HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+              HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program: BLOCK_M query rows of one (sequence, query head). q: (B, Hq, Lq, D) (varlen: (total_q, Hq, D)).
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    if start_m * BLOCK_M >= seq_q:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_hk = (off_h // GROUP).to(tl.int64)  # GQA: K/V are indexed, never expanded
+    off_h64 = off_h.to(tl.int64)
+    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)  # head dims are padded to a power of two; loads mask d >= D
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = (Q + off_b64 * stride_qb + off_h64 * stride_qh + (q_start + offs_m[:, None]).to(tl.int64) * stride_qm
+              + offs_d[None, :] * stride_qd)
+    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers: compute in float32
+        q = q.to(tl.float32)
+    kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+               + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
+    v_ptrs = (V + off_b64 * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
+              + offs_dv[None, :] * stride_vd)  # (BLOCK_N, BLOCK_DV)
+    mask_ptrs = Mask + off_b64 * stride_mb + off_h64 * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm \
+        + offs_n[None, :] * stride_mn
+
+    # Only the key blocks the window can reach: [lo, hi).
+    lo = 0
+    hi = seq_k
+    if WIN_LEFT:
+        lo = tl.maximum(start_m * BLOCK_M + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if WIN_RIGHT:
+        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
+
+    # Online softmax: m_i is the running row max, l_i the running sum of exp(s - m_i), acc the
+    # running P @ V; when the max grows, l_i and acc are rescaled by alpha = exp(m_old - m_new).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION)
+        s, _ = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
+                       scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen only -inf so far shifts by 0, so exp2 gives 0 rather than exp2(-inf + inf) = NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
+        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key: out 0, lse -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)  # natural log
+    o_ptrs = (Out + off_b64 * stride_ob + off_h64 * stride_oh + (q_start + offs_m[:, None]).to(tl.int64) * stride_om
+              + offs_dv[None, :] * stride_od)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < DV))
+    l_ptrs = Lse + off_b64 * stride_lb + off_h64 * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lm
+    tl.store(l_ptrs, lse, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DO, GLse, Delta, CuQ,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_gb, stride_gh, stride_gm, stride_gd,
+                         stride_glb, stride_glh, stride_glm,
+                         stride_db, stride_dh, stride_dm,
+                         Lq, DV, IS_VARLEN: tl.constexpr, HAS_GLSE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    # Delta = rowsum(dO * O) - dLse: with P = softmax, dS = P * (dP - Delta) covers both the gradient through
+    # out and the one through lse (d lse / d s = P).
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2)
+    q_start, seq_q, _, _ = _seq_bounds(CuQ, CuQ, off_b, Lq, Lq, IS_VARLEN)
+    if start_m * BLOCK_M >= seq_q:
+        return
+    off_b = off_b.to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = (q_start + offs_m).to(tl.int64)
+    ld_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=ld_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_gb + off_h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                 mask=ld_mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_GLSE:
+        delta -= tl.load(GLse + off_b * stride_glb + off_h * stride_glh + rows * stride_glm, mask=offs_m < seq_q,
+                         other=0.0).to(tl.float32)
+    tl.store(Delta + off_b * stride_db + off_h * stride_dh + rows * stride_dm, delta, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_mb, stride_mh, stride_mm, stride_mn,
+                   stride_gb, stride_gh, stride_gm, stride_gd,
+                   stride_lb, stride_lh, stride_lm,
+                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
+                   HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program: BLOCK_N keys of one (sequence, kv head). It owns dK/dV of those keys and sums over every query
+    # head of the GQA group, so no atomics are needed. Tiles are kept transposed (keys x queries): S^T, P^T.
+    start_n = tl.program_id(0)
+    off_hk = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    if start_n * BLOCK_N >= seq_k:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_hk64 = off_hk.to(tl.int64)
+    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    krows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + off_b64 * stride_kb + off_hk64 * stride_kh + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + off_b64 * stride_vb + off_hk64 * stride_vh + krows[:, None] * stride_vn
+                + offs_dv[None, :] * stride_vd,
+                mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+
+    # Query rows that can see these keys: [lo, hi) (key j is seen by i in [j - diag - right, j - diag + left]).
+    lo = 0
+    hi = seq_q
+    if WIN_RIGHT:
+        lo = tl.maximum(start_n * BLOCK_N - diag - window_right, 0) // BLOCK_M * BLOCK_M
+    if WIN_LEFT:
+        hi = tl.minimum(start_n * BLOCK_N + BLOCK_N - diag + window_left, seq_q)
+
+    for g in range(0, GROUP):
+        off_h64 = (off_hk * GROUP + g).to(tl.int64)
+        q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
+        do_base = DO + off_b64 * stride_gb + off_h64 * stride_gh
+        l_base = Lse + off_b64 * stride_lb + off_h64 * stride_lh
+        d_base = Delta + off_b64 * stride_lb + off_h64 * stride_lh  # Delta shares lse's layout
+        m_base = Mask + off_b64 * stride_mb + off_h64 * stride_mh
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            qrows = (q_start + rows).to(tl.int64)
+            row_ok = rows < seq_q
+            q = tl.load(q_base + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_base + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_M, BLOCK_DV)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            lse = tl.load(l_base + qrows * stride_lm, mask=row_ok, other=0.0)
+            # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)
+            delta = tl.load(d_base + qrows * stride_lm, mask=row_ok, other=0.0)
+            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
+                             m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                             scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, False)
+            pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)  # (BLOCK_N, BLOCK_M)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)  # d/ds softcap*tanh(s/softcap)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+
+    dk *= scale
+    n_ok = offs_n[:, None] < seq_k
+    tl.store(DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + krows[:, None] * stride_dkn
+             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < D))
+    tl.store(DV_ + off_b64 * stride_dvb + off_hk64 * stride_dvh + krows[:, None] * stride_dvn
+             + offs_dv[None, :] * stride_dvd, dv.to(DV_.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < DV))
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_mb, stride_mh, stride_mm, stride_mn,
+                 stride_gb, stride_gh, stride_gm, stride_gd,
+                 stride_lb, stride_lh, stride_lm,
+                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
+                 HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
+                 BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program: dQ of BLOCK_M query rows of one (sequence, query head); recomputes P from q, k and lse.
+    start_m = tl.program_id(0)
+    off_h = tl.program_id(1)
+    off_b = tl.program_id(2)
+    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    if start_m * BLOCK_M >= seq_q:
+        return
+    off_b64 = off_b.to(tl.int64)
+    off_h64 = off_h.to(tl.int64)
+    off_hk = (off_h // GROUP).to(tl.int64)
+    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qrows = (q_start + offs_m).to(tl.int64)
+    row_ok = offs_m < seq_q
+    q = tl.load(Q + off_b64 * stride_qb + off_h64 * stride_qh + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + off_b64 * stride_gb + off_h64 * stride_gh + qrows[:, None] * stride_gm
+                 + offs_dv[None, :] * stride_gd, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(Lse + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
+    kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+               + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
+    vT_ptrs = (V + off_b64 * stride_vb + off_hk * stride_vh + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
+               + offs_dv[:, None] * stride_vd)  # (BLOCK_DV, BLOCK_N)
+    mask_ptrs = Mask + off_b64 * stride_mb + off_h64 * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm \
+        + offs_n[None, :] * stride_mn
+
+    lo = 0
+    hi = seq_k
+    if WIN_LEFT:
+        lo = tl.maximum(start_m * BLOCK_M + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if WIN_RIGHT:
+        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
+        vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV),
+                     other=0.0)
+        if UPCAST:
+            kT = kT.to(tl.float32)
+            vT = vT.to(tl.float32)
+        qk = tl.dot(q, kT, input_precision=PRECISION)
+        s, t = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
+                       scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
+        p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, vT, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+    dq *= scale
+    tl.store(DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + qrows[:, None] * stride_dqm
+             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+# ================================================================================================================
+# autotune configs
+# ================================================================================================================
+# Keyed on (padded head dim, causal, dtype): the autotuner adds every tensor argument's dtype to the key, and
+# the config lists are picked per head-dim bucket below, so the search is a handful of configs. Block sizes shrink
+# with the head dim because the Q tile (forward) or the dK/dV accumulators (backward) live in registers.
+# Triton caches the winner per key for the life of the process.
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+_FWD_CONFIGS = {
+    64: [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 4), _cfg(64, 32, 4, 2)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 2)],
+    256: [_cfg(64, 64, 8, 2), _cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2), _cfg(32, 32, 4, 1)],
+}
+_BWD_CONFIGS = {
+    64: [_cfg(64, 64, 4, 2), _cfg(32, 64, 4, 2), _cfg(64, 128, 8, 2), _cfg(32, 32, 4, 1)],
+    128: [_cfg(64, 64, 8, 2), _cfg(32, 64, 4, 2), _cfg(32, 128, 8, 2), _cfg(32, 32, 4, 1)],
+    256: [_cfg(32, 64, 8, 1), _cfg(32, 32, 4, 1), _cfg(64, 32, 8, 1), _cfg(16, 32, 4, 1)],
+}
+_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}  # the interpreter pays per block op: few blocks
+_KEY = ["HEAD_DIM_KEY", "CAUSAL_KEY"]
+
+
+def _bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+
+
+_SMEM_LIMIT = 200 * 1024  # bytes; H100 allows 227 KiB per block, the estimates below run ~10% low
+
+
+def _fwd_smem(cfg, block_d, elem):  # the Q tile plus num_stages buffered K and V tiles
+    return elem * (cfg.kwargs["BLOCK_M"] * block_d + cfg.num_stages * cfg.kwargs["BLOCK_N"] * 2 * block_d)
+
+
+def _bwd_smem(cfg, block_d, elem):  # the K and V tiles plus num_stages buffered Q and dO tiles
+    return elem * 2 * block_d * (cfg.kwargs["BLOCK_N"] + max(cfg.num_stages, 1) * cfg.kwargs["BLOCK_M"])
+
+
+def _autotuned(fn, configs, smem):
+    """One autotuned kernel per (head-dim bucket, element size): the configs whose tiles fit in shared memory
+    (float32 tiles are twice as large; at least the smallest config is kept)."""
+    kernels = {}
+    for bucket, cfgs in configs.items():
+        for elem in (2, 4):
+            if INTERPRET:
+                kernels[bucket, elem] = fn
+                continue
+            fit = [c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT] or [min(cfgs, key=lambda c: smem(c, bucket, elem))]
+            kernels[bucket, elem] = triton.autotune(configs=fit, key=_KEY)(fn)
+    return kernels
+
+
+_FWD_KERNELS = _autotuned(_attn_fwd, _FWD_CONFIGS, _fwd_smem)
+_DKDV_KERNELS = _autotuned(_attn_bwd_dkdv, _BWD_CONFIGS, _bwd_smem)
+_DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS, _bwd_smem)
+
+
+# ================================================================================================================
+# launchers
+# ================================================================================================================
+
+if INTERPRET:
+    def _launch(kernel):
+        return kernel
+else:
+    from torch.library import wrap_triton as _launch  # lets torch.compile trace into the kernel launch
+
+
+def _pow2(d: int) -> int:
+    return max(16, triton.next_power_of_2(max(d, 1)))  # tl.dot needs every dim >= 16
+
+
+def _grid(n_rows: int, heads: int, batch: int, block_key: str):
+    if INTERPRET:
+        return (triton.cdiv(n_rows, _INTERPRET_CONFIG[block_key]), heads, batch)
+    return lambda meta: (triton.cdiv(n_rows, meta[block_key]), heads, batch)
+
+
+def _blocks() -> dict:
+    return dict(_INTERPRET_CONFIG) if INTERPRET else {}
+
+
+def _normalize_window(w: int, limit: int) -> int:
+    # A side wider than Lq + Lk hides nothing: same as unbounded (keeps huge windows out of int32 math).
+    return -1 if w < 0 or w > limit else int(w)
+
+
+def _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, has_mask, is_varlen):
+    block_d, block_dv = _pow2(D), _pow2(Dv)
+    return dict(
+        HEAD_DIM_KEY=max(block_d, block_dv), CAUSAL_KEY=window_right == 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        IS_VARLEN=is_varlen, BOTTOM_RIGHT=bottom_right, HAS_MASK=has_mask, SOFTCAP=softcap > 0,
+        WIN_LEFT=window_left >= 0, WIN_RIGHT=window_right >= 0, UPCAST=INTERPRET,
+        PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32")
+
+
+def _prepare_mask(attn_mask, B, Hq, Lq, Lk):
+    """attn_mask -> (tensor, strides) for the kernels: additive, broadcast with stride 0 to (B, Hq, Lq, Lk).
+    Float masks are read in their own dtype and layout; bool masks become additive float32 (0 / -inf)."""
+    if attn_mask is None:
+        return None, (0, 0, 0, 0)
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.where(m, 0.0, float("-inf")).to(torch.float32)
+    m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)).expand(B, Hq, Lq, Lk)
+    return m, tuple(m.stride())
+
+
+def _dense_strides(t):
+    return tuple(t.stride())
+
+
+def _varlen_strides(t):  # (total, H, D) -> (batch, head, row, dim) with batch stride 0
+    return (0, t.stride(1), t.stride(0), t.stride(2))
+
+
+def _fwd_launch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q, scale, window_left,
+                window_right, bottom_right, softcap, is_varlen):
+    D, Dv = q.shape[-1], v.shape[-1]
+    strides = _varlen_strides if is_varlen else _dense_strides
+    if is_varlen:
+        out = q.new_empty((q.shape[0], Hq, Dv))  # (total_q, Hq, Dv)
+        lse = q.new_empty((Hq, q.shape[0]), dtype=torch.float32)  # (Hq, total_q)
+        lse_strides = (0, lse.stride(0), lse.stride(1))
+    else:
+        out = q.new_empty((B, Hq, Lq, Dv))
+        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+        lse_strides = tuple(lse.stride())
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if out.numel() == 0 or lse.numel() == 0 or max_q == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
+    kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"]), q.element_size()]
+    _launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
+        q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
+        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(out), *lse_strides,
+        Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right,
+        **flags, **_blocks())
+    return out, lse
+
+
+def _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q,
+                max_k, scale, window_left, window_right, bottom_right, softcap, is_varlen):
+    D, Dv = q.shape[-1], v.shape[-1]
+    strides = _varlen_strides if is_varlen else _dense_strides
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if max_k == 0 or k.numel() == 0:  # no key at all: every output row was 0 and lse -inf
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if max_q == 0 or q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if is_varlen:
+        lse_strides = (0, lse.stride(0), lse.stride(1))
+        glse_strides = (0, grad_lse.stride(0), grad_lse.stride(1)) if grad_lse is not None else (0, 0, 0)
+    else:
+        lse_strides = tuple(lse.stride())
+        glse_strides = tuple(grad_lse.stride()) if grad_lse is not None else (0, 0, 0)
+    # Delta is stored with lse's strides (the dK/dV and dQ kernels index both with one set of strides).
+    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
+    block_dv = _pow2(Dv)
+    pre_block = 16 if INTERPRET else 64
+    _launch(_attn_bwd_preprocess)[(triton.cdiv(max_q, pre_block), Hq, B)](
+        out, grad_out, grad_lse if grad_lse is not None else lse, delta, cu_q,
+        *strides(out), *strides(grad_out), *glse_strides, *lse_strides,
+        Lq, Dv, IS_VARLEN=is_varlen, HAS_GLSE=grad_lse is not None, BLOCK_M=pre_block, BLOCK_DV=block_dv)
+    flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
+    bucket = (_bucket(flags["HEAD_DIM_KEY"]), q.element_size())
+    mask_arg = mask if mask is not None else q
+    common = (Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right)
+    _launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
+        q, k, v, mask_arg, grad_out, lse, delta, dk, dv, cu_q, cu_k,
+        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
+        *strides(dk), *strides(dv), *common, **flags, **_blocks())
+    _launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](
+        q, k, v, mask_arg, grad_out, lse, delta, dq, cu_q, cu_k,
+        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
+        *strides(dq), *common, **flags, **_blocks())
+    return dq, dk, dv
+
+
+# ================================================================================================================
+# torch ops
+# ================================================================================================================
+
+
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                        scale: float, window_left: int, window_right: int, bottom_right: bool,
+                        softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
+    limit = Lq + Lk
+    return _fwd_launch(q, k, v, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, scale,
+                       _normalize_window(window_left, limit), _normalize_window(window_right, limit), bottom_right,
+                       softcap, False)
+
+
+def _attention_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
+                        window_left: int, window_right: int, bottom_right: bool, softcap: float,
+                        grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
+    limit = Lq + Lk
+    return _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, Lk,
+                       scale, _normalize_window(window_left, limit), _normalize_window(window_right, limit),
+                       bottom_right, softcap, False)
+
+
+def _varlen_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
+                     window_left: int, window_right: int, softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    nseq = cu_seqlens_q.shape[0] - 1
+    limit = max_seqlen_q + max_seqlen_k
+    return _fwd_launch(q, k, v, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq, q.shape[1], k.shape[1], 0, 0,
+                       max_seqlen_q, scale, _normalize_window(window_left, limit),
+                       _normalize_window(window_right, limit), True, softcap, True)
+
+
+def _varlen_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, scale: float, window_left: int, window_right: int, softcap: float,
+                     grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nseq = cu_seqlens_q.shape[0] - 1
+    limit = max_seqlen_q + max_seqlen_k
+    return _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq,
+                       q.shape[1], k.shape[1], 0, 0, max_seqlen_q, max_seqlen_k, scale,
+                       _normalize_window(window_left, limit), _normalize_window(window_right, limit), True, softcap,
+                       True)
+
+
+def _register(name, impl):
+    if INTERPRET:
+        return torch.library.custom_op(f"fusedattn::{name}", impl, mutates_args=())
+    return torch.library.triton_op(f"fusedattn::{name}", impl, mutates_args=())
+
+
+_attention_fwd_op = _register("triton_attention_fwd", _attention_fwd_impl)
+_attention_bwd_op = _register("triton_attention_bwd", _attention_bwd_impl)
+_varlen_fwd_op = _register("triton_varlen_fwd", _varlen_fwd_impl)
+_varlen_bwd_op = _register("triton_varlen_bwd", _varlen_bwd_impl)
+
+if INTERPRET:  # triton_op derives its fake impl by running the launcher on fake tensors; custom_op needs one
+
+    @_attention_fwd_op.register_fake
+    def _(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
+        B, Hq, Lq, _ = q.shape
+        return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+    @_attention_bwd_op.register_fake
+    def _(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @_varlen_fwd_op.register_fake
+    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+          softcap):
+        total_q, Hq, _ = q.shape
+        return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
+
+    @_varlen_bwd_op.register_fake
+    def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+          window_right, softcap, grad_lse):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, *params = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask)
+    ctx.params = params  # scale, window_left, window_right, bottom_right, softcap
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    if grad_out is None and grad_lse is None:
+        return (None,) * 9
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, *ctx.params, grad_lse)
+    return (dq, dk, dv) + (None,) * 6
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *params = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.params = params  # max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if grad_out is None and grad_lse is None:
+        return (None,) * 11
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.params, grad_lse)
+    return (dq, dk, dv) + (None,) * 8
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# ================================================================================================================
+# entry points
+# ================================================================================================================
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
+              window_left: int, window_right: int, bottom_right: bool,
+              softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention through ``torch.ops.fusedattn.triton_attention_fwd``; differentiable in q, k, v (and
+    through lse). Same arguments and semantics as ``torch.ops.fusedattn.attention_fwd``: q (B, Hq, Lq, D),
+    k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; attn_mask bool or additive, broadcastable to
+    (B, Hq, Lq, Lk). Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32."""
+    return torch.ops.fusedattn.triton_attention_fwd(q, k, v, attn_mask, float(scale), int(window_left),
+                                                    int(window_right), bool(bottom_right), float(softcap))
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, scale: float,
+                     causal: bool = False, window: Tuple[int, int] = (-1, -1),
+                     softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length attention (``flash_attn_varlen_func``'s layout) through
+    ``torch.ops.fusedattn.triton_varlen_fwd``; differentiable in q, k, v (and through lse).
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); sequence b is rows
+    ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, (nseq + 1,)). causal / window are bottom-right aligned per sequence
+    (causal sets window_right = 0). Returns out (total_q, Hq, Dv) and lse (Hq, total_q) float32. Arguments are
+    expected to be validated by the caller (fusedattn's public varlen API)."""
+    left, right = int(window[0]), int(window[1])
+    if causal:
+        right = 0
+    return torch.ops.fusedattn.triton_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                                 int(max_seqlen_k), float(scale), left, right, float(softcap))
