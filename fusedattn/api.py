@@ -121,8 +121,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         if reason is not None:
             if backend == "cuda":
                 raise RuntimeError(f"fusedattn backend 'cuda' does not cover this case: {reason}")
-            dispatch.warn_fallback(f"cuda: {reason}", target="the reference implementation")
-            name = "reference"
+            if dispatch._unavailable_reason("triton") is None:  # "auto": the Triton kernels cover every case
+                name = "triton"
+            else:
+                dispatch.warn_fallback(f"cuda: {reason}", target="the reference implementation")
+                name = "reference"
     if name == "reference":
         out, lse = attention_ref(q, k, v, attn_mask=attn_mask, causal=causal, causal_align="bottom_right",
                                  scale=scale, window=(left, right), softcap=softcap, return_lse=True)
