@@ -36,6 +36,10 @@ t0=$(date +%s)
 
 # ---- a copy of the package and the tests (the sanitized _C goes into it)
 rm -rf "$TREE"
+# The CMake tree is reused between runs, but only for the same source tree (CMake refuses another one).
+if [ -f "$BUILD/CMakeCache.txt" ] && ! grep -qx "CMAKE_HOME_DIRECTORY:INTERNAL=$ROOT" "$BUILD/CMakeCache.txt"; then
+  rm -rf "$BUILD"
+fi
 mkdir -p "$TREE" "$BUILD"
 cp -r "$ROOT/fusedattn" "$ROOT/tests" "$ROOT/pyproject.toml" "$TREE/"
 cp -r "$ROOT/kernels" "$TREE/fusedattn/kernels"          # installed as fusedattn.kernels (setup.py package_dir)
