@@ -113,7 +113,7 @@ void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
 // (BM / VL vectors) live in registers while the key rows stream past.
 constexpr int64_t BLOCK_M_FWD = 64;  // multiple of NR on every ISA
 constexpr int XV = BLOCK_M_FWD / VL;  // vectors per scores row
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(x) for x = t / log2(e) <= 0, given t: 2^t as 2^round(t) * 2^f with f in [-0.5, 0.5]
 // (Cephes' degree-6 polynomial, relative error ~1e-7), the integer part added to the exponent
@@ -318,7 +318,8 @@ void fwd_impl(const AttnFwdParams& p) {
             lse_rows[r] = NAN;
           } else if (l > 0.f) {
             store_row(o, 1.f / l, out_rows + r * out_rs, Dv);
-            lse_rows[r] = m * kLn2 + std::log(l);
+            // in double: m (log2 units) can be ~1e10 at extreme scales, where a float m * ln2 adds an ulp
+            lse_rows[r] = static_cast<float>(static_cast<double>(m) * 0.6931471805599453 + std::log(double(l)));
           } else {  // fully masked row: output 0, lse -inf
             store_row(o, 0.f, out_rows + r * out_rs, Dv);
             lse_rows[r] = kNegInf;
