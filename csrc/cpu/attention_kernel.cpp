@@ -117,9 +117,9 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // exp(x) for x = t / log2(e) <= 0, given t: 2^t as 2^round(t) * 2^f with f in [-0.5, 0.5]
 // (Cephes' degree-6 polynomial, relative error ~1e-7), the integer part added to the exponent
-// bits. t < -126 (including -inf) gives exactly 0. ~15 vector ops against ~21 for exp_u20;
-// the forward's scores are already in log2 units (log2(e) folded into the scale), so the
-// caller passes s - m, exactly 0 for the row maximum at any magnitude of the scores.
+// bits. t < -126 (including -inf) gives exactly 0. ~15 vector ops against ~21 for exp_u20.
+// The caller passes (s - m) * log2(e): s - m first, so the row maximum gives exactly 0 at any
+// magnitude of the scores (folding -m*log2(e) into one FMA loses that beyond |s| ~ 1e9).
 typedef int32_t vint __attribute__((vector_size(VL * sizeof(int32_t))));
 inline vfloat exp2_nonpositive(vfloat t) {
   const vint tiny = t < -126.0f;
@@ -138,9 +138,8 @@ inline vfloat exp2_nonpositive(vfloat t) {
 }
 
 // Online-softmax update for one block of transposed scores st (nk key rows x BLOCK_M_FWD query
-// columns) in log2 units (scale * log2(e) * q.k), in place: st <- 2^(st - m_new); per query column
-// updates the running max m (log2 units), the running sum l (l = alpha * l + sum),
-// alpha = 2^(m_old - m_new) for rescaling O, and a NaN flag
+// columns), in place: st <- exp(st - m_new); per query column updates the running max m, the
+// running sum l (l = alpha * l + sum), alpha = exp(m_old - m_new) for rescaling O, and a NaN flag
 // (a NaN score makes the row NaN at the end; its statistics are kept finite meanwhile).
 // Both passes walk st row by row (contiguous) with the column state in registers.
 void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alpha, float* nan_flag) {
@@ -161,7 +160,7 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
       isnan[x] |= (v != v);
     }
   }
-  vfloat neg_m[XV];  // p = 2^(s - m): one add, exact for s == m
+  vfloat neg_m[XV];  // p = exp(s - m) = 2^((s - m) * log2(e)), s - m exact for s == m
 #pragma GCC unroll 16
   for (int x = 0; x < XV; ++x) {
     const vfloat m_old = load_v(m + x * VL);
@@ -170,7 +169,7 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
     const vfloat m_new = mx[x] > m_old ? mx[x] : m_old;
     store_v(m + x * VL, m_new);
     const vfloat m_use = m_new == kNegInf ? vfloat{} : m_new;  // nothing seen yet: exp(-inf - 0) = 0
-    store_v(alpha + x * VL, exp2_nonpositive(m_old - m_use));
+    store_v(alpha + x * VL, exp2_nonpositive((m_old - m_use) * kLog2e));
     neg_m[x] = -m_use;
   }
   // Two halves of the columns per sweep: each keeps its offsets and sums in registers (AVX2
@@ -184,7 +183,7 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
       float* row = st + j * BM + x0 * VL;
 #pragma GCC unroll 16
       for (int x = 0; x < XH; ++x) {
-        const vfloat e = exp2_nonpositive(load_v(row + x * VL) + neg_m[x0 + x]);
+        const vfloat e = exp2_nonpositive((load_v(row + x * VL) + neg_m[x0 + x]) * kLog2e);
         store_v(row + x * VL, e);
         sum[x] += e;
       }
@@ -247,10 +246,9 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
         const int64_t i0 = qb * BM, rows = std::min(BM, Lq - i0);
-        // qt: BM/NR column panels (D x NR) of scale * log2(e) * q[b, h, i0:i0+rows, :] (zero beyond
-        // rows): the scores come out in log2 units, ready for exp2.
+        // qt: BM/NR column panels (D x NR) of scale * q[b, h, i0:i0+rows, :] (zero beyond rows)
         pack_col_panels(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
-                        p.q_stride[3], rows, D, c.qt.data(), p.scale * kLog2e);
+                        p.q_stride[3], rows, D, c.qt.data(), p.scale);
         std::fill(c.qt.begin() + cdiv(rows, NR) * D * NR, c.qt.end(), 0.f);  // lanes past the last query
         std::fill(c.o.begin(), c.o.end(), 0.f);
         std::fill(c.m.begin(), c.m.end(), kNegInf);
@@ -270,17 +268,17 @@ void fwd_impl(const AttnFwdParams& p) {
           float* st = c.st.data();
           // st (nk x BM) = k[n0:n0+nk] . qt
           gemm_panels(nk, n_panels, D, ka + n0 * ka_rs, ka_rs, ka_ks, c.qt.data(), D * NR, st, BM, 0);
-          if (p.softcap > 0.f) {  // cap * tanh(s / cap) in natural units = c2 * tanh(st / c2), c2 = cap * log2(e)
-            const Vec capv(p.softcap * kLog2e), inv(1.f / (p.softcap * kLog2e));
+          if (p.softcap > 0.f) {
+            const Vec capv(p.softcap), inv(1.f / p.softcap);
             for (int64_t x = 0; x < nk * BM; x += VL) ((Vec::loadu(st + x) * inv).tanh() * capv).store(st + x);
           }
-          if (mask_b) {  // additive mask (log2 units), transposed into st: (query r, key j) -> st[j][r]
+          if (mask_b) {  // additive mask, transposed into st: (query r, key j) -> st[j][r]
             for (int64_t r = 0; r < rows; ++r) {
               const float* mr = mask_b + (i0 + r) * p.mask.mask_stride[2] + n0;
               if (p.mask.mask_hides)
                 for (int64_t j = 0; j < nk; ++j) st[j * BM + r] = mr[j] == kNegInf ? kNegInf : st[j * BM + r];
               else
-                for (int64_t j = 0; j < nk; ++j) st[j * BM + r] += mr[j] * kLog2e;
+                for (int64_t j = 0; j < nk; ++j) st[j * BM + r] += mr[j];
             }
           }
           // Band (causal / window): needed unless every real query sees every key of the block.
@@ -318,8 +316,7 @@ void fwd_impl(const AttnFwdParams& p) {
             lse_rows[r] = NAN;
           } else if (l > 0.f) {
             store_row(o, 1.f / l, out_rows + r * out_rs, Dv);
-            // in double: m (log2 units) can be ~1e10 at extreme scales, where a float m * ln2 adds an ulp
-            lse_rows[r] = static_cast<float>(static_cast<double>(m) * 0.6931471805599453 + std::log(double(l)));
+            lse_rows[r] = m + std::log(l);
           } else {  // fully masked row: output 0, lse -inf
             store_row(o, 0.f, out_rows + r * out_rs, Dv);
             lse_rows[r] = kNegInf;
