@@ -699,6 +699,43 @@ def test_kv_cache_generation(gen, paged):
         assert cache.num_free_pages == 40 - B * 3  # 12 tokens = 3 pages of 4 per sequence
 
 
+@pytest.mark.parametrize("paged", [False, True])
+def test_kv_cache_prefill_into_empty_sequences(gen, paged):
+    """attend() of a prompt into empty sequences takes the dense kernel; it must store the prompt and give what
+    decode_attention over the same (empty) cache gives, lse included; a sequence already holding tokens makes
+    the call take decode_attention again."""
+    B, Hkv, Hq, D, T = 2, 2, 4, 16, 9
+
+    def make():
+        if paged:
+            return PagedKVCache(num_pages=20, page_size=4, max_batch=3, max_seq_len=32, num_kv_heads=Hkv,
+                                head_dim=D)
+        return KVCache(max_batch=3, max_seq_len=32, num_kv_heads=Hkv, head_dim=D)
+
+    q, k, v = randn(B, T, Hq, D, gen=gen), randn(B, T, Hkv, D, gen=gen), randn(B, T, Hkv, D, gen=gen)
+    cache = make()
+    out, lse = cache.attend(q, k, v, seq_ids=[2, 0], return_lse=True)
+    assert cache.seqlens.tolist() == [T, 0, T]
+    want = _history_ref(q, [k[0], k[1]], [v[0], v[1]])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    fresh = make()
+    fresh._reserve(fresh._ids([2, 0], B), torch.full((B,), T))  # pages for the append (a no-op when contiguous)
+    want_out, want_lse = fusedattn.decode_attention(q, fresh.k, fresh.v, k_new=k, v_new=v, return_lse=True,
+                                                    **{"cache_seqlens": torch.zeros(B, dtype=torch.int32),
+                                                       **fresh._decode_kwargs(fresh._ids([2, 0], B))})
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    q2 = randn(B, 1, Hq, D, gen=gen)
+    torch.testing.assert_close(cache.attend(q2, seq_ids=[2, 0]), _history_ref(q2, [k[0], k[1]], [v[0], v[1]]),
+                               atol=1e-5, rtol=1e-5)
+    # one empty and one filled sequence: decode_attention over the filled one's history
+    k3, v3, q3 = randn(B, 3, Hkv, D, gen=gen), randn(B, 3, Hkv, D, gen=gen), randn(B, 3, Hq, D, gen=gen)
+    out3 = cache.attend(q3, k3, v3, seq_ids=[1, 2])
+    assert cache.seqlens.tolist() == [T, 3, T + 3]
+    want3 = _history_ref(q3, [k3[0], torch.cat([k[0], k3[1]])], [v3[0], torch.cat([v[0], v3[1]])])
+    torch.testing.assert_close(out3, want3, atol=1e-5, rtol=1e-5)
+
+
 def test_kv_cache_seq_ids_update_and_reset(gen):
     cache = KVCache(max_batch=4, max_seq_len=32, num_kv_heads=1, head_dim=8)
     k, v = randn(2, 6, 1, 8, gen=gen), randn(2, 6, 1, 8, gen=gen)

@@ -20,11 +20,21 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+import fusedattn
 from fusedattn.decode import decode_attention
 
 __all__ = ["KVCache", "PagedKVCache"]
 
 SeqIds = Optional[Union[Sequence[int], torch.Tensor]]
+
+
+def _attention_bhld(q, k, v, **kwargs):
+    """fusedattn.attention on the caches' (B, L, H, D) layout; returns (B, L, Hq, Dv) (and lse (B, Hq, L))."""
+    res = fusedattn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              causal=kwargs.pop("causal", True), **kwargs)
+    if isinstance(res, tuple):
+        return res[0].transpose(1, 2), res[1]
+    return res.transpose(1, 2)
 
 
 class _CacheBase(nn.Module):
@@ -57,15 +67,30 @@ class _CacheBase(nn.Module):
                seq_ids: SeqIds = None, **kwargs):
         """Append k_new / v_new (B, Lnew, Hkv, D) to sequences `seq_ids` (default 0 .. B-1), attend with
         q (B, Lq, Hq, D) over everything cached (``fusedattn.decode_attention``; ``kwargs`` go to it, e.g.
-        causal, window, return_lse), then advance their seqlens by Lnew."""
+        causal, window, return_lse), then advance their seqlens by Lnew. A prompt into empty sequences
+        (Lq == Lnew > 1) is attended with ``fusedattn.attention`` instead: the same result, at prefill speed."""
         ids = self._ids(seq_ids, q.shape[0])
         lnew = 0 if k_new is None else k_new.shape[1]
         lens = self.seqlens[ids]  # (B,) int32, a copy
+        if self._prefill_from_empty(q, k_new, v_new, lens, kwargs):
+            # A prompt into empty sequences: store it, then attend over k_new / v_new themselves with the
+            # dense kernel (a prefill is compute-bound; the decode kernel is built for a few queries).
+            self.update(0, k_new, v_new, seq_ids=ids)
+            return _attention_bhld(q, k_new, v_new, **kwargs)
         self._reserve(ids, lens + lnew)
         out = decode_attention(q, self.k, self.v, cache_seqlens=lens, k_new=k_new, v_new=v_new,
                                **self._decode_kwargs(ids), **kwargs)
         self.seqlens[ids] += lnew
         return out
+
+    _DENSE_KWARGS = frozenset({"causal", "scale", "window", "softcap", "return_lse", "backend"})
+
+    def _prefill_from_empty(self, q, k_new, v_new, lens, kwargs) -> bool:
+        """True when attend() can use fusedattn.attention: several new tokens, one query per new token, every
+        named sequence empty, matching dtypes, and only options the dense op shares with decode_attention."""
+        return (k_new is not None and v_new is not None and q.shape[1] > 1 and q.shape[1] == k_new.shape[1]
+                and q.shape[0] > 0 and q.dtype == k_new.dtype == v_new.dtype == self.k.dtype
+                and set(kwargs) <= self._DENSE_KWARGS and int(lens.max()) == 0)
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, seq_ids: SeqIds = None) -> None:
         """Write k_new / v_new (B, Lnew, Hkv, D) after the tokens cached in sequences `seq_ids` and advance
