@@ -143,24 +143,22 @@ def _validate_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_tab
 def _check_cache_indices(k_cache, cache_seqlens, Lnew, block_table, cache_batch_idx) -> None:
     """The value checks: every position and page the kernels will touch exists. Reads the (small) index
     tensors, so it runs eagerly only (see the module docstring)."""
-    seqlens = cache_seqlens.to(torch.int64)  # (B,)
-    if seqlens.numel() == 0:
+    lens = cache_seqlens.tolist()  # (B,) ints: one small read (a sync on CUDA), then checks in Python
+    if not lens:
         return
-    negative = (seqlens < 0).nonzero()
-    if negative.numel():
-        b = int(negative[0])
-        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {int(seqlens[b])}")
-    total = seqlens + Lnew  # (B,) keys after the append
     paged = block_table is not None
     capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    over = (total > capacity).nonzero()
-    if over.numel():
-        b = int(over[0])
+    if min(lens) < 0:
+        b = next(i for i, x in enumerate(lens) if x < 0)
+        raise ValueError(f"cache_seqlens must be >= 0, got cache_seqlens[{b}] = {lens[b]}")
+    if max(lens) + Lnew > capacity:
+        b = next(i for i, x in enumerate(lens) if x + Lnew > capacity)
         what = "max_blocks * PAGE_SIZE of block_table and k_cache" if paged else "L_max of k_cache"
-        raise ValueError(f"cache_seqlens[{b}] + Lnew = {int(seqlens[b])} + {Lnew} = {int(total[b])} exceeds the "
+        raise ValueError(f"cache_seqlens[{b}] + Lnew = {lens[b]} + {Lnew} = {lens[b] + Lnew} exceeds the "
                          f"cache capacity {capacity} ({what})")
     if paged:
         num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
+        total = cache_seqlens.to(torch.int64) + Lnew  # (B,) keys after the append
         pages_used = (total + page_size - 1) // page_size  # (B,)
         touched = torch.arange(block_table.shape[1], device=total.device) < pages_used[:, None]  # (B, max_blocks)
         bad = (touched & ((block_table < 0) | (block_table >= num_blocks))).nonzero()
@@ -169,10 +167,10 @@ def _check_cache_indices(k_cache, cache_seqlens, Lnew, block_table, cache_batch_
             raise ValueError(f"block_table[{b}, {blk}] = {int(block_table[b, blk])} is out of range: sequence {b} "
                              f"uses pages 0..{int(pages_used[b]) - 1} of its row, each must be in [0, {num_blocks})")
     if cache_batch_idx is not None:
-        bad = ((cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])).nonzero()
-        if bad.numel():
-            b = int(bad[0])
-            raise ValueError(f"cache_batch_idx[{b}] = {int(cache_batch_idx[b])} is out of range for a cache of "
+        idx = cache_batch_idx.tolist()
+        bad = [i for i, x in enumerate(idx) if not 0 <= x < k_cache.shape[0]]
+        if bad:
+            raise ValueError(f"cache_batch_idx[{bad[0]}] = {idx[bad[0]]} is out of range for a cache of "
                              f"{k_cache.shape[0]} sequences")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import assert_close_2x, case_id, pairwise, randn
 from fusedattn.transformer.model import (GPT, Block, FeedForward, GPTConfig, MultiHeadAttention, RotaryEmbedding,
-                                         SinusoidalPositions, Transformer, TransformerConfig, attend,
+                                         SinusoidalPositions, Transformer, TransformerConfig, attend, linear,
                                          set_attention_backend)
 
 BACKEND = "cpu"
@@ -126,6 +126,25 @@ def test_feed_forward(activation, gen):
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), ffn.proj(act()))
     assert ffn.fc.out_features == (4 * 48 if activation != "swiglu" else 128)
+
+
+def test_linear_stores_widening_weights_transposed(gen):
+    """linear(): an nn.Linear in every respect (shapes, state dict, outputs, gradients), with a widening layer's
+    weight laid out (in, out) in memory -- a layout .to(), load_state_dict and deepcopy keep."""
+    wide, narrow = linear(16, 40), linear(40, 16)
+    assert wide.weight.shape == (40, 16) and wide.weight.stride() == (1, 40)
+    assert narrow.weight.is_contiguous()
+    ref = torch.nn.Linear(16, 40)
+    wide.load_state_dict(ref.state_dict())
+    assert wide.weight.stride() == (1, 40)
+    assert copy.deepcopy(wide).to(torch.float64).weight.stride() == (1, 40)
+    x = randn(3, 16, gen=gen, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    torch.testing.assert_close(wide(x), ref(x2), rtol=1e-6, atol=1e-6)
+    wide(x).square().sum().backward()
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(wide.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_sinusoidal_positions_formula():

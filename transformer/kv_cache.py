@@ -56,7 +56,8 @@ class _CacheBase(nn.Module):
             raise ValueError(f"seq_ids must be distinct, got {ids.tolist()}")
         return ids
 
-    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
+    def _decode_kwargs(self, ids: Optional[torch.Tensor]) -> dict:
+        """decode_attention's arguments that address sequences `ids` (None: every slot, in order)."""
         raise NotImplementedError
 
     def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
@@ -71,7 +72,8 @@ class _CacheBase(nn.Module):
         (Lq == Lnew > 1) is attended with ``fusedattn.attention`` instead: the same result, at prefill speed."""
         ids = self._ids(seq_ids, q.shape[0])
         lnew = 0 if k_new is None else k_new.shape[1]
-        lens = self.seqlens[ids]  # (B,) int32, a copy
+        whole = seq_ids is None and q.shape[0] == self.seqlens.shape[0]  # every slot, in order: no gathers
+        lens = self.seqlens if whole else self.seqlens[ids]  # (B,) int32
         if self._prefill_from_empty(q, k_new, v_new, lens, kwargs):
             # A prompt into empty sequences: store it, then attend over k_new / v_new themselves with the
             # dense kernel (a prefill is compute-bound; the decode kernel is built for a few queries).
@@ -79,8 +81,11 @@ class _CacheBase(nn.Module):
             return _attention_bhld(q, k_new, v_new, **kwargs)
         self._reserve(ids, lens + lnew)
         out = decode_attention(q, self.k, self.v, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                               **self._decode_kwargs(ids), **kwargs)
-        self.seqlens[ids] += lnew
+                               **self._decode_kwargs(None if whole else ids), **kwargs)
+        if whole:
+            self.seqlens += lnew
+        else:
+            self.seqlens[ids] += lnew
         return out
 
     _DENSE_KWARGS = frozenset({"causal", "scale", "window", "softcap", "return_lse", "backend"})
@@ -151,8 +156,8 @@ class KVCache(_CacheBase):
             raise RuntimeError(f"KVCache is full: a sequence would hold {int(new_lengths.max())} tokens, "
                                f"max_seq_len is {self.max_seq_len}")
 
-    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
-        return {"cache_batch_idx": ids.to(torch.int32)}
+    def _decode_kwargs(self, ids: Optional[torch.Tensor]) -> dict:
+        return {} if ids is None else {"cache_batch_idx": ids.to(torch.int32)}
 
     def _slots(self, ids, positions):
         return ids[:, None].expand_as(positions), positions
@@ -216,8 +221,8 @@ class PagedKVCache(_CacheBase):
             self.pages[s].extend(new)
             self.block_table[s, first:need] = torch.tensor(new, dtype=torch.int32, device=self.block_table.device)
 
-    def _decode_kwargs(self, ids: torch.Tensor) -> dict:
-        return {"block_table": self.block_table[ids]}
+    def _decode_kwargs(self, ids: Optional[torch.Tensor]) -> dict:
+        return {"block_table": self.block_table if ids is None else self.block_table[ids]}
 
     def _slots(self, ids, positions):
         pages = self.block_table[ids].to(torch.int64).gather(1, positions // self.page_size)  # (B, Lnew)

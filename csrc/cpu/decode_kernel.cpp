@@ -13,8 +13,9 @@
 //    it walks the keys in blocks of BLOCK_N and, inside a block, KEY_CHUNK keys at a time with
 //    all its heads inside, so the loads move through memory in order (a key's heads sit side by
 //    side) -- 2x the bandwidth of one task per kv head, whose rows are Hkv*D elements apart.
-//  * While a block is computed, the next one is prefetched in memory order (LineCursor): the
-//    hardware prefetchers alone do not follow a kv head's strided (or paged) rows.
+//  * While a block is computed, the next one is prefetched in memory order (LineCursor): its K
+//    during the scores, its V during P.V. The hardware prefetchers alone do not follow a kv
+//    head's strided (or paged) rows.
 //  * Per kv head and block: a table of row pointers (contiguous and paged caches, any page size,
 //    run the same code), then
 //      scores  S (rows x BLOCK_N) = (scale*Q) . K^T  as dot products: K rows are streamed once,
@@ -41,11 +42,12 @@ namespace fusedattn::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Keys per block. One block of K and V for all of a task's kv heads (bf16, Hkv = 8, D = 128:
-// 2 x 128 KiB) is computed while the next one is prefetched: two blocks fit a 512 KiB L2.
-// A multiple of 16 so that a block's scores row is whole vectors for every ISA.
+// Keys per block. One block of K and V for all of a task's kv heads (bf16, Hkv = 8, D = 128, 32
+// keys: 2 x 64 KiB) is computed while the next one is prefetched: the two take half of a 512 KiB
+// L2 (64 keys filled it and measured ~9% slower on Zen 3). A multiple of 16 so that a block's
+// scores row is whole vectors for every ISA.
 int64_t block_n_decode() {
-  static const int64_t v = round_up(env_int("FUSEDATTN_CPU_DECODE_BLOCK_N", 64), 16);
+  static const int64_t v = round_up(env_int("FUSEDATTN_CPU_DECODE_BLOCK_N", 32), 16);
   return v;
 }
 // Keys per step of the loop over a block's kv heads. Small steps keep the loads in memory order
@@ -200,22 +202,20 @@ inline void dot_tile(const float* qs, int64_t ldq, int64_t D, const T* const* kr
     }
 }
 
-// The first row group of each scores call prefetches `lines` lines of the next key block per key
-// tile it computes (so the next block streams in at the pace this one is consumed).
+// The first row group of each scores call prefetches `lines` lines of the next block's K per key
+// tile it computes; the P.V calls prefetch the next block's V the same way. Each phase fetches
+// what the next block's same phase reads, so the memory traffic is spread over the whole block
+// (prefetching K and V during the scores alone left the memory idle during P.V: ~9% slower).
 template <typename T>
 struct PrefetchPlan {
   LineCursor<T>& k;
-  LineCursor<T>& v;
   int64_t lines;
 };
 
 template <typename T>
 void scores_block(const float* qs, int64_t ldq, int64_t rows, int64_t D, const T* const* krows, int64_t koff,
                   int64_t n, float* s, int64_t lds, const PrefetchPlan<T>& pf) {
-  auto prefetch = [&] {
-    pf.k.advance(pf.lines);
-    pf.v.advance(pf.lines);
-  };
+  auto prefetch = [&] { pf.k.advance(pf.lines); };
   bool first = true;  // the first pass over the keys prefetches
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4, first = false)
@@ -443,7 +443,8 @@ void decode_split_kv(const DecodeParams& p) {
           vc.rows(b, n0 + BN, n_next, 0, c.vnext.data());
           kpf.reset(c.knext.data(), n_next);
           vpf.reset(c.vnext.data(), n_next);
-          const PrefetchPlan<T> pf{kpf, vpf, cdiv(std::max(kpf.lines_per_block(), vpf.lines_per_block()), tiles)};
+          const PrefetchPlan<T> pf{kpf, cdiv(kpf.lines_per_block(), tiles)};
+          const int64_t pv_lines = cdiv(vpf.lines_per_block(), cdiv(n, KEY_CHUNK) * G);  // per P.V call
           // Pad the key tiles with copies of the last row: their scores land in columns >= n and
           // are masked below.
           std::fill(c.kcur.begin() + n, c.kcur.begin() + n_pad, c.kcur[n - 1]);
@@ -475,10 +476,13 @@ void decode_split_kv(const DecodeParams& p) {
           // applies the online-softmax rescale (mode 2), the later ones accumulate (mode 1).
           for (int64_t j0 = 0; j0 < kv_used_max; j0 += KEY_CHUNK)
             for (int64_t hh = 0; hh < G; ++hh)
-              if (j0 < c.kv_used[hh])
+              if (j0 < c.kv_used[hh]) {
+                vpf.advance(pv_lines);
                 pv_block(rows, Dv, std::min(KEY_CHUNK, c.kv_used[hh] - j0), c.s.data() + hh * rows * BN + j0, BN,
                          c.vcur.data() + j0, (h0 + hh) * vs2, c.o.data() + hh * rows * Dv_pad, Dv_pad,
                          j0 == 0 ? 2 : 1, c.alpha.data() + hh * rows);
+              }
+          vpf.advance(vpf.lines_per_block());  // what is left (keys no row can see skip their P.V calls)
         }
         for (int64_t hh = 0; hh < G; ++hh)
           for (int64_t r = 0; r < rows; ++r) {
