@@ -11,7 +11,8 @@
 ``KVCache`` holds contiguous (max_batch, max_seq_len, Hkv, D) buffers; ``PagedKVCache`` a pool of
 (num_pages, page_size, Hkv, D) pages, a free list and a block table per sequence. Both keep the int32
 ``seqlens`` (tokens cached per sequence) that decode_attention reads as ``cache_seqlens``, and both work on a
-subset of their sequences through ``seq_ids`` (a list or int32 tensor of sequence slots).
+subset of their sequences through ``seq_ids`` (a list or int32 tensor of sequence slots). On the CPU their
+K/V buffers come from ``fusedattn.zeros_kv_cache``: backed by transparent huge pages, which decode reads faster.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 
 import fusedattn
 from fusedattn.decode import decode_attention
+from fusedattn.memory import zeros_kv_cache
 
 __all__ = ["KVCache", "PagedKVCache"]
 
@@ -138,8 +140,8 @@ class KVCache(_CacheBase):
                  head_dim_v: Optional[int] = None):
         super().__init__()
         shape = (max_batch, max_seq_len, num_kv_heads)
-        self.register_buffer("k", torch.zeros(*shape, head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device),
+        self.register_buffer("k", zeros_kv_cache((*shape, head_dim), dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
 
@@ -180,8 +182,8 @@ class PagedKVCache(_CacheBase):
             raise ValueError(f"page_size and num_pages must be >= 1, got {page_size} and {num_pages}")
         shape = (num_pages, page_size, num_kv_heads)
         self.page_size = page_size
-        self.register_buffer("k", torch.zeros(*shape, head_dim, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(*shape, head_dim_v or head_dim, dtype=dtype, device=device),
+        self.register_buffer("k", zeros_kv_cache((*shape, head_dim), dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device),
                              persistent=False)
         max_blocks = -(-max_seq_len // page_size)
         self.register_buffer("block_table", torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),

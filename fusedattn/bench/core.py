@@ -6,8 +6,9 @@ Method (stated again in every result file):
   * a warm-up call per backend, then ``repeats`` timed calls taken round-robin across the backends
     (so drifts in machine speed hit all alike): median with the min..max spread; on CUDA, CUDA
     events around each call and a 256 MiB buffer rewritten between calls (flushes L2); on the
-    CPU, ``time.perf_counter`` and, for memory-bound families, a 64 MiB buffer rewritten between
-    calls so the cache does not hold the data;
+    CPU, ``time.perf_counter`` and, for memory-bound families, a 64 MiB buffer read between calls
+    so the cache does not hold the data (read, not written: see _Flusher); Python's garbage collector
+    is off while timing;
   * peak extra memory: CUDA ``max_memory_allocated`` minus what was allocated before the call;
     CPU the peak resident set during one call minus the resident set before it, in a fresh child
     process (Linux VmHWM, reset through /proc/self/clear_refs). Both include the output.
@@ -15,6 +16,7 @@ Method (stated again in every result file):
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import os
 import platform
@@ -79,17 +81,26 @@ def machine_info(device: str) -> dict:
 
 
 class _Flusher:
-    """Rewrites a buffer larger than the last-level cache between timed calls."""
+    """Evicts the caches between timed calls by touching a buffer larger than the last-level cache.
+
+    On CUDA the buffer is rewritten (the usual L2 flush). On the CPU it is read: rewriting it would leave
+    the caches full of dirty lines that the next timed call has to write back to memory -- 32 MiB of
+    writes charged to a memory-bound kernel that reads 128 MiB, ~25% more traffic that is not its own."""
 
     def __init__(self, device: str, enabled: bool):
         self.buf = None
+        self.device = device
         if enabled:
             mib = 256 if device == "cuda" else 64
-            self.buf = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+            self.buf = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
 
     def __call__(self) -> None:
-        if self.buf is not None:
+        if self.buf is None:
+            return
+        if self.device == "cuda":
             self.buf.fill_(1.0)
+        else:
+            self.buf.sum()
 
 
 def sync(device: str) -> None:
@@ -100,7 +111,18 @@ def sync(device: str) -> None:
 def time_round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
     """Milliseconds per call for each of ``fns`` (name -> zero-argument callable), one entry per
     repeat. Each backend is warmed up once, then the repeats go round-robin (A B C A B C ...), so a
-    drift in the machine's speed (turbo, a noisy neighbour) hits every backend alike."""
+    drift in the machine's speed (turbo, a noisy neighbour) hits every backend alike. Python's garbage
+    collector is off meanwhile (as in ``timeit``): a collection would land in some timed call."""
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        return _round_robin(fns, device, repeats, flush)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
     flusher = _Flusher(device, flush)
     for fn in fns.values():
         fn()
@@ -354,7 +376,12 @@ def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memor
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     if timed:
-        times = time_round_robin(timed, device, family.repeats(case, repeats), flush=family.flush)
+        # the family's companions (decode: a copy, for the machine's bandwidth) share the round-robin
+        extra = family.companions(case, device) if hasattr(family, "companions") else {}
+        times = time_round_robin({**timed, **{f"companion:{n}": f for n, f in extra.items()}}, device,
+                                 family.repeats(case, repeats), flush=family.flush)
+        for n in extra:
+            family.companion_times(case, n, times.pop(f"companion:{n}"))
         for name, t in times.items():
             row = rows[name]
             row.median_ms, row.min_ms, row.max_ms = statistics.median(t), min(t), max(t)

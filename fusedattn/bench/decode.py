@@ -1,9 +1,13 @@
 """Decode benchmark family: fusedattn.decode_attention vs torch SDPA on the same KV cache.
 
 Decoding reads the whole cache once per step, so the metric is bandwidth: GB/s = (K + V cache read + Q + O)
-bytes / time, and its fraction of the machine's copy bandwidth, measured at the start of the same run
-(``copy_bandwidth``: the best of several copies of a 1 GiB tensor into a preallocated one, read + write bytes;
-a ``clone`` would time page faults of fresh memory, not the memory system).
+bytes / time, and its fraction of the machine's copy bandwidth. The copy (a 256 MiB tensor into a preallocated
+one, read + write bytes) is timed beside every case, in the same round-robin as its kernels, so that both see
+the machine in the same state: on a shared VM the memory bandwidth moves by +-30% within minutes.
+
+The cache's memory: ``alloc="fusedattn"`` is ``fusedattn.zeros_kv_cache`` (what KVCache / PagedKVCache use:
+transparent huge pages on the CPU), ``alloc="torch"`` a plain ``torch.randn`` tensor (4 KiB pages on the CPU).
+On a GPU the two are the same.
 
 Peers: ``torch_sdpa`` is ``F.scaled_dot_product_attention(enable_gqa=True)`` on the cache sliced to the
 sequence length and transposed to (B, H, L, D); for a paged cache it first gathers the pages into a contiguous
@@ -13,7 +17,7 @@ flash_attn (``flash_attn_with_kvcache``) are GPU peers, listed when installed.
 from __future__ import annotations
 
 import importlib.util
-import time
+import statistics
 from typing import Optional
 
 import torch
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..decode import decode_attention
+from ..memory import zeros_kv_cache
 from ..reference import decode_attention_ref
 from .core import Row, plot_vs_length, sync
 
@@ -29,39 +34,46 @@ title = "Decode"
 metric_name = "GB/s"
 flush = True  # memory-bound: a 64 MiB buffer is rewritten between timed calls so no case runs from cache
 formula = ("bytes = K+V cache read + Q + O = (2*B*L*Hkv*D + 2*B*Hq*D) * element size; GB/s = bytes / time. "
-           "One new token per sequence (Lq = 1), all B sequences L keys long.")
+           "One new token per sequence (Lq = 1), all B sequences L keys long. 'copy GB/s': a 256 MiB copy "
+           "(read + write bytes) timed in the same round-robin as the case (median); '% of copy' = GB/s / that. "
+           "alloc: the cache's memory (fusedattn = fusedattn.zeros_kv_cache, huge pages on the CPU; torch = "
+           "torch.randn, 4 KiB pages).")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAGE_SIZE = 16  # the paged layout's page size (vLLM's default)
 MEMORY_BUDGET = 6 * 2**30  # bytes: larger cases are skipped (the cache), or their torch peer (cache + copies)
 
-_copy_gbps: Optional[float] = None  # measured by prepare() at the start of the run
+COPY_MIB = 256  # the copy timed beside each case
+_copy: dict = {}  # case -> copy GB/s (median) measured beside it
+_copy_buf: Optional[tuple] = None
 
 
-def copy_bandwidth(device: str) -> float:
-    """Read + write GB/s of copying a 1 GiB tensor into a preallocated one (best of 5)."""
-    src = torch.ones(2**28, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # touches dst's pages
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * src.element_size() / best / 1e9
+def _key(case: dict) -> tuple:
+    return tuple(sorted(case.items()))
 
 
-def prepare(device: str) -> None:
-    """Measures the copy bandwidth before the cases run, and states it in the formula (tables, JSON)."""
-    global formula, _copy_gbps
-    _copy_gbps = copy_bandwidth(device)
-    formula = (f"{formula.split(' Copy bandwidth')[0]} Copy bandwidth measured in this run: {_copy_gbps:.1f} GB/s "
-               f"(read + write); '% of copy' = GB/s / copy bandwidth.")
+def companions(case: dict, device: str) -> dict:
+    """Timed in the same round-robin as the case's kernels, not reported as backends: the copy."""
+    global _copy_buf
+    if _copy_buf is None or _copy_buf[0].device.type != torch.device(device).type:
+        src = torch.ones(COPY_MIB * 2**20 // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)  # touches dst's pages: the timed copies do not count page faults
+        _copy_buf = (src, dst)
+    src, dst = _copy_buf
+    return {"copy": lambda: dst.copy_(src)}
 
 
-def _case(B, Hkv, L, dt, layout, Hq=32, D=128):
-    return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "L": L, "dtype": dt, "layout": layout}
+def companion_times(case: dict, name: str, times_ms: list) -> None:
+    src = _copy_buf[0]
+    _copy[_key(case)] = 2 * src.numel() * src.element_size() / (statistics.median(times_ms) * 1e-3) / 1e9
+
+
+def copy_gbps(case: dict) -> Optional[float]:
+    return _copy.get(_key(case))
+
+
+def _case(B, Hkv, L, dt, layout, Hq=32, D=128, alloc="fusedattn"):
+    return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "L": L, "dtype": dt, "layout": layout, "alloc": alloc}
 
 
 def cache_bytes(case: dict) -> int:
@@ -71,14 +83,16 @@ def cache_bytes(case: dict) -> int:
 def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict]:
     dts = dtypes or (["bf16", "fp32"] if device == "cpu" else ["bf16", "fp16"])
     paged = f"paged{PAGE_SIZE}"
-    if quick:  # the issue's target case (B=8, Hkv=8, L=4096, bf16) in both layouts, and two more
-        out = [_case(8, 8, 4096, "bf16", "contiguous"), _case(8, 8, 4096, "bf16", paged),
+    # the issue's target case (B=8, Hkv=8, L=4096, bf16) also on a plain torch tensor (CPU: 4 KiB pages)
+    plain = [_case(8, 8, 4096, "bf16", "contiguous", alloc="torch")] if device == "cpu" else []
+    if quick:  # the target case in both layouts, and two more
+        out = [_case(8, 8, 4096, "bf16", "contiguous"), *plain, _case(8, 8, 4096, "bf16", paged),
                _case(1, 8, 8192, "bf16", "contiguous"), _case(8, 8, 4096, "fp32", "contiguous")]
         return [c for c in out if c["dtype"] in dts]
     out = [_case(B, Hkv, L, dt, layout)
            for dt in dts for layout in ("contiguous", paged) for Hkv in (8, 32) for B in (1, 8, 64)
            for L in (512, 2048, 4096, 8192, 32768)]
-    return [c for c in out if cache_bytes(c) <= MEMORY_BUDGET]
+    return [c for c in out if cache_bytes(c) <= MEMORY_BUDGET] + [c for c in plain if c["dtype"] in dts]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, L: int) -> torch.Tensor:
@@ -143,8 +157,12 @@ def make_inputs(case: dict, device: str, requires_grad: bool = False, seed: int 
         pages = -(-L // PAGE_SIZE)
         shape = (B * pages, PAGE_SIZE, Hkv, D)
         block_table = torch.randperm(B * pages, generator=g, device=device).view(B, pages).to(torch.int32)
-    k_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    v_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    if case.get("alloc", "fusedattn") == "torch":
+        k_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+        v_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
+    else:
+        k_cache = zeros_kv_cache(shape, dtype=dtype, device=device).normal_(generator=g)
+        v_cache = zeros_kv_cache(shape, dtype=dtype, device=device).normal_(generator=g)
     seqlens = torch.full((B,), L, dtype=torch.int32, device=device)
     return q, k_cache, v_cache, seqlens, block_table
 
@@ -188,28 +206,33 @@ def work(case: dict) -> float:
 
 
 def fraction_of_copy(r: Row) -> str:
-    return f"{r.metric / _copy_gbps:.0%}" if _copy_gbps and r.metric else "-"
+    cp = copy_gbps(r.case)
+    return f"{r.metric / cp:.0%}" if cp and r.metric else "-"
 
 
-extra_columns = [("% of copy", fraction_of_copy)]
+extra_columns = [("copy GB/s", lambda r: f"{copy_gbps(r.case):.1f}" if copy_gbps(r.case) else "-"),
+                 ("% of copy", fraction_of_copy)]
 
 
 def format_row(r: Row, rows: list[Row]) -> str:
     c = r.case
-    head = (f"{c['dtype']:5s} {c['layout']:10s} B={c['B']:2d} Hq={c['Hq']} Hkv={c['Hkv']:2d} D={c['D']} "
-            f"L={c['L']:6d}")
+    head = (f"{c['dtype']:5s} {c['layout']:10s} {c.get('alloc', 'fusedattn'):9s} B={c['B']:2d} Hq={c['Hq']} "
+            f"Hkv={c['Hkv']:2d} D={c['D']} L={c['L']:6d}")
     if r.status != "ok":
         return f"{head} {r.backend:11s} {r.status}"
     ours = next((x for x in rows if x.case == c and x.backend == "fusedattn" and x.status == "ok"), None)
     ratio = f"{r.median_ms / ours.median_ms:6.2f}x vs ours" if ours and r.backend != "fusedattn" else ""
+    cp = copy_gbps(c)
     return (f"{head} {r.backend:11s} {r.median_ms:9.3f} ms [{r.min_ms:.3f}..{r.max_ms:.3f}] {r.metric:6.1f} GB/s "
-            f"({fraction_of_copy(r):>4s} of copy) err {r.max_err:.1e} {ratio}")
+            f"({fraction_of_copy(r):>4s} of {cp or 0:.1f} GB/s copy) err {r.max_err:.1e} {ratio}")
 
 
 def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     """GB/s vs cache length, one line per backend, one panel per (dtype, layout, B, Hkv); the copy bandwidth
-    as a dashed line."""
+    as a dashed line (the median of the copies timed beside the cases)."""
+    cps = [v for v in (copy_gbps(r.case) for r in rows) if v]
+    cp = statistics.median(cps) if cps else None
     return plot_vs_length(rows, info, out_dir, tag, family="decode",
-                          group=lambda c: (c["dtype"], c["layout"], c["B"], c["Hkv"]),
-                          title=lambda g: f"{g[0]} {g[1]} B={g[2]} Hkv={g[3]}", xlabel="cache length",
-                          ylabel="GB/s", hline=(_copy_gbps, "copy bandwidth") if _copy_gbps else None)
+                          group=lambda c: (c["dtype"], c["layout"], c.get("alloc", "fusedattn"), c["B"], c["Hkv"]),
+                          title=lambda g: f"{g[0]} {g[1]} ({g[2]} alloc) B={g[3]} Hkv={g[4]}", xlabel="cache length",
+                          ylabel="GB/s", hline=(cp, "copy bandwidth") if cp else None)
