@@ -8,6 +8,8 @@ memory's speed). torch allocates with 4 KiB pages unless ``THP_MEM_ALLOC_ENABLE=
 this allocates the cache itself: an anonymous mapping, 2 MiB aligned, advised ``MADV_HUGEPAGE``. The kernel
 honours the advice when transparent huge pages are ``madvise`` or ``always``
 (/sys/kernel/mm/transparent_hugepage/enabled); where they are off, or off Linux, the memory is ordinary.
+Pages are zeroed by the kernel on first touch (no memset here); where the kernel compacts memory for huge
+pages on a fault (defrag ``madvise``, the default), that first touch can take longer on a fragmented machine.
 """
 from __future__ import annotations
 
