@@ -790,6 +790,7 @@ def test_bench_decode_family_end_to_end(tmp_path, monkeypatch):
     assert {r["backend"] for r in ok} == {"fusedattn", "torch_sdpa"} and len(ok) == 4  # the copy is no backend
     assert all(r["median_ms"] > 0 and r["max_err"] < 1e-4 for r in ok)
     assert all(fam.copy_gbps(c) > 0 for c in tiny)  # a copy timed beside each case
+    assert all(float(r["copy GB/s"]) > 0 and r["% of copy"].endswith("%") for r in ok)  # in the JSON too
     md = (tmp_path / "cpu_decode.md").read_text()
     assert "copy GB/s" in md and "% of copy" in md and "ratio vs torch_sdpa" in md
 

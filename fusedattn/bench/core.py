@@ -245,6 +245,7 @@ def write_results(rows: list[Row], family, info: dict, out_dir: str, tag: str) -
     """Writes <tag>.md, .csv, .json (and .png plots when matplotlib is installed); returns paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
+    extra = getattr(family, "extra_columns", [])  # (header, fn(row) -> cell): in every file
     md = os.path.join(out_dir, f"{tag}.md")
     with open(md, "w") as f:
         f.write("\n".join(summarize(rows, family, info)) + "\n")
@@ -252,17 +253,18 @@ def write_results(rows: list[Row], family, info: dict, out_dir: str, tag: str) -
     js = os.path.join(out_dir, f"{tag}.json")
     with open(js, "w") as f:
         json.dump({"machine": info, "method": __doc__, "formula": family.formula,
-                   "rows": [asdict(r) for r in rows]}, f, indent=1)
+                   "rows": [dict(asdict(r), **{h: fn(r) for h, fn in extra}) for r in rows]}, f, indent=1)
     paths.append(js)
     cs = os.path.join(out_dir, f"{tag}.csv")
     case_keys = list(rows[0].case.keys()) if rows else []
     with open(cs, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(case_keys + ["backend", "status", "median_ms", "min_ms", "max_ms", family.metric_name,
-                                "peak_extra_mib", "max_err"])
+                                "peak_extra_mib", "max_err"] + [h for h, _ in extra])
         for r in rows:
             w.writerow([r.case[k] for k in case_keys] + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms,
-                                                         r.metric, r.peak_extra_mib, r.max_err])
+                                                         r.metric, r.peak_extra_mib, r.max_err]
+                       + [fn(r) for _, fn in extra])
     paths.append(cs)
     paths += family.plot(rows, info, out_dir, tag)
     return paths

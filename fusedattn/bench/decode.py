@@ -27,12 +27,12 @@ from .. import dispatch
 from ..decode import decode_attention
 from ..memory import zeros_kv_cache
 from ..reference import decode_attention_ref
-from .core import Row, plot_vs_length, sync
+from .core import Row, plot_vs_length
 
 name = "decode"
 title = "Decode"
 metric_name = "GB/s"
-flush = True  # memory-bound: a 64 MiB buffer is rewritten between timed calls so no case runs from cache
+flush = True  # memory-bound: a 64 MiB buffer is read between timed calls so no case runs from cache
 formula = ("bytes = K+V cache read + Q + O = (2*B*L*Hkv*D + 2*B*Hq*D) * element size; GB/s = bytes / time. "
            "One new token per sequence (Lq = 1), all B sequences L keys long. 'copy GB/s': a 256 MiB copy "
            "(read + write bytes) timed in the same round-robin as the case (median); '% of copy' = GB/s / that. "
