@@ -37,11 +37,8 @@ def zeros_kv_cache(shape: Sequence[int], *, dtype: torch.dtype, device: Union[st
     device=device)``.
     """
     device = torch.device(device) if device is not None else torch.get_default_device()
-    shape = tuple(int(s) for s in shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    shape = torch.Size(shape)
+    nbytes = shape.numel() * dtype.itemsize
     if device.type != "cpu" or not huge_pages or nbytes < MIN_BYTES or not huge_pages_supported():
         return torch.zeros(shape, dtype=dtype, device=device)
     buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # zero-filled

@@ -76,6 +76,10 @@ def _case(B, Hkv, L, dt, layout, Hq=32, D=128, alloc="fusedattn"):
     return {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "L": L, "dtype": dt, "layout": layout, "alloc": alloc}
 
 
+def _alloc(case: dict) -> str:
+    return case.get("alloc", "fusedattn")  # a case without the key (hand-written): fusedattn's allocator
+
+
 def cache_bytes(case: dict) -> int:
     return 2 * case["B"] * case["L"] * case["Hkv"] * case["D"] * DTYPES[case["dtype"]].itemsize
 
@@ -157,7 +161,7 @@ def make_inputs(case: dict, device: str, requires_grad: bool = False, seed: int 
         pages = -(-L // PAGE_SIZE)
         shape = (B * pages, PAGE_SIZE, Hkv, D)
         block_table = torch.randperm(B * pages, generator=g, device=device).view(B, pages).to(torch.int32)
-    if case.get("alloc", "fusedattn") == "torch":
+    if _alloc(case) == "torch":
         k_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
         v_cache = torch.randn(shape, generator=g, device=device, dtype=dtype)
     else:
@@ -216,7 +220,7 @@ extra_columns = [("copy GB/s", lambda r: f"{copy_gbps(r.case):.1f}" if copy_gbps
 
 def format_row(r: Row, rows: list[Row]) -> str:
     c = r.case
-    head = (f"{c['dtype']:5s} {c['layout']:10s} {c.get('alloc', 'fusedattn'):9s} B={c['B']:2d} Hq={c['Hq']} "
+    head = (f"{c['dtype']:5s} {c['layout']:10s} {_alloc(c):9s} B={c['B']:2d} Hq={c['Hq']} "
             f"Hkv={c['Hkv']:2d} D={c['D']} L={c['L']:6d}")
     if r.status != "ok":
         return f"{head} {r.backend:11s} {r.status}"
@@ -233,6 +237,6 @@ def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     cps = [v for v in (copy_gbps(r.case) for r in rows) if v]
     cp = statistics.median(cps) if cps else None
     return plot_vs_length(rows, info, out_dir, tag, family="decode",
-                          group=lambda c: (c["dtype"], c["layout"], c.get("alloc", "fusedattn"), c["B"], c["Hkv"]),
+                          group=lambda c: (c["dtype"], c["layout"], _alloc(c), c["B"], c["Hkv"]),
                           title=lambda g: f"{g[0]} {g[1]} ({g[2]} alloc) B={g[3]} Hkv={g[4]}", xlabel="cache length",
                           ylabel="GB/s", hline=(cp, "copy bandwidth") if cp else None)
