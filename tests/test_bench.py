@@ -7,7 +7,7 @@ import pytest
 
 from fusedattn import bench
 from fusedattn.bench import attention as fam
-from fusedattn.bench.core import Row, measure
+from fusedattn.bench.core import Row, measure, time_round_robin
 
 
 @pytest.fixture
@@ -42,3 +42,13 @@ def test_info_reports_backends():
     out = subprocess.run([sys.executable, "-m", "fusedattn", "info"], capture_output=True, text=True, check=True).stdout
     assert "cpu        available" in out and "reference  available" in out
     assert "cuda       unavailable:" in out or "cuda       available" in out
+
+
+def test_round_robin_rotates_the_order():
+    """Each backend takes each slot of a round equally often (a call pays for what the one before it left)."""
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_round_robin(fns, "cpu", repeats=6, flush=False)
+    assert {n: len(t) for n, t in times.items()} == {"a": 6, "b": 6, "c": 6}
+    rounds = [calls[3 + 3 * i: 6 + 3 * i] for i in range(6)]  # after the three warm-up calls
+    assert rounds[:3] == [list("abc"), list("bca"), list("cab")] and rounds[3:] == rounds[:3]
