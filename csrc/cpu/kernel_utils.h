@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -107,14 +108,37 @@ constexpr int64_t pair_lane(int64_t c) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) return c < VL ? 2 * c : 2 * (c - VL) + 1;
   return c;
 }
+// The lane masks of the pair-order shuffles: pair_mask(0) picks the even elements of the 2*VL-lane
+// concatenation of two vectors, pair_mask(1) the odd ones; interleave_mask(h) interleaves the
+// lower (h = 0) or upper (h = 1) halves of two vectors.
+typedef int32_t vi32 __attribute__((vector_size(VL * sizeof(int32_t))));
+template <std::size_t... I>
+constexpr vi32 pair_mask_impl(int32_t odd, std::index_sequence<I...>) {
+  return vi32{static_cast<int32_t>(2 * I + odd)...};
+}
+constexpr vi32 pair_mask(int32_t odd) { return pair_mask_impl(odd, std::make_index_sequence<VL>{}); }
+template <std::size_t... I>
+constexpr vi32 interleave_mask_impl(int32_t half, std::index_sequence<I...>) {
+  return vi32{static_cast<int32_t>(half * VL / 2 + I / 2 + (I % 2) * VL)...};
+}
+constexpr vi32 interleave_mask(int32_t half) { return interleave_mask_impl(half, std::make_index_sequence<VL>{}); }
+
 // In place: row[d .. d+2VL) rearranged into pair_lane order, for each whole pair in [0, n).
+// Two vector shuffles per pair (a scalar gather through a buffer cost ~3 us per decode task:
+// the vector reload of 16 scalar stores cannot be store-forwarded).
 template <typename T>
 inline void to_pair_order(float* row, int64_t n) {
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    float tmp[2 * VL];
     for (int64_t d = 0; d + 2 * VL <= n; d += 2 * VL) {
+#if defined(__clang__)  // no __builtin_shuffle: through a buffer
+      float tmp[2 * VL];
       for (int64_t c = 0; c < 2 * VL; ++c) tmp[c] = row[d + pair_lane<T>(c)];
       std::copy(tmp, tmp + 2 * VL, row + d);
+#else
+      const vfloat a = load_v(row + d), b = load_v(row + d + VL);
+      store_v(row + d, __builtin_shuffle(a, b, pair_mask(0)));
+      store_v(row + d + VL, __builtin_shuffle(a, b, pair_mask(1)));
+#endif
     }
   }
 }
@@ -123,8 +147,15 @@ template <typename T>
 inline void from_pair_order(const float* src, int64_t n, float* dst) {
   int64_t d = 0;
   if constexpr (std::is_same_v<T, c10::BFloat16>)
-    for (; d + 2 * VL <= n; d += 2 * VL)
+    for (; d + 2 * VL <= n; d += 2 * VL) {
+#if defined(__clang__)
       for (int64_t c = 0; c < 2 * VL; ++c) dst[d + pair_lane<T>(c)] = src[d + c];
+#else
+      const vfloat even = load_v(src + d), odd = load_v(src + d + VL);
+      store_v(dst + d, __builtin_shuffle(even, odd, interleave_mask(0)));
+      store_v(dst + d + VL, __builtin_shuffle(even, odd, interleave_mask(1)));
+#endif
+    }
   std::copy(src + d, src + n, dst + d);
 }
 
