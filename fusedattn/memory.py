@@ -2,7 +2,7 @@
 
 A decode step reads the whole cache once, so on the CPU it runs at memory speed, and with 4 KiB pages that
 speed suffers: every 4 KiB of a sequence's keys is a new page (a TLB miss, and a point where the hardware
-prefetchers stop). Backing the cache with 2 MiB pages measured 10-15% faster decode (bf16, B=8, L=4096,
+prefetchers stop). Backing the cache with 2 MiB pages measured 1-13% faster decode (bf16, B=8, L=4096,
 benchmarks/results/README.md) on the CI machine, while a plain copy gains nothing (it is already at the
 memory's speed). torch allocates with 4 KiB pages unless ``THP_MEM_ALLOC_ENABLE=1`` is set before it starts;
 this allocates the cache itself: an anonymous mapping, 2 MiB aligned, advised ``MADV_HUGEPAGE``. The kernel
