@@ -44,11 +44,16 @@ def test_info_reports_backends():
     assert "cuda       unavailable:" in out or "cuda       available" in out
 
 
-def test_round_robin_rotates_the_order():
-    """Each backend takes each slot of a round equally often (a call pays for what the one before it left)."""
+def test_round_robin_shuffles_the_order():
+    """Every backend follows each of the others (a call pays for what the one before it left), and the
+    order is the same from run to run."""
     calls = []
-    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = time_round_robin(fns, "cpu", repeats=6, flush=False)
-    assert {n: len(t) for n, t in times.items()} == {"a": 6, "b": 6, "c": 6}
-    rounds = [calls[3 + 3 * i: 6 + 3 * i] for i in range(6)]  # after the three warm-up calls
-    assert rounds[:3] == [list("abc"), list("bca"), list("cab")] and rounds[3:] == rounds[:3]
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+    times = time_round_robin(fns, "cpu", repeats=12, flush=False)
+    assert {n: len(t) for n, t in times.items()} == {n: 12 for n in "abcd"}
+    timed = calls[4:]  # after the four warm-up calls
+    before = {n: {p for p, c in zip(timed, timed[1:]) if c == n} for n in "abcd"}
+    assert all(before[n] - {n} == set("abcd") - {n} for n in "abcd"), before
+    calls.clear()
+    time_round_robin(fns, "cpu", repeats=12, flush=False)
+    assert calls[4:] == timed

@@ -4,8 +4,8 @@ Method (stated again in every result file):
   * every backend gets the same inputs; its output is compared with the float64 reference before
     its time is reported (a backend that fails the check is listed as WRONG, with no time);
   * a warm-up call per backend, then ``repeats`` timed calls taken round-robin across the backends
-    (so drifts in machine speed hit all alike), the order rotating each round (so each backend
-    follows each other one equally often): median with the min..max spread; on CUDA, CUDA
+    (so drifts in machine speed hit all alike), the order shuffled each round (so each backend
+    follows each of the others about equally often): median with the min..max spread; on CUDA, CUDA
     events around each call and a 256 MiB buffer rewritten between calls (flushes L2); on the
     CPU, ``time.perf_counter`` and, for memory-bound families, a 64 MiB buffer read between calls
     so the cache does not hold the data (read, not written: see _Flusher); Python's garbage collector
@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import gc
 import json
+import random
 import os
 import platform
 import statistics
@@ -112,10 +113,11 @@ def sync(device: str) -> None:
 def time_round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
     """Milliseconds per call for each of ``fns`` (name -> zero-argument callable), one entry per
     repeat. Each backend is warmed up once, then the repeats go round-robin, so a drift in the
-    machine's speed (turbo, a noisy neighbour) hits every backend alike. The order rotates from one
-    round to the next (A B C, B C A, C A B, ...): a call pays for what the call before it left
-    behind (on the CPU, the slot after a 256 MiB copy measured ~6% slower than the others, with the
-    same kernel in every slot), so every backend takes every slot equally often. Python's garbage
+    machine's speed (turbo, a noisy neighbour) hits every backend alike. The order is shuffled each
+    round (a fixed seed, so runs are repeatable): a call pays for what the call before it left behind
+    (on the CPU, the call right after a 256 MiB copy measured ~6% slower, with the same kernel in
+    every slot), so no backend may always follow the same one -- as it would in a fixed order, or in
+    a rotated one (A B C, B C A, ... keeps C before A). Python's garbage
     collector is off meanwhile (as in ``timeit``): a collection would land in some timed call."""
     gc_was_on = gc.isenabled()
     gc.disable()
@@ -126,10 +128,15 @@ def time_round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
             gc.enable()
 
 
-def rotated(names: list, i: int) -> list:
-    """Round ``i``'s order: ``names`` rotated left by ``i``."""
-    k = i % len(names) if names else 0
-    return names[k:] + names[:k]
+def round_orders(names: list, repeats: int, seed: int = 0) -> list:
+    """One order of ``names`` per round: a seeded shuffle each round."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(repeats):
+        order = list(names)
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
 
 
 def _round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
@@ -138,9 +145,8 @@ def _round_robin(fns: dict, device: str, repeats: int, flush: bool) -> dict:
         fn()
     sync(device)
     times: dict = {name: [] for name in fns}
-    names = list(fns)
-    for i in range(repeats):
-        for name in rotated(names, i):
+    for order in round_orders(list(fns), repeats):
+        for name in order:
             fn = fns[name]
             flusher()
             if device == "cuda":
