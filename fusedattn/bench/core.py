@@ -19,9 +19,9 @@ from __future__ import annotations
 import csv
 import gc
 import json
-import random
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
