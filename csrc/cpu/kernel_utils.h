@@ -212,6 +212,9 @@ inline void micro_kernel(int64_t K, const float* __restrict A, int64_t a_rs, int
     c0[r] = vfloat{};
     c1[r] = vfloat{};
   }
+  // Two k steps per loop trip: decode (K = 8 keys per call) 3% faster, prefill unchanged; a full
+  // unroll by 8 made decode 3% slower.
+#pragma GCC unroll 2
   for (int64_t k = 0; k < K; ++k) {
     vfloat b0, b1;
     b.load2(k, b0, b1);
