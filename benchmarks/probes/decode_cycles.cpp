@@ -1,6 +1,7 @@
 // Cycles per key x kv head of the CPU decode kernel, called directly (no Python, no op
-// dispatch): for A/B runs of kernel edits at ~1% resolution, where timing through Python on
-// this noisy VM resolves ~10%. Not part of the build. From the repository root:
+// dispatch): for A/B runs of kernel edits. With two builds run in turn, the per-round minima
+// resolve 1-2% on this noisy VM (timing through Python: ~10%); the VM's phases still move both
+// by up to 50%, so compare within a round. Not part of the build. From the repository root:
 //
 //   TI=$(python -c 'import torch, os; print(os.path.dirname(torch.__file__))')
 //   c++ -O3 -std=gnu++20 -ffp-contract=fast -fno-math-errno -fno-trapping-math \
