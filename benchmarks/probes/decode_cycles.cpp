@@ -45,9 +45,15 @@ struct CacheBuffer {
   explicit CacheBuffer(int64_t count) : n(count) {
     const size_t huge = size_t(2) << 20, bytes = (n * sizeof(T) + huge - 1) / huge * huge;
     ptr = static_cast<T*>(std::aligned_alloc(huge, bytes));
+    if (!ptr) {
+      std::fprintf(stderr, "out of memory allocating %zu bytes\n", bytes);
+      std::exit(1);
+    }
     if (!std::getenv("SMALL_PAGES")) madvise(ptr, bytes, MADV_HUGEPAGE);
   }
   ~CacheBuffer() { std::free(ptr); }
+  CacheBuffer(const CacheBuffer&) = delete;
+  CacheBuffer& operator=(const CacheBuffer&) = delete;
   T* data() const { return ptr; }
 };
 
