@@ -7,7 +7,8 @@ Environment:
     MAX_JOBS=N                 parallel compile jobs (default: number of CPUs)
     FUSEDATTN_SANITIZE=1       build the CPU kernels with -fsanitize=address,undefined
     FUSEDATTN_BUILD_TYPE=...   CMake build type (default Release)
-    TORCH_CUDA_ARCH_LIST       CUDA archs when torch has CUDA (default "8.0;9.0")
+    FUSEDATTN_CMAKE_ARGS=...   extra CMake arguments, split on spaces (tools/build_wheels.sh passes the CUDA root)
+    TORCH_CUDA_ARCH_LIST       CUDA archs when torch has CUDA (default "8.0;9.0a")
     FUSEDATTN_LOCAL_VERSION    the version's local tag; default: the torch the binary is built for, as flash-attn
                                does (0.1.0+torch2.13cpu, 0.1.0+torch2.11cu130); "" for none. An sdist has none.
 
@@ -83,6 +84,7 @@ class CMakeBuild(build_ext):
             f"-DFUSEDATTN_OUTPUT_DIR={out_dir}",
             f"-DFUSEDATTN_SANITIZE={'ON' if os.environ.get('FUSEDATTN_SANITIZE') == '1' else 'OFF'}",
         ]
+        args += os.environ.get("FUSEDATTN_CMAKE_ARGS", "").split()
         if shutil.which("ninja"):
             args.append("-GNinja")
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
