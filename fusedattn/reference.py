@@ -69,6 +69,9 @@ def make_window_mask(
     if causal:
         right = 0
     off = Lk - Lq if causal_align == "bottom_right" else 0
+    # A side of Lq + Lk or more hides no key (|i + off - j| < Lq + Lk): unbounded. Mapping it to -1 also keeps
+    # i + off + right from overflowing int64 for sides near 2**63 (sys.maxsize as "unbounded").
+    left, right = (-1 if w >= Lq + Lk else w for w in (left, right))
     i = torch.arange(Lq, device=device).unsqueeze(1)  # (Lq, 1)
     j = torch.arange(Lk, device=device).unsqueeze(0)  # (1, Lk)
     visible = torch.ones(Lq, Lk, dtype=torch.bool, device=device)
