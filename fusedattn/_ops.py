@@ -62,6 +62,39 @@ def _check_one_device(op: str, **tensors) -> None:
                                f"{name} on {t.device}")
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Passes gradients through (as copies) and raises when they are differentiated: see no_double_backward."""
+
+    @staticmethod
+    def forward(ctx, op: str, n: int, *tensors):  # tensors: n gradients, then the inputs they depend on
+        ctx.op = op
+        return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"fusedattn::{ctx.op}: double backward is not supported (the fused backward is "
+                           f"first-order only); use backend='reference' or torch's math SDPA for higher-order "
+                           f"gradients")
+
+
+def no_double_backward(op: str, grads: tuple, inputs: tuple) -> tuple:
+    """The fused backward kernels compute first-order gradients only. With ``create_graph=True`` (a gradient
+    penalty, a Hessian-vector product) autograd would treat their outputs as constants and silently drop the
+    second-order terms; instead, differentiating them raises (torch's own CPU SDPA raises there too), while the
+    first-order gradients are still returned. Call from a backward, with the kernel run under no_grad;
+    ``inputs``: the tensors the backward read (grad_out, q, k, v, ...), which the gradients depend on."""
+    if not torch.is_grad_enabled():
+        return grads
+    deps = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    idx = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+    if not deps or not idx:
+        return grads
+    out = list(grads)
+    for i, g in zip(idx, _FirstOrderOnly.apply(op, len(idx), *(grads[i] for i in idx), *deps)):
+        out[i] = g
+    return tuple(out)
+
+
 if _C is not None:
 
     @torch.library.register_fake("fusedattn::attention_fwd")
@@ -93,9 +126,11 @@ if _C is not None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         scale, window_left, window_right, bottom_right, softcap = ctx.params
-        dq, dk, dv = torch.ops.fusedattn.attention_bwd(
-            grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
-            softcap, grad_lse)
+        with torch.no_grad():
+            dq, dk, dv = torch.ops.fusedattn.attention_bwd(
+                grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
+                softcap, grad_lse)
+        dq, dk, dv = no_double_backward("attention_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd(
@@ -129,9 +164,10 @@ if _C is not None:
             return (None, None, None) + no_grads
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = torch.ops.fusedattn.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                    *ctx.params, grad_lse)
-        return (dq, dk, dv) + no_grads
+        with torch.no_grad():
+            dq, dk, dv = torch.ops.fusedattn.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                                                        *ctx.params, grad_lse)
+        return no_double_backward("varlen_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v)) + no_grads
 
     torch.library.register_autograd(
         "fusedattn::varlen_fwd", _varlen_fwd_backward, setup_context=_varlen_fwd_setup_context)
