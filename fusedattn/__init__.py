@@ -15,7 +15,8 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 from . import _ops  # noqa: F401  (loads fusedattn._C: registers torch.ops.fusedattn.*)
 from .api import attention, scaled_dot_product_attention
 from .decode import decode_attention, merge_attention_states
-from .dispatch import BACKENDS, available_backends
+from .dispatch import CHOICES as BACKENDS  # what backend= accepts: "auto" + dispatch.BACKENDS (the real ones)
+from .dispatch import available_backends
 from .memory import zeros_kv_cache
 from .reference import attention_ref
 from .varlen import varlen_attention

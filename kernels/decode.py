@@ -26,7 +26,6 @@ does not run interpreted kernels.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -34,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedattn import checks
+from fusedattn.checks import MAX_SPLITS  # the one bound on num_splits (= the C++ op's)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_SPLITS = 1024  # = the C++ op's bound (fusedattn/decode.py validates against it)
 # exp(x) = exp2(x * log2(e)): exp2 is the native instruction. Kernels read globals only as constexprs.
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)
@@ -297,119 +298,26 @@ def _is_concrete(*ts) -> bool:
     return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in ts)
 
 
-def _check_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
-    if t.device != q.device:
-        raise _err(f"{name} must be on q's device {q.device}, got {t.device}")
-
-
-def _check_int32_vector(name: str, t: torch.Tensor, q: torch.Tensor, B: int) -> None:
-    _check_device(name, t, q)
-    if t.dtype != torch.int32:
-        raise _err(f"{name} must be int32, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != B:
-        raise _err(f"{name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
-
-
 def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
                        window_left, window_right, softcap, num_splits) -> None:
-    """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's): shapes,
-    dtypes, devices, then -- with concrete CPU tensors (the interpreter) -- every index the kernels follow."""
-    if q.dim() != 4:
-        raise _err(f"q must be 4-D (B, Lq, Hq, D), got shape {tuple(q.shape)}")
-    if k_cache.dim() != 4:
-        raise _err(f"k_cache must be 4-D (B_cache, L_max, Hkv, D) or paged (num_blocks, PAGE_SIZE, Hkv, D), "
-                   f"got shape {tuple(k_cache.shape)}")
-    if v_cache.dim() != 4:
-        raise _err(f"v_cache must be 4-D like k_cache, got shape {tuple(v_cache.shape)}")
+    """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's), the rules of
+    fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars, then -- with concrete CPU tensors
+    (the interpreter) -- every index the kernels follow."""
+    checks.check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, err=_err)
     if q.dtype not in _FUSED_DTYPES:
         raise _err(f"q must be float32, bfloat16 or float16, got {q.dtype}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_device(name, t, q)
-        if t.dtype != q.dtype:
-            raise _err(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.stride(3) != 1:
-            raise _err(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}")
-    B, Lq, Hq, D = q.shape
-    Hkv = k_cache.shape[2]
-    if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise _err(f"v_cache must match k_cache in all but the head dim, got k_cache {tuple(k_cache.shape)}, "
-                   f"v_cache {tuple(v_cache.shape)}")
-    if k_cache.shape[3] != D:
-        raise _err(f"k_cache head dim {k_cache.shape[3]} != q head dim {D}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise _err(f"the number of query heads in q ({Hq}) must be a multiple of the number of kv heads in "
-                   f"k_cache ({Hkv})")
-    if window_left < -1 or window_right < -1:
-        raise _err(f"window sizes must be >= 0 or -1 (unbounded), got ({window_left}, {window_right})")
-    if not math.isfinite(scale):
-        raise _err(f"scale must be finite, got {scale}")
-    if not (math.isfinite(softcap) and softcap >= 0):
-        raise _err(f"softcap must be >= 0, got {softcap}")
-    if not 0 <= num_splits <= MAX_SPLITS:
-        raise _err(f"num_splits must be in [0, {MAX_SPLITS}] (0 = heuristic), got {num_splits}")
-    _check_int32_vector("cache_seqlens", cache_seqlens, q, B)
-    if (k_new is None) != (v_new is None):
-        raise _err("k_new and v_new must be given together")
-    Lnew = 0
-    if k_new is not None:
-        if k_new.dim() != 4:
-            raise _err(f"k_new must be 4-D (B, Lnew, Hkv, D), got shape {tuple(k_new.shape)}")
-        Lnew = k_new.shape[1]
-        for name, t, dim in (("k_new", k_new, D), ("v_new", v_new, v_cache.shape[3])):
-            _check_device(name, t, q)
-            if t.dtype != q.dtype:
-                raise _err(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-            if tuple(t.shape) != (B, Lnew, Hkv, dim):
-                raise _err(f"{name} must have shape (B, Lnew, Hkv, {dim}) = {(B, Lnew, Hkv, dim)}, got "
-                           f"{tuple(t.shape)}")
-    paged = block_table is not None
-    if paged:
-        _check_device("block_table", block_table, q)
-        if block_table.dtype != torch.int32:
-            raise _err(f"block_table must be int32, got {block_table.dtype}")
-        if block_table.dim() != 2 or block_table.shape[0] != B:
-            raise _err(f"block_table must have shape (B, max_blocks) with B = {B}, got {tuple(block_table.shape)}")
-        if cache_batch_idx is not None:
-            raise _err("cache_batch_idx cannot be combined with block_table (a paged cache addresses sequences "
-                       "through the block table)")
-        if k_cache.shape[1] == 0:
-            raise _err(f"a paged k_cache must have PAGE_SIZE > 0, got {tuple(k_cache.shape)}")
-    if cache_batch_idx is not None:
-        _check_int32_vector("cache_batch_idx", cache_batch_idx, q, B)
-    elif not paged and k_cache.shape[0] < B:
-        raise _err(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {B} (pass cache_batch_idx to "
-                   f"pick cache rows)")
-    if q.device.type != "cpu" or not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or B == 0:
+    checks.check_scale(scale, err=_err)
+    checks.check_softcap(softcap, err=_err)
+    checks.check_window_sizes(window_left, window_right, err=_err)
+    checks.check_num_splits(num_splits, err=_err)
+    if q.device.type != "cpu" or not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or q.shape[0] == 0:
         # On a GPU (a device sync and a few launches per call would cost a decode step ~5-10%; the public
         # wrapper checks eagerly) and while tracing: the kernels refuse bad indices themselves -- no access
         # outside the tensors, and the affected sequence's output and lse are NaN.
         return
     # Value checks (interpreter, CPU tensors).
-    seqlens = cache_seqlens.to(torch.int64)
-    if bool((seqlens < 0).any()):
-        b = int((seqlens < 0).nonzero()[0])
-        raise _err(f"cache_seqlens[{b}] = {int(seqlens[b])} is negative")
-    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
-    total = seqlens + Lnew
-    if bool((total > capacity).any()):
-        b = int((total > capacity).nonzero()[0])
-        what = "max_blocks * PAGE_SIZE of block_table and k_cache" if paged else "L_max of k_cache"
-        raise _err(f"cache_seqlens[{b}] + Lnew = {int(seqlens[b])} + {Lnew} = {int(total[b])} exceeds the cache "
-                   f"capacity {capacity} ({what})")
-    if paged:
-        used = (total + k_cache.shape[1] - 1) // k_cache.shape[1]
-        touched = torch.arange(block_table.shape[1], device=q.device) < used[:, None]
-        bad = touched & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-        if bool(bad.any()):
-            b, blk = (int(x) for x in bad.nonzero()[0])
-            raise _err(f"block_table[{b}, {blk}] = {int(block_table[b, blk])} is out of range for a cache of "
-                       f"{k_cache.shape[0]} blocks")
-    if cache_batch_idx is not None:
-        bad = (cache_batch_idx < 0) | (cache_batch_idx >= k_cache.shape[0])
-        if bool(bad.any()):
-            b = int(bad.nonzero()[0])
-            raise _err(f"cache_batch_idx[{b}] = {int(cache_batch_idx[b])} is out of range for a cache of "
-                       f"{k_cache.shape[0]} sequences")
+    checks.check_decode_indices(k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table,
+                                cache_batch_idx, err=_err)
 
 
 def _pow2(n: int, floor: int = 16) -> int:

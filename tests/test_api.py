@@ -4,6 +4,7 @@ selection, op registration, and a stock nn.TransformerEncoder running on the dro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import re
@@ -427,10 +428,21 @@ def test_transformer_encoder_train_backward_with_drop_in(gen, monkeypatch, no_mh
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
 
-def test_cuda_case_rule_names_the_case():
-    """Which cases the CUDA kernels take (fusedattn.dispatch.cuda_unsupported_reason); api.attention falls back
+@pytest.fixture
+def cuda_loaded(monkeypatch):
+    """dispatch's availability table as on a GPU machine with every kernel loaded (the rules need no GPU)."""
+    from fusedattn import dispatch
+    monkeypatch.setattr(dispatch, "AVAILABILITY", {key: None for key in dispatch.AVAILABILITY})
+    return dispatch
+
+
+def test_cuda_case_rule_names_the_case(cuda_loaded):
+    """Which cases the CUDA kernels take (dispatch.unsupported_reason on a CUDA case); api.attention falls back
     from "auto" (with a warning) and raises for backend="cuda" on the others."""
-    from fusedattn.dispatch import cuda_unsupported_reason as why
+    def why(dtype, head_dim, value_dim, has_mask=False, softcap=0.0):
+        case = cuda_loaded.Case("cuda", dtype, head_dim, value_dim, has_mask=has_mask, softcap=softcap)
+        return cuda_loaded.unsupported_reason("attention", "cuda", case)
+
     assert why(torch.bfloat16, 128, 128) is None and why(torch.float16, 64, 64) is None
     assert why(torch.float16, 256, 256, False, 0.0) is None
     assert "float32" in why(torch.float32, 64, 64)
@@ -438,3 +450,161 @@ def test_cuda_case_rule_names_the_case():
     assert "value head dim" in why(torch.bfloat16, 64, 128)
     assert "attn_mask" in why(torch.bfloat16, 64, 64, True)
     assert "softcap" in why(torch.bfloat16, 64, 64, False, 5.0)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch table
+# fusedattn.dispatch resolves every call; these run its rules on described cases (no GPU needed: a Case on
+# device "cuda" and a monkeypatched availability table stand for a GPU machine).
+
+FAMILIES = ("attention", "sdpa", "varlen", "decode", "merge")
+
+
+def _availability(dispatch, missing=(), reason="not installed here"):
+    """An availability table where every kernel loaded but those of the backends in `missing`."""
+    return {key: (reason if key[1] in missing else None) for key in dispatch.AVAILABILITY}
+
+
+def test_dispatch_names_and_availability():
+    from fusedattn import dispatch
+    assert dispatch.BACKENDS == ("cpu", "triton", "cuda", "reference")
+    assert fusedattn.BACKENDS == ("auto",) + dispatch.BACKENDS  # what backend= accepts
+    assert set(dispatch.available_backends()) == set(dispatch.BACKENDS)
+    assert dispatch.available_backends()["reference"] is None
+    assert set(dispatch.TABLE) == set(FAMILIES)
+    case = dispatch.Case("cpu", torch.float32, 16, 16)
+    if dispatch.available_backends()["cpu"] is None:
+        assert dispatch.unsupported_reason("attention", "cpu", case) is None
+        assert dispatch.resolve("attention", "auto", case).backend == "cpu"
+    f64 = dataclasses.replace(case, dtype=torch.float64)
+    assert dispatch.unsupported_reason("attention", "reference", f64) is None
+    assert "float64" in dispatch.unsupported_reason("attention", "cpu", f64)
+    with pytest.raises(ValueError, match="backend"):
+        dispatch.resolve("attention", "bogus", case)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_tensors_prefer_the_cuda_kernel_then_triton(monkeypatch, family):
+    """DEVICE_PREFERENCE on CUDA: the CUDA kernel where it covers the case, Triton's for the rest, no warning."""
+    from fusedattn import dispatch
+    monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch))
+    covered = dispatch.Case("cuda", torch.bfloat16, 64, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = dispatch.resolve(family, "auto", covered).backend
+        assert first == ("triton" if family == "varlen" else "cuda")  # no CUDA varlen kernel
+        fp32 = dataclasses.replace(covered, dtype=torch.float32)
+        assert dispatch.resolve(family, "auto", fp32).backend == ("cuda" if family == "merge" else "triton")
+        d80 = dataclasses.replace(covered, head_dim=80, value_dim=80)
+        assert dispatch.resolve(family, "auto", d80).backend == ("cuda" if family == "merge" else "triton")
+
+
+@pytest.mark.parametrize("what", ["fp32", "head_dim", "dv", "mask"])
+def test_sdpa_on_cuda_without_triton_falls_back_to_torch(monkeypatch, what):
+    """The drop-in with the CUDA kernels loaded and Triton missing: a case the CUDA kernels do not cover goes to
+    torch's SDPA with a warning (it used to raise), and the flash-style API to the reference."""
+    from fusedattn import dispatch
+    monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch, missing=("triton",)))
+    case = dispatch.Case("cuda", torch.float32 if what == "fp32" else torch.bfloat16, 80 if what == "head_dim" else 64,
+                         128 if what == "dv" else (80 if what == "head_dim" else 64), has_mask=what == "mask")
+    cuda_reason = dispatch.unsupported_reason("sdpa", "cuda", case)
+    assert cuda_reason is not None
+    assert cuda_reason == dispatch.unsupported_reason("attention", "cuda", case)
+    with pytest.warns(UserWarning, match="falling back to torch.nn.functional.scaled_dot_product_attention") as rec:
+        entry = dispatch.resolve("sdpa", "auto", case)
+    assert entry.backend == "torch" and entry.op is not None
+    assert f"cuda: {cuda_reason}" in str(rec[0].message) and "triton: not installed here" in str(rec[0].message)
+    with pytest.warns(UserWarning, match="falling back to the reference"):
+        assert dispatch.resolve("attention", "auto", case).backend == "reference"
+    # the covered case still takes the CUDA kernel, without a warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.resolve("sdpa", "auto", dispatch.Case("cuda", torch.float16, 128, 128)).backend == "cuda"
+
+
+def test_explicit_backend_raises_with_the_reason(monkeypatch):
+    from fusedattn import dispatch
+    monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch, missing=("triton",)))
+    fp32 = dispatch.Case("cuda", torch.float32, 64, 64)
+    reason = dispatch.unsupported_reason("attention", "cuda", fp32)
+    with pytest.raises(RuntimeError, match="does not cover this case: dtype") as err:
+        dispatch.resolve("attention", "cuda", fp32)
+    assert reason in str(err.value)
+    with pytest.raises(RuntimeError, match="'triton' is unavailable: not installed here"):
+        dispatch.resolve("decode", "triton", fp32)
+    with pytest.raises(RuntimeError, match="no varlen kernel"):
+        dispatch.resolve("varlen", "cuda", fp32)
+    with pytest.raises(RuntimeError, match="needs CPU tensors"):
+        dispatch.resolve("attention", "cpu", fp32)
+    assert dispatch.resolve("attention", "reference", fp32).backend == "reference"
+    meta = dispatch.Case("meta", torch.float32, 64, 64)
+    with pytest.warns(UserWarning, match="no fused kernel for device type 'meta'"):
+        assert dispatch.resolve("decode", "auto", meta).backend == "reference"
+
+
+def test_public_modules_compare_no_backend_names():
+    """Dispatch is data: api.py, decode.py and varlen.py call the resolved entry's op, never branch on a name."""
+    import inspect
+
+    from fusedattn import api, decode, varlen
+    names = "|".join(("auto",) + fusedattn.dispatch.BACKENDS + ("torch",))
+    pattern = re.compile(rf"""(==|!=|\bin|\bis)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|\bin\b)""")
+    for module in (api, decode, varlen):
+        hits = pattern.findall(inspect.getsource(module))
+        assert not hits, f"{module.__name__} compares backend names: {hits}"
+
+
+def test_one_max_splits():
+    from fusedattn import checks, decode
+    assert checks.MAX_SPLITS == fusedattn._ops._BUILD_INFO.get("max_splits", 1024)
+    if decode._TRITON_IMPORT_ERROR is None:
+        from fusedattn.kernels import decode as kd
+        assert kd.MAX_SPLITS is checks.MAX_SPLITS
+
+
+def test_one_window_rule(gen):
+    """attention, varlen_attention and decode_attention accept the same windows: each side in [-1, 2**63)."""
+    q, k, v = randn(1, 2, 5, 8, gen=gen), randn(1, 2, 7, 8, gen=gen), randn(1, 2, 7, 8, gen=gen)
+    cache = randn(1, 8, 2, 8, gen=gen)
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    calls = {
+        "attention": lambda w: fusedattn.attention(q, k, v, window=w),
+        "varlen": lambda w: fusedattn.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1),
+                                                       q[0].transpose(0, 1), cu, cu, 5, 5, window=w),
+        "decode": lambda w: fusedattn.decode_attention(q[:, :, :1].transpose(1, 2), cache, cache, cache_seqlens=3,
+                                                       window=w),
+    }
+    for name, call in calls.items():
+        unbounded = call((-1, -1))
+        torch.testing.assert_close(call((2**63 - 1, 2**63 - 1)), unbounded, atol=0, rtol=0, msg=name)
+        for bad in ((2**63, 0), (-2, 0), (0, True)):
+            with _raises("window"):
+                call(bad)
+
+
+def test_compile_dynamic_fullgraph(gen):
+    """torch.compile(dynamic=True, fullgraph=True) traces the checks and the dispatch of attention,
+    varlen_attention and decode_attention, with softcap as a traced float, and the shapes changing."""
+    torch._dynamo.reset()
+
+    def dense(q, k, v, softcap):
+        return fusedattn.attention(q, k, v, causal=True, softcap=softcap)
+
+    def packed(q, k, v, cu, max_len, softcap):
+        return fusedattn.varlen_attention(q, k, v, cu, cu, max_len, max_len, causal=True, softcap=softcap)
+
+    def cached(q, k_cache, v_cache, lens, softcap):
+        return fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, softcap=softcap)
+
+    for fn in (dense, packed, cached):
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+        for n, softcap in ((5, 2.5), (9, 3.5)):
+            if fn is dense:
+                args = (randn(2, 4, n, 16, gen=gen), randn(2, 2, n + 2, 16, gen=gen), randn(2, 2, n + 2, 16, gen=gen))
+            elif fn is packed:
+                args = (randn(2 * n, 4, 16, gen=gen), randn(2 * n, 2, 16, gen=gen), randn(2 * n, 2, 16, gen=gen),
+                        torch.tensor([0, n, 2 * n], dtype=torch.int32), n)
+            else:
+                args = (randn(2, 1, 4, 16, gen=gen), randn(2, n + 8, 2, 16, gen=gen), randn(2, n + 8, 2, 16, gen=gen),
+                        torch.tensor([n, n + 3], dtype=torch.int32))
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(*args, softcap), fn(*args, softcap), atol=1e-6, rtol=1e-6)
