@@ -553,12 +553,23 @@ def test_public_modules_compare_no_backend_names():
         assert not hits, f"{module.__name__} compares backend names: {hits}"
 
 
-def test_one_max_splits():
+def test_one_max_splits(gen):
+    """One bound on num_splits: the build's (C++) where it exports one, used by the public check and the Triton op."""
     from fusedattn import checks, decode
     assert checks.MAX_SPLITS == fusedattn._ops._BUILD_INFO.get("max_splits", 1024)
     if decode._TRITON_IMPORT_ERROR is None:
         from fusedattn.kernels import decode as kd
         assert kd.MAX_SPLITS is checks.MAX_SPLITS
+    if fusedattn.available_backends()["cpu"] is not None:
+        return
+    q, cache, lens = randn(1, 1, 2, 16, gen=gen), randn(1, 8, 2, 16, gen=gen), torch.tensor([3], dtype=torch.int32)
+    with torch.no_grad():
+        fusedattn.decode_attention(q, cache, cache, cache_seqlens=lens, num_splits=checks.MAX_SPLITS, backend="cpu")
+        with pytest.raises(ValueError, match="num_splits"):
+            fusedattn.decode_attention(q, cache, cache, cache_seqlens=lens, num_splits=checks.MAX_SPLITS + 1)
+        with pytest.raises(RuntimeError, match="num_splits"):  # the C++ op's own bound is the same
+            torch.ops.fusedattn.decode_fwd(q, cache, cache, lens, None, None, None, None, 0.25, -1, 0, 0.0,
+                                           checks.MAX_SPLITS + 1)
 
 
 def test_one_window_rule(gen):
