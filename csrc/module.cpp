@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/attention.h"
+#include "op_limits.h"
 
 namespace py = pybind11;
 
@@ -20,6 +21,7 @@ PYBIND11_MODULE(_C, m) {
         d["cuda_reason"] = FUSEDATTN_CUDA_REASON;            // why not, or what they were built for
         d["compiler"] = __VERSION__;
         d["sanitized"] = static_cast<bool>(FUSEDATTN_SANITIZED);
+        d["max_splits"] = fusedattn::MAX_SPLITS;  // decode_fwd's bound on num_splits (csrc/op_limits.h)
         return d;
       },
       "What this binary was compiled with and which CPU kernel build it uses here.");

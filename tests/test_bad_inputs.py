@@ -624,3 +624,57 @@ def test_raw_bwd_odd_but_valid_arguments(gen):
     ref = torch.autograd.grad((o64, l64), (q64, k64, v64), (g.double(), g_lse.double()))
     for a, b in zip(got, ref):
         assert max_abs_err(a, b) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- environment knobs
+
+# The CPU kernels' block-size knobs (csrc/cpu/kernel_utils.h): a value out of range or not a whole number raises a
+# RuntimeError naming the variable (on every call, before any tensor is touched); a valid one, rounded up to the
+# kernel's multiple, gives the same numbers as the default. They are read once per process, hence a subprocess.
+_KNOB_SCRIPT = """
+import os, sys, torch, fusedattn
+from fusedattn.reference import attention_ref
+knob, op = sys.argv[1], sys.argv[2]
+g = torch.Generator().manual_seed(0)
+if op == "attention":
+    q, k, v = (torch.randn(2, 3, 37, 16, generator=g) for _ in range(3))
+    call = lambda: torch.ops.fusedattn.attention_fwd(q, k, v, None, 0.25, -1, 0, True, 0.0)[0]
+    want = attention_ref(q, k, v, causal=True, scale=0.25, compute_dtype=torch.float64)
+else:  # decode: 70 cached keys + 1 appended; the knob is read before the append
+    q = torch.randn(2, 1, 4, 16, generator=g)
+    k_cache, v_cache = (torch.randn(2, 80, 2, 16, generator=g) for _ in range(2))
+    k_new, v_new = (torch.randn(2, 1, 2, 16, generator=g) for _ in range(2))
+    seqlens = torch.tensor([70, 70], dtype=torch.int32)
+    k_before = k_cache.clone()
+    call = lambda: torch.ops.fusedattn.decode_fwd(q, k_cache, v_cache, seqlens, k_new, v_new, None, None, 0.25,
+                                                  -1, 0, 0.0, 0)[0]
+    kk = torch.cat([k_cache[:, :70], k_new], 1).repeat_interleave(2, 2).transpose(1, 2)
+    vv = torch.cat([v_cache[:, :70], v_new], 1).repeat_interleave(2, 2).transpose(1, 2)
+    want = attention_ref(q.transpose(1, 2), kk, vv, scale=0.25, compute_dtype=torch.float64).transpose(1, 2)
+for bad in [str(2**62), str(2**63 - 1), str(2**64), "5000", "0", "-3", "12abc", "abc", " "]:
+    os.environ[knob] = bad
+    try:
+        call()
+    except RuntimeError as e:
+        assert knob in str(e), str(e)
+    else:
+        raise AssertionError(f"{knob}={bad!r} was accepted")
+    if op == "decode":
+        assert torch.equal(k_cache, k_before), "the append ran before the knob was checked"
+os.environ[knob] = "7"  # valid: rounded up to the kernel's multiple
+err = (call().double() - want).abs().max().item()
+assert err < 1e-5, err
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("knob,op", [("FUSEDATTN_CPU_BLOCK_N", "attention"), ("FUSEDATTN_CPU_DECODE_BLOCK_N", "decode")])
+def test_block_size_knobs_refuse_bad_values(knob, op):
+    import os
+
+    env = {n: val for n, val in os.environ.items() if not n.startswith("FUSEDATTN_CPU_")}
+    proc = subprocess.run([sys.executable, "-c", _KNOB_SCRIPT, knob, op], capture_output=True, text=True,
+                          check=False, timeout=300, env=env)
+    assert proc.returncode == 0 and "OK" in proc.stdout, (
+        f"rc {proc.returncode} ({'signal ' + str(-proc.returncode) if proc.returncode < 0 else 'exit'})\n"
+        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")

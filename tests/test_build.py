@@ -15,6 +15,19 @@ def test_build_info_names_what_was_compiled():
     assert "DEFAULT" in info["cpu_isas"].split(",")
     assert info["cpu_isa_selected"] in info["cpu_isas"].split(",")
     assert isinstance(info["cuda"], bool) and info["cuda_reason"]
+    # decode_fwd's bound on num_splits (csrc/op_limits.h), the one constant the Python checks also use
+    assert isinstance(info["max_splits"], int) and info["max_splits"] >= 1
+
+
+def test_max_splits_is_the_ops_bound():
+    """num_splits = max_splits is accepted by the raw CPU op, max_splits + 1 refused naming num_splits."""
+    S = _ops.build_info()["max_splits"]
+    q, k, v = torch.zeros(1, 1, 1, 8), torch.zeros(1, 4, 1, 8), torch.zeros(1, 4, 1, 8)
+    seqlens = torch.tensor([4], dtype=torch.int32)
+    out, _ = torch.ops.fusedattn.decode_fwd(q, k, v, seqlens, None, None, None, None, 1.0, -1, -1, 0.0, S)
+    assert out.shape == (1, 1, 1, 8)
+    with pytest.raises(RuntimeError, match="num_splits"):
+        torch.ops.fusedattn.decode_fwd(q, k, v, seqlens, None, None, None, None, 1.0, -1, -1, 0.0, S + 1)
 
 
 def test_ops_are_registered():

@@ -1,9 +1,7 @@
 // CPU implementations of fusedattn::attention_fwd / attention_bwd: argument checks, output
 // allocation and the mask's memory layout; the arithmetic is in attention_kernel.cpp.
-// The Python wrappers (fusedattn/api.py) validate first with friendlier ValueErrors; these
-// TORCH_CHECKs keep direct torch.ops.fusedattn calls from ever reading out of bounds.
+// The argument checks are csrc/checks.h's, shared with the CUDA bindings; this file adds the mask's.
 #include <ATen/ATen.h>
-#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -17,27 +15,6 @@
 
 namespace fusedattn::cpu {
 namespace {
-
-void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 4, "fusedattn (cpu): q must be 4-D (B, Hq, Lq, D), got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 4, "fusedattn (cpu): k must be 4-D (B, Hkv, Lk, D), got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == 4, "fusedattn (cpu): v must be 4-D (B, Hkv, Lk, Dv), got shape ", v.sizes());
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu(), "fusedattn (cpu): q, k, v must be CPU tensors, got ", t->device());
-  in_dtype(q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "fusedattn (cpu): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "fusedattn (cpu): batch sizes differ: q ",
-              q.sizes(), ", k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(v.size(1) == k.size(1), "fusedattn (cpu): k and v must have the same number of heads, got ",
-              k.size(1), " and ", v.size(1));
-  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
-              "fusedattn (cpu): the number of query heads (", q.size(1),
-              ") must be a multiple of the number of kv heads (", k.size(1), ")");
-  TORCH_CHECK(k.size(3) == q.size(3), "fusedattn (cpu): k head dim ", k.size(3), " != q head dim ", q.size(3));
-  TORCH_CHECK(v.size(2) == k.size(2), "fusedattn (cpu): v length ", v.size(2), " != k length ", k.size(2));
-}
 
 // Brings attn_mask to an additive float32 tensor broadcast (stride 0) to (B, Hq, Lq, Lk) whose
 // last dimension is contiguous, without materializing the broadcast dimensions.
@@ -70,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& attn_mask, double scale,
                                                      int64_t window_left, int64_t window_right, bool bottom_right,
                                                      double softcap) {
-  check_qkv(q, k, v);
-  check_window(window_left, window_right, scale, softcap);
+  check_qkv(kCpu, QkvLayout::kDense, q, k, v);
+  check_scalars(kCpu, window_left, window_right, scale, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Lk = k.size(2), Dv = v.size(3);
   at::Tensor out = at::empty({B, Hq, Lq, Dv}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -94,22 +71,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& attn_mask, double scale, int64_t window_left,
     int64_t window_right, bool bottom_right, double softcap, const std::optional<at::Tensor>& grad_lse) {
-  check_qkv(q, k, v);
-  check_window(window_left, window_right, scale, softcap);
+  check_qkv(kCpu, QkvLayout::kDense, q, k, v);
+  check_scalars(kCpu, window_left, window_right, scale, softcap);
   const int64_t B = q.size(0), Hq = q.size(1), Hkv = k.size(1), Lq = q.size(2), Lk = k.size(2), D = q.size(3),
                 Dv = v.size(3);
   const std::vector<int64_t> o_shape{B, Hq, Lq, Dv}, l_shape{B, Hq, Lq};
-  TORCH_CHECK(grad_out.sizes() == o_shape && grad_out.scalar_type() == q.scalar_type() && grad_out.device().is_cpu(),
-              "fusedattn (cpu): grad_out must be a CPU ", q.scalar_type(), " tensor of shape ", o_shape, ", got ",
-              grad_out.scalar_type(), " ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == o_shape && out.device().is_cpu(), "fusedattn (cpu): out must have shape ", o_shape,
-              ", got ", out.sizes());
-  TORCH_CHECK(lse.sizes() == l_shape && lse.scalar_type() == at::kFloat && lse.device().is_cpu(),
-              "fusedattn (cpu): lse must be a float32 CPU tensor of shape ", l_shape, ", got ", lse.scalar_type(),
-              " ", lse.sizes());
-  if (grad_lse.has_value())
-    TORCH_CHECK(grad_lse->sizes() == l_shape && grad_lse->device().is_cpu(),
-                "fusedattn (cpu): grad_lse must have shape ", l_shape, ", got ", grad_lse->sizes());
+  check_backward(kCpu, q, grad_out, out, lse, grad_lse, o_shape, l_shape);
 
   std::optional<at::Tensor> mask;
   if (attn_mask.has_value()) mask = prepare_mask(*attn_mask, B, Hq, Lq, Lk);

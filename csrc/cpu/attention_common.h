@@ -1,7 +1,7 @@
-// Front-end helpers shared by the CPU attention ops (attention.cpp: dense, varlen.cpp: packed
-// variable-length): dtype mapping, scalar and size checks, and filling the kernels' parameter
-// structs from (B, H, L, D) tensor views of any strides. Torch-side only (the kernels never see
-// an at::Tensor).
+// Front-end helpers shared by the CPU ops (attention.cpp: dense, varlen.cpp: packed variable-length,
+// decode.cpp): the CPU's device rules for the shared checks (csrc/checks.h), the dtype mapping, the size
+// bound of the CPU kernels' scratch, and filling the attention kernels' parameter structs from (B, H, L, D)
+// tensor views of any strides. Torch-side only (the kernels never see an at::Tensor).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,25 +11,29 @@
 #include <cmath>
 #include <cstdint>
 
+#include "checks.h"
 #include "cpu/attention.h"
+#include "params_fill.h"
 
 namespace fusedattn::cpu {
 
+// CPU tensors of float32, bfloat16 or float16.
+struct CpuRules final : DeviceRules {
+  CpuRules() : DeviceRules("cpu") {}
+  void device(const at::Tensor& t, const char* name) const override {
+    FUSEDATTN_CHECK(*this, t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  }
+  void dtype(const at::Tensor& t, const char* name) const override { check_float_dtype(*this, t, name); }
+};
+inline const CpuRules kCpu;
+
+// The kernels' dtype tag of a tensor that passed CpuRules::dtype.
 inline InDtype in_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return InDtype::kFloat32;
     case at::kBFloat16: return InDtype::kBFloat16;
     case at::kHalf: return InDtype::kFloat16;
-    default:
-      TORCH_CHECK(false, "fusedattn (cpu): q must be float32, bfloat16 or float16, got ", t.scalar_type());
+    default: return InDtype::kFloat32;
   }
-}
-
-inline void check_window(int64_t left, int64_t right, double scale, double softcap) {
-  TORCH_CHECK(left >= -1 && right >= -1, "fusedattn (cpu): window sizes must be >= 0 or -1 (unbounded), got (",
-              left, ", ", right, ")");
-  TORCH_CHECK(std::isfinite(scale), "fusedattn (cpu): scale must be finite, got ", scale);
-  TORCH_CHECK(std::isfinite(softcap) && softcap >= 0, "fusedattn (cpu): softcap must be >= 0, got ", softcap);
 }
 
 // The kernels index with int64 and size their fp32 scratch by products of the dimensions (packed
@@ -49,35 +53,18 @@ inline void check_sizes(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t D
               " would need more than 2^60 elements of scratch (expanded, stride-0 inputs?)");
 }
 
-// A window side wider than Lq + Lk hides nothing: it is the same as -1 (unbounded). Mapping it to
-// -1 keeps the kernels' band arithmetic (i + off + right + 1) from wrapping around int64 for
-// windows near INT64_MAX. Call after check_sizes (which bounds Lq + Lk).
-inline int64_t normalize_window(int64_t w, int64_t Lq, int64_t Lk) { return w > Lq + Lk ? -1 : w; }
-
 template <typename P>
 void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                  int64_t window_left, int64_t window_right, bool bottom_right, double softcap,
                  const at::Tensor* mask) {
+  fill_qkv(p, q, k, v);
   p.dtype = in_dtype(q);
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Hkv = k.size(1);
-  p.Lq = q.size(2);
-  p.Lk = k.size(2);
-  p.D = q.size(3);
   p.Dv = v.size(3);
-  p.q = q.data_ptr();
-  p.k = k.data_ptr();
-  p.v = v.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    p.q_stride[d] = q.stride(d);
-    p.k_stride[d] = k.stride(d);
-    p.v_stride[d] = v.stride(d);
-  }
   p.scale = static_cast<float>(scale);
   p.softcap = static_cast<float>(softcap);
-  p.mask.window_left = normalize_window(window_left, p.Lq, p.Lk);
-  p.mask.window_right = normalize_window(window_right, p.Lq, p.Lk);
+  // Call after check_sizes (which bounds Lq + Lk).
+  p.mask.window_left = normalize_window(window_left, p.Lq + p.Lk);
+  p.mask.window_right = normalize_window(window_right, p.Lq + p.Lk);
   p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
   if (mask) {
     p.mask.mask = mask->data_ptr<float>();

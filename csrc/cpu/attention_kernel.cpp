@@ -195,7 +195,11 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
     }
   }
 }
-inline int64_t block_n_fwd() { static const int64_t v = round_up(env_int("FUSEDATTN_CPU_BLOCK_N", 256), MR); return v; }
+// Keys per forward block; the FUSEDATTN_CPU_BLOCK_N knob (kernel_utils.h) overrides it.
+inline int64_t block_n_fwd() {
+  static const int64_t v = env_block_size("FUSEDATTN_CPU_BLOCK_N", 256, 4096, MR);
+  return v;
+}
 
 template <typename T>
 void fwd_impl(const AttnFwdParams& p) {

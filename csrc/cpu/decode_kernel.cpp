@@ -33,6 +33,7 @@
 
 #include "cpu/decode.h"
 #include "cpu/kernel_utils.h"
+#include "op_limits.h"
 
 #ifndef CPU_CAPABILITY
 #error "decode_kernel.cpp must be compiled with -DCPU_CAPABILITY=<ISA> (see CMakeLists.txt)"
@@ -45,9 +46,10 @@ namespace {
 // Keys per block. One block of K and V for all of a task's kv heads (bf16, Hkv = 8, D = 128, 32
 // keys: 2 x 64 KiB) is computed while the next one is prefetched: the two take half of a 512 KiB
 // L2 (64 keys filled it and measured ~9% slower on Zen 3). A multiple of 16 so that a block's
-// scores row is whole vectors for every ISA.
+// scores row is whole vectors for every ISA. The FUSEDATTN_CPU_DECODE_BLOCK_N knob (kernel_utils.h)
+// overrides it.
 int64_t block_n_decode() {
-  static const int64_t v = round_up(env_int("FUSEDATTN_CPU_DECODE_BLOCK_N", 32), 16);
+  static const int64_t v = env_block_size("FUSEDATTN_CPU_DECODE_BLOCK_N", 32, 1024, 16);
   return v;
 }
 // Keys per step of the loop over a block's kv heads. Small steps keep the loads in memory order
@@ -292,8 +294,6 @@ void pv_block(int64_t rows, int64_t Dv, int64_t K, const float* P, int64_t ldp, 
 // w_s = exp(lse_s - M), M = max_s lse_s. Every lse -inf: out 0, lse -inf. A NaN lse: NaN.
 // A state with weight 0 is skipped, so its (unused) output is never read into the sum.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t MAX_MERGE_STATES = 1024;  // = decode.cpp's bound on num_splits
-
 template <typename Tin, typename Tout>
 void combine_lse(int64_t n, const Tin* const* o, const float* lse, int64_t Dv, Tout* out, float* lse_out) {
   float M = kNegInf;
@@ -307,7 +307,7 @@ void combine_lse(int64_t n, const Tin* const* o, const float* lse, int64_t Dv, T
     *lse_out = any_nan ? NAN : kNegInf;
     return;
   }
-  float w[MAX_MERGE_STATES];
+  float w[MAX_SPLITS];  // n <= MAX_SPLITS: the checks' bound on num_splits (csrc/checks.h)
   float wsum = 0.f;
   for (int64_t s = 0; s < n; ++s) {
     w[s] = std::exp(lse[s] - M);
@@ -370,6 +370,7 @@ void append_new_rows(const DecodeParams& p, const CacheView<T>& kc, const CacheV
 // ---------------------------------------------------------------------------------------------
 template <typename T>
 void decode_split_kv(const DecodeParams& p) {
+  const int64_t BN = block_n_decode();  // first: a bad knob raises before the append writes the caches
   const CacheView<T> kc{static_cast<T*>(p.k_cache), p.k_stride, p};
   const CacheView<T> vc{static_cast<T*>(p.v_cache), p.v_stride, p};
   append_new_rows(p, kc, vc);
@@ -378,7 +379,7 @@ void decode_split_kv(const DecodeParams& p) {
   const int64_t G = p.kv_heads_per_task, n_groups = Hkv / G;
   const int64_t group = Hq / Hkv, rows = group * Lq;  // query rows per kv head: row r = i * group + g
   if (B == 0 || rows == 0) return;
-  const int64_t BN = block_n_decode(), Dv_pad = round_up(Dv, NR);
+  const int64_t Dv_pad = round_up(Dv, NR);
   const int64_t ks2 = p.k_stride[2], vs2 = p.v_stride[2];  // kv head offsets (elements)
   const T* q = static_cast<const T*>(p.q);
   T* out = static_cast<T*>(p.out);

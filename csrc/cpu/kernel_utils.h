@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -20,6 +21,7 @@
 #include <atomic>
 #include <utility>
 #include <cmath>
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -47,12 +49,31 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 inline int64_t cdiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
-// A positive integer from the environment (tuning knobs such as FUSEDATTN_CPU_BLOCK_N), else dflt.
-inline int64_t env_int(const char* name, int64_t dflt) {
+// ---------------------------------------------------------------------------------------------
+// Tuning knobs: environment variables for block-size experiments (the defaults are the measured
+// choices; the comments where they are used say why):
+//   FUSEDATTN_CPU_BLOCK_N         keys per block of the attention forward (attention_kernel.cpp,
+//                                 also varlen_fwd): 1 .. 4096, rounded up to a multiple of the
+//                                 micro-tile height MR (4 / 6 / 12); default 256.
+//   FUSEDATTN_CPU_DECODE_BLOCK_N  keys per block of decode_fwd (decode_kernel.cpp): 1 .. 1024,
+//                                 rounded up to a multiple of 16; default 32.
+// Unset or empty: the default. Each is read once per process (per ISA build), at the first call
+// of a kernel that uses it, before that call touches any tensor. Anything but a whole number in
+// range (0, negative, too large, trailing characters) raises a RuntimeError naming the variable,
+// on every call until it is fixed: the bounds keep the per-thread scratch (BLOCK_M x BLOCK_N
+// floats and more) allocatable and its size arithmetic far from int64 overflow, and an error
+// rather than the default keeps an experiment from measuring something other than it asked for.
+// ---------------------------------------------------------------------------------------------
+inline int64_t env_block_size(const char* name, int64_t dflt, int64_t max, int64_t multiple) {
   const char* s = std::getenv(name);
   if (!s || !*s) return dflt;
-  int64_t v = std::atoll(s);
-  return v > 0 ? v : dflt;
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK(errno == 0 && end != s && *end == '\0' && v >= 1 && v <= max, "fusedattn (cpu): the environment "
+              "variable ", name, " must be a whole number in [1, ", max, "], got '", s, "' (unset it for the default ",
+              dflt, ")");
+  return round_up(v, multiple);
 }
 
 // ---------------------------------------------------------------------------------------------

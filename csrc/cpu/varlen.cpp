@@ -10,10 +10,9 @@
 // tokens each, few heads) leave cores idle and pay a fork/join per run; a kernel that takes
 // cu_seqlens itself and schedules (sequence, head, block) tasks together would fix that.
 //
-// The Python wrapper (fusedattn/varlen.py) validates first with friendlier ValueErrors; these
-// TORCH_CHECKs repeat every check that guards memory (cu_seqlens values included), so direct
-// torch.ops.fusedattn calls and compiled graphs (where the wrapper skips its value checks) never
-// read or write out of bounds.
+// The argument checks are csrc/checks.h's (shared with the dense op and the CUDA bindings); this file adds
+// the cu_seqlens values', so that direct torch.ops.fusedattn calls and compiled graphs (where the Python
+// wrapper skips its value checks) never read or write out of bounds.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -29,29 +28,11 @@
 namespace fusedattn::cpu {
 namespace {
 
-void check_packed_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  TORCH_CHECK(q.dim() == 3, "fusedattn (cpu): q must be 3-D (total_q, Hq, D), got shape ", q.sizes());
-  TORCH_CHECK(k.dim() == 3, "fusedattn (cpu): k must be 3-D (total_k, Hkv, D), got shape ", k.sizes());
-  TORCH_CHECK(v.dim() == 3, "fusedattn (cpu): v must be 3-D (total_k, Hkv, Dv), got shape ", v.sizes());
-  for (const auto* t : {&q, &k, &v})
-    TORCH_CHECK(t->device().is_cpu(), "fusedattn (cpu): q, k, v must be CPU tensors, got ", t->device());
-  in_dtype(q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "fusedattn (cpu): q, k, v must share a dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
-              ", ", v.scalar_type());
-  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1),
-              "fusedattn (cpu): v must have k's tokens and heads: k ", k.sizes(), ", v ", v.sizes());
-  TORCH_CHECK(k.size(1) > 0 ? q.size(1) % k.size(1) == 0 : q.size(1) == 0,
-              "fusedattn (cpu): the number of query heads (", q.size(1),
-              ") must be a multiple of the number of kv heads in k and v (", k.size(1), ")");
-  TORCH_CHECK(k.size(2) == q.size(2), "fusedattn (cpu): k head dim ", k.size(2), " != q head dim ", q.size(2));
-}
-
 // Checks one cu_seqlens tensor against its packed tensor and returns its entries (read once: the
 // kernels then only follow these validated copies).
 std::vector<int64_t> read_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
                                      const char* max_name) {
-  TORCH_CHECK(cu.device().is_cpu(), "fusedattn (cpu): ", name, " must be a CPU tensor, got device ", cu.device());
+  kCpu.device(cu, name);
   TORCH_CHECK(cu.scalar_type() == at::kInt, "fusedattn (cpu): ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "fusedattn (cpu): ", name,
               " must be 1-D of shape (B + 1,), got shape ", cu.sizes());
@@ -81,8 +62,8 @@ struct Seqs {
 Seqs check_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t window_left,
                int64_t window_right, double scale, double softcap) {
-  check_packed_qkv(q, k, v);
-  check_window(window_left, window_right, scale, softcap);
+  check_qkv(kCpu, QkvLayout::kPacked, q, k, v);
+  check_scalars(kCpu, window_left, window_right, scale, softcap);
   Seqs s;
   s.cu_q = read_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
   s.cu_k = read_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
@@ -168,18 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
                            window_right, scale, softcap);
   const int64_t total_q = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2), Dv = v.size(2);
   const std::vector<int64_t> o_shape{total_q, Hq, Dv}, l_shape{Hq, total_q};
-  TORCH_CHECK(grad_out.sizes() == o_shape && grad_out.scalar_type() == q.scalar_type() && grad_out.device().is_cpu(),
-              "fusedattn (cpu): grad_out must be a CPU ", q.scalar_type(), " tensor of shape ", o_shape, ", got ",
-              grad_out.scalar_type(), " ", grad_out.sizes(), " on ", grad_out.device());
-  TORCH_CHECK(out.sizes() == o_shape && out.device().is_cpu(), "fusedattn (cpu): out must be a CPU tensor of shape ",
-              o_shape, ", got ", out.sizes(), " on ", out.device());
-  TORCH_CHECK(lse.sizes() == l_shape && lse.scalar_type() == at::kFloat && lse.device().is_cpu(),
-              "fusedattn (cpu): lse must be a float32 CPU tensor of shape ", l_shape, ", got ", lse.scalar_type(),
-              " ", lse.sizes(), " on ", lse.device());
-  if (grad_lse.has_value())
-    TORCH_CHECK(grad_lse->sizes() == l_shape && grad_lse->device().is_cpu(),
-                "fusedattn (cpu): grad_lse must be a CPU tensor of shape ", l_shape, ", got ", grad_lse->sizes(),
-                " on ", grad_lse->device());
+  check_backward(kCpu, q, grad_out, out, lse, grad_lse, o_shape, l_shape);
 
   // Rows of a sequence with no key, and keys of a sequence with no query, get zero gradient.
   at::Tensor dq = at::zeros({total_q, Hq, D}, q.options());

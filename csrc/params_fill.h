@@ -1,0 +1,107 @@
+// Filling the kernels' parameter structs from checked tensors, written once for the CPU (csrc/cpu/attention.h,
+// decode.h) and CUDA (csrc/cuda/params.h) structs: the fields both have carry the same names, so these templates
+// serve either; each binding then sets the fields only its kernels have (CPU: dtype, Dv, the mask; CUDA: the
+// windows of dense attention, scratch pointers). Call after the checks of csrc/checks.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "checks.h"
+
+namespace fusedattn {
+
+// Sizes, data pointers and element strides of (B, H, L, D) views q, k, v.
+template <typename P>
+void fill_qkv(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Hkv = k.size(1);
+  p.Lq = q.size(2);
+  p.Lk = k.size(2);
+  p.D = q.size(3);
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k.stride(d);
+    p.v_stride[d] = v.stride(d);
+  }
+}
+
+// Everything of decode_fwd but the split count and the outputs. seqlens, block_table and cache_batch_idx:
+// contiguous int32 (undefined when absent); k_new / v_new undefined when absent.
+template <typename P>
+void fill_decode(P& p, const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const at::Tensor& seqlens, const at::Tensor& k_new,
+                 const at::Tensor& v_new, const at::Tensor& block_table, const at::Tensor& cache_batch_idx,
+                 double scale, double softcap) {
+  p.B = s.B;
+  p.Hq = s.Hq;
+  p.Hkv = s.Hkv;
+  p.Lq = s.Lq;
+  p.D = s.D;
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  for (int d = 0; d < 4; ++d) {
+    p.q_stride[d] = q.stride(d);
+    p.k_stride[d] = k_cache.stride(d);
+    p.v_stride[d] = v_cache.stride(d);
+  }
+  p.cache_seqlens = seqlens.data_ptr<int32_t>();
+  p.cache_batch_idx = cache_batch_idx.defined() ? cache_batch_idx.data_ptr<int32_t>() : nullptr;
+  p.block_table = block_table.defined() ? block_table.data_ptr<int32_t>() : nullptr;
+  p.max_blocks = s.max_blocks;
+  p.page_size = s.page_size;
+  if (k_new.defined()) {
+    p.k_new = k_new.data_ptr();
+    p.v_new = v_new.data_ptr();
+    for (int d = 0; d < 4; ++d) {
+      p.kn_stride[d] = k_new.stride(d);
+      p.vn_stride[d] = v_new.stride(d);
+    }
+  }
+  p.Lnew = s.Lnew;
+  p.scale = static_cast<float>(scale);
+  p.softcap = static_cast<float>(softcap);
+  p.window_left = s.window_left;
+  p.window_right = s.window_right;
+}
+
+// merge_attention_states' tensors: the inputs as the kernels read them (whole rows: unit stride along D) and
+// the contiguous outputs out (B, L, H, D) and lse (B, H, L). Call after check_merge.
+struct MergeTensors {
+  at::Tensor a, b, out, lse;
+};
+
+inline MergeTensors merge_tensors(const at::Tensor& out_a, const at::Tensor& lse_a, const at::Tensor& out_b) {
+  const int64_t B = out_a.size(0), L = out_a.size(1), H = out_a.size(2), D = out_a.size(3);
+  return {out_a.stride(3) == 1 ? out_a : out_a.contiguous(), out_b.stride(3) == 1 ? out_b : out_b.contiguous(),
+          at::empty({B, L, H, D}, out_a.options().memory_format(at::MemoryFormat::Contiguous)),
+          at::empty({B, H, L}, lse_a.options().memory_format(at::MemoryFormat::Contiguous))};
+}
+
+template <typename P>
+void fill_merge(P& p, const MergeTensors& m, const at::Tensor& lse_a, const at::Tensor& lse_b) {
+  p.B = m.a.size(0);
+  p.L = m.a.size(1);
+  p.H = m.a.size(2);
+  p.D = m.a.size(3);
+  p.out_a = m.a.data_ptr();
+  p.out_b = m.b.data_ptr();
+  p.lse_a = lse_a.data_ptr<float>();
+  p.lse_b = lse_b.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) {
+    p.oa_stride[d] = m.a.stride(d);
+    p.ob_stride[d] = m.b.stride(d);
+    p.la_stride[d] = lse_a.stride(d);
+    p.lb_stride[d] = lse_b.stride(d);
+  }
+  p.out = m.out.data_ptr();
+  p.lse = m.lse.data_ptr<float>();
+}
+
+}  // namespace fusedattn
