@@ -1,13 +1,28 @@
-"""The benchmark CLI end to end on a tiny case: tables, CSV/JSON, plot, correctness gate, info."""
+"""The benchmark CLI end to end on a tiny case: tables, CSV/JSON, plot, correctness gate, info; the session's
+--where / --time-cap / --bundle, and benchmarks/gpu_check.py's output budget and pairwise grid."""
+import csv
+import importlib.util
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 from fusedattn import bench
 from fusedattn.bench import attention as fam
-from fusedattn.bench.core import Row, measure, time_round_robin
+from fusedattn.bench.core import TIME_CAP, Row, measure, parse_where, select_cases, time_round_robin
+
+HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture
@@ -21,7 +36,8 @@ def tiny_cases(monkeypatch):
 def test_bench_cli_writes_tables_and_plot(tiny_cases, tmp_path, capsys):
     bench.main(["attention", "--quick", "--repeats", "2", "--out", str(tmp_path)])
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [f"cpu_attention_quick.{ext}" for ext in ("csv", "json", "md", "png")]
+    exts = ("csv", "json", "md", "png") if HAVE_MPL else ("csv", "json", "md")  # the plot needs matplotlib
+    assert names == [f"cpu_attention_quick.{ext}" for ext in exts]
     data = json.loads((tmp_path / "cpu_attention_quick.json").read_text())
     assert data["machine"]["device"] == "cpu" and data["formula"].startswith("FLOPs")
     ok = [r for r in data["rows"] if r["status"] == "ok"]
@@ -57,3 +73,96 @@ def test_round_robin_shuffles_the_order():
     calls.clear()
     time_round_robin(fns, "cpu", repeats=12, flush=False)
     assert calls[4:] == timed
+
+
+def test_where_filters_by_family_and_key():
+    where = parse_where(["attention:L=64,128", "dtype=bf16"])
+    assert where == [("attention", "L", ["64", "128"]), (None, "dtype", ["bf16"])]
+    cases = [{"L": L, "dtype": dt} for L in (64, 128, 256) for dt in ("fp32", "bf16")]
+    assert select_cases(cases, "attention", where) == [{"L": 64, "dtype": "bf16"}, {"L": 128, "dtype": "bf16"}]
+    assert select_cases(cases, "decode", where) == [c for c in cases if c["dtype"] == "bf16"]
+    with pytest.raises(ValueError, match="no 'Q'"):
+        select_cases(cases, "attention", parse_where(["Q=1"]))
+    with pytest.raises(ValueError, match="KEY=V1"):
+        parse_where(["L"])
+
+
+def test_time_cap_lists_the_cases_it_did_not_run(tiny_cases, tmp_path):
+    """A deadline already past: no case is measured, each is listed as skipped, the tables are still written
+    (bundled: one md/json/csv for both families)."""
+    bench.main(["attention", "--quick", "--repeats", "1", "--time-cap", "0", "--out", str(tmp_path),
+                "--bundle", "bench"])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = data["families"]["attention"]["rows"]
+    run = [r for r in rows if not r["status"].startswith("absent")]
+    assert len(run) == 2 * len(tiny_cases) and all(r["status"] == TIME_CAP for r in run)
+    assert TIME_CAP in (tmp_path / "bench.md").read_text()
+
+
+def test_deadline_inside_a_case_skips_the_remaining_backends(monkeypatch):
+    case = {"B": 1, "H": 2, "L": 32, "D": 8, "dtype": "fp32", "causal": False, "mode": "fwd"}
+    ok = fam.backends("cpu", quick=True)["fusedattn"]
+    clock = iter([0.0, 100.0, 100.0, 100.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock, 100.0))
+    rows = bench.core.measure_case(fam, case, {"a": ok, "b": ok}, "cpu", repeats=1, memory=False, deadline=50.0)
+    assert [r.status for r in rows] == ["ok", TIME_CAP] and rows[0].median_ms > 0
+
+
+def test_bundle_holds_every_family_in_few_files(tiny_cases, tmp_path, monkeypatch):
+    from fusedattn.bench import decode
+
+    monkeypatch.setattr(decode, "cases", lambda **kw: [decode._case(1, 2, 64, "fp32", "contiguous", Hq=4, D=16)])
+    monkeypatch.setattr(decode, "COPY_MIB", 4)
+    monkeypatch.setattr(decode, "_copy_buf", None)
+    bench.main(["decode", "attention", "--quick", "--repeats", "1", "--where", "attention:causal=True",
+                "--where", "attention:mode=fwd", "--out", str(tmp_path), "--bundle", "bench"])
+    names = sorted(p.name for p in tmp_path.iterdir())
+    pngs = ["cpu_attention.png", "cpu_decode.png"] if HAVE_MPL else []
+    assert names == sorted(["bench.csv", "bench.json", "bench.md"] + pngs)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert list(data["families"]) == ["decode", "attention"]
+    att = [r for r in data["families"]["attention"]["rows"] if r["status"] == "ok"]
+    assert {(r["case"]["causal"], r["case"]["mode"]) for r in att} == {(True, "fwd")}
+    with open(tmp_path / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["family"] for r in rows} == {"decode", "attention"} and "% of copy" in rows[0]
+    md = (tmp_path / "bench.md").read_text()
+    assert "# Decode" in md and "# Attention" in md
+
+
+def test_output_budget(tmp_path):
+    gc = _gpu_check()
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("session.log", "a/grid.json", "a/b/bench.md"):
+        (tmp_path / name).write_text("x")
+    assert gc.check_budget(str(tmp_path), max_files=8, max_mib=16, max_depth=2) == []
+    (tmp_path / "a" / "b" / "c").mkdir()
+    (tmp_path / "a" / "b" / "c" / "deep.txt").write_text("x")
+    (tmp_path / "big.bin").write_bytes(b"\0" * (2 * 2**20))
+    (tmp_path / "odd name.txt").write_text("x")
+    os.symlink(tmp_path / "session.log", tmp_path / "link")
+    problems = gc.check_budget(str(tmp_path), max_files=5, max_mib=1, max_depth=2)
+    text = "\n".join(problems)
+    assert "deep.txt: 3 folders deep" in text and "big.bin: 2.0 MiB" in text and "odd name.txt: an odd" in text
+    assert "link: a link" in text and "files (at most 5)" in text
+
+
+def test_grid_pairwise_covers_every_pair():
+    gc = _gpu_check()
+    factors = {"a": [1, 2, 3], "b": ["x", "y"], "c": [True, False], "d": [0, 1, 2]}
+    cases = gc.pairwise(factors)
+    for f, g in [(f, g) for f in factors for g in factors if f < g]:
+        assert {(c[f], c[g]) for c in cases} == {(x, y) for x in factors[f] for y in factors[g]}
+    assert gc.pairwise(factors) == cases  # deterministic
+    assert len(cases) < 3 * 2 * 2 * 3
+
+
+def test_grid_runs_a_few_cpu_cases(tmp_path):
+    """The GPU grid's code on the cpu backend: one case per family, all within the 2x rule."""
+    gc = _gpu_check()
+    out = tmp_path / "grid.json"
+    rc = gc.main(["grid", "--device", "cpu", "--backends", "cpu", "--small", "--max-cases", "1", "--time-cap",
+                  "120", "--out", str(out)])
+    doc = json.loads(out.read_text())
+    assert rc == 0 and {c["family"] for c in doc["cases"]} == set(gc.FAMILIES)
+    assert all(c["status"] == "pass" for c in doc["cases"]), doc["cases"]

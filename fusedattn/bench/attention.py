@@ -29,9 +29,10 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
         dts = dtypes or ["bf16", "fp16"]
         if quick:
             return [case(4, 16, 2048, 128, "bf16", c, m) for m in ("fwd", "fwd+bwd") for c in (False, True)]
-        # B*L = 16k tokens, H*D = 2048 (the FlashAttention paper's benchmark grid)
+        # B*L = 16k tokens, H*D = 2048 (the FlashAttention paper's benchmark grid). dtype outermost: a run cut
+        # short by --time-cap loses the second dtype's cases first, not a whole mode.
         return [case(16384 // L, 2048 // D, L, D, dt, c, m)
-                for m in ("fwd", "fwd+bwd") for dt in dts for D in (64, 128, 256) for c in (False, True)
+                for dt in dts for m in ("fwd", "fwd+bwd") for D in (64, 128, 256) for c in (False, True)
                 for L in (512, 1024, 2048, 4096, 8192, 16384)]
     dts = dtypes or ["fp32", "bf16"]
     if quick:
@@ -91,6 +92,8 @@ def backends(device: str, quick: bool = False) -> dict:
         out["fusedattn"] = f"no fused kernel for {device} in this build ({dispatch.available_backends()['triton']})"
     else:
         out["fusedattn"] = lambda q, k, v, causal: api.attention(q, k, v, causal=causal, backend=ours)
+    if ours == "cuda" and dispatch.available_backends()["triton"] is None:  # both GPU kernels of ours
+        out["fusedattn_triton"] = lambda q, k, v, causal: api.attention(q, k, v, causal=causal, backend="triton")
     out["torch_sdpa"] = lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if quick:
         out["other peers"] = "skipped in --quick (torch_sdpa[<backend>], flex_attention, flash_attn, xformers)"

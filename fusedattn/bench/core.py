@@ -347,40 +347,116 @@ def progress(items, desc: str):
         return items
 
 
+TIME_CAP = "skipped (time cap)"  # the status of a case (or backend) not started because the deadline had passed
+
+
+def parse_where(specs: Optional[list[str]]) -> list[tuple[Optional[str], str, list[str]]]:
+    """``[FAMILY:]KEY=V1,V2`` filters -> (family or None for every family, key, allowed values as strings)."""
+    out = []
+    for spec in specs or []:
+        fam, _, cond = spec.partition(":") if ":" in spec.split("=", 1)[0] else ("", "", spec)
+        key, eq, vals = cond.partition("=")
+        if not eq or not key or not vals:
+            raise ValueError(f"--where takes [FAMILY:]KEY=V1,V2, got {spec!r}")
+        out.append((fam or None, key, vals.split(",")))
+    return out
+
+
+def select_cases(cases: list[dict], family: str, where) -> list[dict]:
+    """The cases that pass every filter of ``where`` (parse_where) naming this family or no family; a filter on a
+    key the family's cases lack is an error (a typo would otherwise select nothing, or everything)."""
+    for fam, key, vals in where:
+        if fam not in (None, family):
+            continue
+        if cases and key not in cases[0]:
+            raise ValueError(f"--where {key}=...: the {family} cases have no {key!r} (keys: {', '.join(cases[0])})")
+        cases = [c for c in cases if str(c[key]) in vals]
+    return cases
+
+
 def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool, repeats: int, memory: bool,
-               out_dir: Optional[str]) -> list[Row]:
+               out_dir: Optional[str], where=(), deadline: Optional[float] = None,
+               write: bool = True) -> list[Row]:
+    """Measures every case of ``family`` (those ``where`` selects) and returns the rows. ``deadline``
+    (a time.monotonic() value): cases, and backends within a case, not started by then are listed as
+    TIME_CAP rows instead of run, so a capped run always ends with its tables. ``write``: write the
+    family's <device>_<family>[_quick].{md,csv,json,png} into ``out_dir``."""
     info = machine_info(device)
     if hasattr(family, "prepare"):  # measurements the family's table refers to (decode: copy bandwidth)
         family.prepare(device)
-    cases = family.cases(quick=quick, device=device, dtypes=dtypes)
+    cases = select_cases(family.cases(quick=quick, device=device, dtypes=dtypes), family.name, where)
     backends = family.backends(device, quick=quick)
     rows: list[Row] = []
     for name, fn in backends.items():
         if isinstance(fn, str):
             rows.append(Row(family.name, {k: "-" for k in (cases[0] if cases else {})}, name, f"absent: {fn}"))
+    fns = {n: f for n, f in backends.items() if not isinstance(f, str)}
     for case in progress(cases, family.name):
-        case_rows = measure_case(family, case, {n: f for n, f in backends.items() if not isinstance(f, str)},
-                                 device, repeats, memory)
+        if deadline is not None and time.monotonic() >= deadline:
+            case_rows = [Row(family.name, case, name, TIME_CAP, metric_name=family.metric_name) for name in fns]
+        else:
+            case_rows = measure_case(family, case, fns, device, repeats, memory, deadline=deadline)
         rows += case_rows
         for r in case_rows:
             print(family.format_row(r, rows), flush=True)
+    capped = sum(all(r.status == TIME_CAP for r in rows if r.case == c) for c in cases)
+    if capped:
+        print(f"{family.name}: {capped} of {len(cases)} cases not run: time cap reached", flush=True)
     rows = [r for r in rows if not r.status.startswith("absent")] + \
            [r for r in rows if r.status.startswith("absent")]
-    if out_dir:
+    if out_dir and write:
         tag = f"{device}_{family.name}" + ("_quick" if quick else "")
-        for p in write_results([r for r in rows if not r.status.startswith("absent")] +
-                               [r for r in rows if r.status.startswith("absent")], family, info, out_dir, tag):
+        for p in write_results(rows, family, info, out_dir, tag):
             print(f"wrote {p}")
     return rows
 
 
-def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memory: bool) -> list[Row]:
-    """Check every backend on ``case``, then time those that passed, round-robin, on one set of inputs."""
+def write_bundle(results: list, out_dir: str, name: str, device: str) -> list[str]:
+    """Every family's results in few files (for a session whose output is limited to a few files):
+    <name>.md (the tables one after the other), <name>.json ({"machine", "method", "families": {family:
+    {"formula", "rows"}}}), <name>.csv (one header: a "family" column, the union of the case keys and of the
+    extra columns), and each family's <device>_<family>.png. ``results``: (family module, rows, info)."""
+    os.makedirs(out_dir, exist_ok=True)
+    md, js, cs = (os.path.join(out_dir, f"{name}.{ext}") for ext in ("md", "json", "csv"))
+    with open(md, "w") as f:
+        f.write("\n\n".join("\n".join(summarize(rows, fam, info)) for fam, rows, info in results) + "\n")
+    with open(js, "w") as f:
+        json.dump({"machine": results[0][2] if results else machine_info(device), "method": __doc__,
+                   "families": {fam.name: {"formula": fam.formula,
+                                           "rows": [dict(asdict(r), **{h: fn(r) for h, fn in
+                                                                       getattr(fam, "extra_columns", [])})
+                                                    for r in rows]}
+                                for fam, rows, _ in results}}, f, indent=1)
+    keys = list(dict.fromkeys(k for _, rows, _ in results for r in rows[:1] for k in r.case))
+    extras = list(dict.fromkeys(h for fam, _, _ in results for h, _ in getattr(fam, "extra_columns", [])))
+    with open(cs, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["family"] + keys + ["backend", "status", "median_ms", "min_ms", "max_ms", "metric_name", "metric",
+                                        "peak_extra_mib", "max_err"] + extras)
+        for fam, rows, _ in results:
+            ex = dict(getattr(fam, "extra_columns", []))
+            for r in rows:
+                w.writerow([fam.name] + [r.case.get(k, "") for k in keys]
+                           + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms, fam.metric_name, r.metric,
+                              r.peak_extra_mib, r.max_err] + [ex[h](r) if h in ex else "" for h in extras])
+    paths = [md, js, cs]
+    for fam, rows, info in results:
+        paths += fam.plot(rows, info, out_dir, f"{device}_{fam.name}")
+    return paths
+
+
+def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memory: bool,
+                 deadline: Optional[float] = None) -> list[Row]:
+    """Check every backend on ``case``, then time those that passed, round-robin, on one set of inputs.
+    A backend whose turn comes after ``deadline`` (time.monotonic()) is listed as TIME_CAP."""
     rows = {name: Row(family.name, case, name, "ok", metric_name=family.metric_name) for name in fns}
     timed = {}
     inputs = None
     for name, fn in fns.items():
         row = rows[name]
+        if deadline is not None and time.monotonic() >= deadline:
+            row.status = TIME_CAP
+            continue
         try:
             err, tol = family.check(fn, case, device)
             row.max_err = err
