@@ -27,8 +27,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import fusedattn  # noqa: E402
-from conftest import assert_close_2x, randn  # noqa: E402
-from test_attention import grads, ref_kwargs, reference_pair, run_kernel  # noqa: E402
+from conftest import assert_close_2x, grads, randn  # noqa: E402
+from test_attention import ref_kwargs, reference_pair, run_kernel  # noqa: E402
 
 fwd_op = torch.ops.fusedattn.attention_fwd
 
