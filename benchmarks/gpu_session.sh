@@ -62,6 +62,7 @@ check="$repo/benchmarks/gpu_check.py"
 work=$(mktemp -d "${TMPDIR:-/tmp}/fusedattn_session.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 exec > >(tee -a "$out/session.log") 2>&1
+tee_pid=$!
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INDEX=1
 cd "$work"  # outside the source tree: the installed fusedattn is imported
 
@@ -73,8 +74,6 @@ if [ $dry = 0 ]; then
   fi
   case "$wheel" in /*|"") ;; *) wheel="$repo/$wheel" ;; esac  # relative to the checkout
   unset TRITON_INTERPRET
-else
-  export TRITON_INTERPRET=1  # the dry run's Triton cases run through Triton's interpreter on the CPU
 fi
 
 t0=$(date +%s)
@@ -141,7 +140,7 @@ print("installed Python files match the checkout" if not differ else
       f"WARNING: {len(differ)} Python files of the checkout differ from (or are missing in) the installed "
       f"fusedattn, so the wheel was built from another tree: {', '.join(sorted(differ))}")
 EOF
-  if [ $gpu = 1 ]; then nvidia-smi; fi
+  if [ $gpu = 1 ]; then nvidia-smi || echo "(nvidia-smi failed: exit $?)"; fi
 }
 export -f info
 export PY repo gpu out check
@@ -153,7 +152,9 @@ if [ $gpu = 1 ]; then
     --time-cap "${GRID_TIME_CAP:-140}" --out "$out/grid.json"
 else
   echo "(dry run: GPU grid skipped (no GPU); the same grid code on the cpu backend, and Triton's interpreter)"
-  stage grid "${CAP_GRID:-160}" "$PY" "$check" grid --device cpu --backends cpu,triton --small --max-cases 3 \
+  # Triton's cases run through its interpreter on the CPU
+  stage grid "${CAP_GRID:-160}" env TRITON_INTERPRET=1 "$PY" "$check" grid --device cpu --backends cpu,triton \
+    --small --max-cases 3 \
     --time-cap "${GRID_TIME_CAP:-140}" --out "$out/grid.json"
 fi
 
@@ -165,6 +166,7 @@ memcheck() {
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 9 \
     "$PY" "$check" small-case --device cuda --backend cuda > "$out/memcheck.log" 2>&1
   local rc=$?
+  truncate -s '<15M' "$out/memcheck.log"  # within the 16 MiB a returned file may have
   tail -25 "$out/memcheck.log"
   return $rc
 }
@@ -204,4 +206,6 @@ for i in "${!names[@]}"; do
   printf '%-28s %-44s %8s\n' "${names[$i]}" "${statuses[$i]}" "${secs[$i]}"
 done
 printf '%-28s %-44s %8s\n' total "$([ $failed = 0 ] && echo ok || echo FAILED)" $(( $(date +%s) - t0 ))
+exec >&- 2>&-  # let tee write the last lines into session.log before the script ends
+wait "$tee_pid" 2>/dev/null
 exit $failed

@@ -11,7 +11,8 @@ and plots.
 ``--where [FAMILY:]KEY=V1,V2`` keeps the cases whose KEY is one of the values (repeatable; without FAMILY it
 applies to every family run). ``--time-cap S``: cases (and backends) not started within S seconds of the
 start are listed as "skipped (time cap)", so the run ends with its tables. ``--bundle NAME``: all families in
-OUT/NAME.{md,json,csv} plus one <device>_<family>.png each, instead of four files per family.
+OUT/NAME.{md,json,csv} plus one <device>_<family>.png each, instead of four files per family. Exit status 1
+when a fusedattn backend is absent, WRONG or raised (a peer's failure is only reported).
 """
 from __future__ import annotations
 
@@ -72,3 +73,9 @@ def main(argv=None) -> None:
     if args.bundle:
         for p in write_bundle(results, args.out, args.bundle, args.device):
             print(f"wrote {p}")
+    # the exit status: 1 when one of our kernels is missing, wrong or raised (a peer's failure is only reported)
+    bad = [f"{fam.name}/{r.backend}: {r.status}" for fam, rows, _ in results for r in rows
+           if r.backend.startswith("fusedattn") and r.status.startswith(("absent", "WRONG", "error"))]
+    if bad:
+        print(f"bench: {len(bad)} fusedattn rows absent, wrong or failed:\n  " + "\n  ".join(bad[:20]))
+        raise SystemExit(1)
