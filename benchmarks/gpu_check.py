@@ -276,11 +276,14 @@ def jsonable(case: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in case.items()}
 
 
-def unsupported(fam: str, be: str, case: dict) -> str | None:
+def unsupported(fam: str, be: str, case: dict, device: str) -> str | None:
+    """None when fusedattn.dispatch says `be` serves this case here, else its reason (the case is a skip)."""
     from fusedattn import dispatch
 
     reason = dispatch.available_backends()[be]
-    if reason is None and be == "cuda" and fam in ("attention", "decode"):
+    if reason is None and hasattr(dispatch, "unsupported_reason"):  # the dispatch table
+        reason = dispatch.unsupported_reason(fam, be, dispatch.Case(device, DTYPES[case["dtype"]], case["D"], case["D"]))
+    elif reason is None and be == "cuda" and fam in ("attention", "decode"):  # before it
         reason = dispatch.cuda_unsupported_reason(DTYPES[case["dtype"]], case["D"], case["D"])
     return reason
 
@@ -313,7 +316,7 @@ def grid(args) -> int:
             print(f"time cap: {len(todo) - n} of {len(todo)} cases not run", flush=True)
             break
         rec = {"family": fam, "backend": be, "index": i, "case": jsonable(case)}
-        reason = unsupported(fam, be, case)
+        reason = unsupported(fam, be, case, args.device)
         c0 = time.monotonic()
         if reason is not None:
             rec.update(status="skip", reason=reason)
