@@ -10,8 +10,9 @@ pairwise (all-pairs) set over dtype, head dim, odd lengths, causal alignment (no
 GQA, ... with fixed seeds; every output and gradient compared with the float64 reference under FlashAttention's
 2x rule: max|out - ref| <= 2 * max|base - ref| + 1e-5 (3x and a floor of 1e-5 * max|ref grad| for gradients),
 base = the reference computed in the input dtype (tests/conftest.py's assert_close_2x; restated here because
-this script runs against an installed wheel, without the test tree or pytest). Families are interleaved and no
-case starts after --time-cap, so a capped grid still covers every family; OUT is rewritten after every case, so
+this script runs against an installed wheel, without the test tree or pytest). Each (family, backend) stream
+gets an equal share of the time (the next case comes from the stream that has used the least) and no case
+starts that would end after --time-cap, so a capped grid still covers every family and backend; OUT is rewritten after every case, so
 a killed run leaves what it did. Exit status 1 when a case failed or raised.
 
 Run it by path from outside the source tree: sys.path then holds benchmarks/, not the checkout, and
@@ -259,17 +260,26 @@ FAMILIES = {
 }
 
 
-def plan(backends: list[str], families: list[str], small: bool, max_cases: int | None) -> list[tuple]:
-    """(family, backend, case index, case) in the order they run: one case of each (family, backend) stream in
-    turn, so that a time cap cuts every stream alike."""
-    streams = []
+def streams(backends: list[str], families: list[str], small: bool, max_cases: int | None) -> list[list[tuple]]:
+    """One list of (family, backend, case index, case) per (family, backend) that has a kernel."""
+    out = []
     for fam in families:
         make, _, served = FAMILIES[fam]
         for be in backends:
             if be in served:
-                cases = make(be, small)[:max_cases]
-                streams.append([(fam, be, i, c) for i, c in enumerate(cases)])
-    return [x for group in itertools.zip_longest(*streams) for x in group if x is not None]
+                out.append([(fam, be, i, c) for i, c in enumerate(make(be, small)[:max_cases])])
+    return out
+
+
+def next_case(pending: list[list[tuple]], used: dict) -> tuple | None:
+    """The next case to run: the first pending one of the stream that has used the least time so far. Each stream
+    gets an equal share of the time cap; a fast one (precompiled CUDA kernels) finishes and leaves its share to
+    the slow ones (Triton compiling each kernel variant on first use)."""
+    live = [s for s in pending if s]
+    if not live:
+        return None
+    s = min(live, key=lambda s: used.get(s[0][:2], 0.0))
+    return s.pop(0)
 
 
 def jsonable(case: dict) -> dict:
@@ -294,12 +304,13 @@ def grid(args) -> int:
     t0 = time.monotonic()
     backends = [b for b in args.backends.split(",") if b]
     families = [f for f in args.families.split(",") if f]
-    todo = plan(backends, families, args.small, args.max_cases)
+    pending = streams(backends, families, args.small, args.max_cases)
+    planned = sum(len(s) for s in pending)
     doc = {"device": args.device, "torch": torch.__version__, "fusedattn": fusedattn.__file__,
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
            "backends": fusedattn.available_backends(), "time_cap_s": args.time_cap,
            "rule": "max|out-ref| <= 2*max|base-ref| + 1e-5 (grads: 3x, floor 1e-5*max|ref grad|); ref float64, "
-                   "base = the reference in the input dtype", "planned": len(todo), "cases": [], "not_run": []}
+                   "base = the reference in the input dtype", "planned": planned, "cases": [], "not_run": []}
 
     def save():
         doc["elapsed_s"] = round(time.monotonic() - t0, 2)
@@ -308,12 +319,16 @@ def grid(args) -> int:
             json.dump(doc, f, indent=1)
         os.replace(tmp, args.out)
 
-    slowest = 0.0
-    for n, (fam, be, i, case) in enumerate(todo):
+    slowest, used = {}, {}  # per (family, backend): its slowest case, its total seconds
+    while True:
+        item = next_case(pending, used)
+        if item is None:
+            break
+        fam, be, i, case = item
         elapsed = time.monotonic() - t0
-        if elapsed + max(2 * slowest, 3.0) > args.time_cap:  # the next case might not finish in time
-            doc["not_run"] = [f"{f}/{b}/{j}" for f, b, j, _ in todo[n:]]
-            print(f"time cap: {len(todo) - n} of {len(todo)} cases not run", flush=True)
+        if elapsed + max(2 * slowest.get((fam, be), 0.0), 3.0) > args.time_cap:  # it might not end in time
+            doc["not_run"] = [f"{f}/{b}/{j}" for f, b, j, _ in [item] + [x for s in pending for x in s]]
+            print(f"time cap: {len(doc['not_run'])} of {planned} cases not run", flush=True)
             break
         rec = {"family": fam, "backend": be, "index": i, "case": jsonable(case)}
         reason = unsupported(fam, be, case, args.device)
@@ -331,7 +346,8 @@ def grid(args) -> int:
                 rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000],
                            traceback=traceback.format_exc()[-3000:])
         rec["seconds"] = round(time.monotonic() - c0, 3)
-        slowest = max(slowest, rec["seconds"])
+        slowest[(fam, be)] = max(slowest.get((fam, be), 0.0), rec["seconds"])
+        used[(fam, be)] = used.get((fam, be), 0.0) + rec["seconds"]
         doc["cases"].append(rec)
         if rec["status"] in ("fail", "error"):
             detail = rec.get("error") or "; ".join(f"{c['name']} {c['err']:.2e} > {c['bound']:.2e}"
@@ -346,7 +362,7 @@ def grid(args) -> int:
         print(f"{fam:10s} {be:8s} {cnt['pass']:5d} {cnt['fail']:5d} {cnt['error']:5d} {cnt['skip']:5d} "
               f"{sum(r['seconds'] for r in sel):8.1f}")
     bad = sum(r["status"] in ("fail", "error") for r in doc["cases"])
-    print(f"grid: {len(doc['cases'])} of {len(todo)} cases run in {doc['elapsed_s']:.0f} s, {bad} failed or raised; "
+    print(f"grid: {len(doc['cases'])} of {planned} cases run in {doc['elapsed_s']:.0f} s, {bad} failed or raised; "
           f"{len(doc['not_run'])} not run (time cap); wrote {args.out}")
     return 1 if bad else 0
 

@@ -166,3 +166,14 @@ def test_grid_runs_a_few_cpu_cases(tmp_path):
     doc = json.loads(out.read_text())
     assert rc == 0 and {c["family"] for c in doc["cases"]} == set(gc.FAMILIES)
     assert all(c["status"] == "pass" for c in doc["cases"]), doc["cases"]
+
+
+def test_cuda_attention_run_order_covers_every_kind_at_a_length_first():
+    cases = select_cases(fam.cases(quick=False, device="cuda", dtypes=None), "attention",
+                         parse_where(["D=64,128", "L=1024,4096,16384"]))
+    order = fam.run_order(cases, "cuda")
+    assert sorted(map(str, order)) == sorted(map(str, cases))
+    kinds = {(c["mode"], c["D"], c["causal"]) for c in cases if c["dtype"] == "bf16"}
+    assert {(c["mode"], c["D"], c["causal"]) for c in order[:len(kinds)]} == kinds
+    assert {(c["dtype"], c["L"]) for c in order[:len(kinds)]} == {("bf16", 4096)}
+    assert fam.run_order(cases, "cpu") == cases

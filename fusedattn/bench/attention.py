@@ -29,10 +29,9 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
         dts = dtypes or ["bf16", "fp16"]
         if quick:
             return [case(4, 16, 2048, 128, "bf16", c, m) for m in ("fwd", "fwd+bwd") for c in (False, True)]
-        # B*L = 16k tokens, H*D = 2048 (the FlashAttention paper's benchmark grid). dtype outermost: a run cut
-        # short by --time-cap loses the second dtype's cases first, not a whole mode.
+        # B*L = 16k tokens, H*D = 2048 (the FlashAttention paper's benchmark grid); run_order measures them
         return [case(16384 // L, 2048 // D, L, D, dt, c, m)
-                for dt in dts for m in ("fwd", "fwd+bwd") for D in (64, 128, 256) for c in (False, True)
+                for m in ("fwd", "fwd+bwd") for dt in dts for D in (64, 128, 256) for c in (False, True)
                 for L in (512, 1024, 2048, 4096, 8192, 16384)]
     dts = dtypes or ["fp32", "bf16"]
     if quick:
@@ -42,6 +41,20 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
     if "fp32" in dts:
         out.append(case(1, 8, 32768, 64, "fp32", False, "fwd"))  # memory: must stay O(L*D)
     return out
+
+
+LENGTH_PRIORITY = (4096, 16384, 1024, 8192, 2048, 512)  # CUDA: the order in which lengths are measured
+
+
+def run_order(cases: list[dict], device: str) -> list[dict]:
+    """The order to measure the cases in. On CUDA: dtype by dtype, each length (4k, 16k, 1k, ...) for every mode,
+    head dim and causality before the next length, so a run cut short by --time-cap has every kind of case at
+    the lengths it reached rather than every length of some kinds. On the CPU: as listed."""
+    if device != "cuda":
+        return cases
+    dts = list(dict.fromkeys(c["dtype"] for c in cases))
+    rank = {L: i for i, L in enumerate(LENGTH_PRIORITY)}
+    return sorted(cases, key=lambda c: (dts.index(c["dtype"]), rank.get(c["L"], len(rank)), c["L"]))
 
 
 def _sdpa_with(backend) -> Callable:

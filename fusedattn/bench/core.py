@@ -236,7 +236,7 @@ def summarize(rows: list[Row], family, info: dict) -> list[str]:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     seen = []
     for r in rows:
-        if r.case in seen:
+        if r.case in seen or r.status.startswith("absent"):  # an absent peer is listed above the table
             continue
         seen.append(r.case)
         by = {x.backend: x for x in rows if x.case == r.case}
@@ -391,7 +391,10 @@ def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool,
         if isinstance(fn, str):
             rows.append(Row(family.name, {k: "-" for k in (cases[0] if cases else {})}, name, f"absent: {fn}"))
     fns = {n: f for n, f in backends.items() if not isinstance(f, str)}
-    for case in progress(cases, family.name):
+    # the family may measure its cases in another order than its table lists them (attention on CUDA: one
+    # length of every kind first, so that a time cap cuts lengths, not kinds)
+    order = family.run_order(cases, device) if hasattr(family, "run_order") else cases
+    for case in progress(order, family.name):
         if deadline is not None and time.monotonic() >= deadline:
             case_rows = [Row(family.name, case, name, TIME_CAP, metric_name=family.metric_name) for name in fns]
         else:
@@ -402,8 +405,10 @@ def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool,
     capped = sum(all(r.status == TIME_CAP for r in rows if r.case == c) for c in cases)
     if capped:
         print(f"{family.name}: {capped} of {len(cases)} cases not run: time cap reached", flush=True)
-    rows = [r for r in rows if not r.status.startswith("absent")] + \
-           [r for r in rows if r.status.startswith("absent")]
+    position = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cases)}
+    rows = sorted((r for r in rows if not r.status.startswith("absent")),
+                  key=lambda r: position[json.dumps(r.case, sort_keys=True)]) + \
+        [r for r in rows if r.status.startswith("absent")]
     if out_dir and write:
         tag = f"{device}_{family.name}" + ("_quick" if quick else "")
         for p in write_results(rows, family, info, out_dir, tag):
