@@ -48,7 +48,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1; shift ;;
     --wheel) wheel=${2:?--wheel needs a path}; shift 2 ;;
-    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     -*) echo "gpu_session.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
     *) [ -z "$out" ] || { echo "gpu_session.sh: one OUT_DIR only" >&2; exit 2; }; out=$1; shift ;;
   esac
