@@ -6,11 +6,18 @@
 
 #include <ATen/ATen.h>
 
+#include <cstddef>
 #include <cstdint>
 
 #include "checks.h"
 
 namespace fusedattn {
+
+// dst[d] = t.stride(d) for the first N dimensions of t (element strides, as the kernels take them).
+template <size_t N>
+void copy_strides(int64_t (&dst)[N], const at::Tensor& t) {
+  for (size_t d = 0; d < N; ++d) dst[d] = t.stride(static_cast<int64_t>(d));
+}
 
 // Sizes, data pointers and element strides of (B, H, L, D) views q, k, v.
 template <typename P>
@@ -24,11 +31,9 @@ void fill_qkv(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    p.q_stride[d] = q.stride(d);
-    p.k_stride[d] = k.stride(d);
-    p.v_stride[d] = v.stride(d);
-  }
+  copy_strides(p.q_stride, q);
+  copy_strides(p.k_stride, k);
+  copy_strides(p.v_stride, v);
 }
 
 // Everything of decode_fwd but the split count and the outputs. seqlens, block_table and cache_batch_idx:
@@ -46,11 +51,9 @@ void fill_decode(P& p, const DecodeShape& s, const at::Tensor& q, const at::Tens
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  for (int d = 0; d < 4; ++d) {
-    p.q_stride[d] = q.stride(d);
-    p.k_stride[d] = k_cache.stride(d);
-    p.v_stride[d] = v_cache.stride(d);
-  }
+  copy_strides(p.q_stride, q);
+  copy_strides(p.k_stride, k_cache);
+  copy_strides(p.v_stride, v_cache);
   p.cache_seqlens = seqlens.data_ptr<int32_t>();
   p.cache_batch_idx = cache_batch_idx.defined() ? cache_batch_idx.data_ptr<int32_t>() : nullptr;
   p.block_table = block_table.defined() ? block_table.data_ptr<int32_t>() : nullptr;
@@ -59,10 +62,8 @@ void fill_decode(P& p, const DecodeShape& s, const at::Tensor& q, const at::Tens
   if (k_new.defined()) {
     p.k_new = k_new.data_ptr();
     p.v_new = v_new.data_ptr();
-    for (int d = 0; d < 4; ++d) {
-      p.kn_stride[d] = k_new.stride(d);
-      p.vn_stride[d] = v_new.stride(d);
-    }
+    copy_strides(p.kn_stride, k_new);
+    copy_strides(p.vn_stride, v_new);
   }
   p.Lnew = s.Lnew;
   p.scale = static_cast<float>(scale);
@@ -94,12 +95,10 @@ void fill_merge(P& p, const MergeTensors& m, const at::Tensor& lse_a, const at::
   p.out_b = m.b.data_ptr();
   p.lse_a = lse_a.data_ptr<float>();
   p.lse_b = lse_b.data_ptr<float>();
-  for (int d = 0; d < 3; ++d) {
-    p.oa_stride[d] = m.a.stride(d);
-    p.ob_stride[d] = m.b.stride(d);
-    p.la_stride[d] = lse_a.stride(d);
-    p.lb_stride[d] = lse_b.stride(d);
-  }
+  copy_strides(p.oa_stride, m.a);
+  copy_strides(p.ob_stride, m.b);
+  copy_strides(p.la_stride, lse_a);
+  copy_strides(p.lb_stride, lse_b);
   p.out = m.out.data_ptr();
   p.lse = m.lse.data_ptr<float>();
 }

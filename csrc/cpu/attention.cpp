@@ -60,9 +60,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
   p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.out = out.data_ptr();
-  for (int d = 0; d < 3; ++d) p.out_stride[d] = out.stride(d);
+  copy_strides(p.out_stride, out);
   p.lse = lse.data_ptr<float>();
-  for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse.stride(d);
+  copy_strides(p.lse_stride, lse);
   attention_fwd_dispatch(p);
   return {out, lse};
 }
@@ -96,12 +96,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   fill_common(p, q, k, v, scale, window_left, window_right, bottom_right, softcap, mask ? &*mask : nullptr);
   p.mask.mask_hides = attn_mask.has_value() && attn_mask->scalar_type() == at::kBool;
   p.dout = grad_out.data_ptr();
-  for (int d = 0; d < 4; ++d) p.dout_stride[d] = grad_out.stride(d);
+  copy_strides(p.dout_stride, grad_out);
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
-  for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_c.stride(d);  // delta: same shape, also contiguous
+  copy_strides(p.lse_stride, lse_c);  // delta: same shape, also contiguous
   p.dq = dq.data_ptr();
-  for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq.stride(d);
+  copy_strides(p.dq_stride, dq);
   p.dk_per_qhead = dk_h.data_ptr<float>();
   p.dv_per_qhead = dv_h.data_ptr<float>();
   attention_bwd_dispatch(p);

@@ -68,7 +68,7 @@ void fill_common(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tenso
   p.mask.diag_offset = bottom_right ? p.Lk - p.Lq : 0;
   if (mask) {
     p.mask.mask = mask->data_ptr<float>();
-    for (int d = 0; d < 3; ++d) p.mask.mask_stride[d] = mask->stride(d);
+    copy_strides(p.mask.mask_stride, *mask);
   }
 }
 

@@ -132,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q, const at:
     const at::Tensor out_r = seq_view(out, r.sq, r.n, r.Lq);  // (n, Hq, Lq, Dv), rows Hq * Dv apart
     const at::Tensor lse_r = lse_view(lse, r.sq, r.n, r.Lq);  // (n, Hq, Lq), heads total_q apart
     p.out = out_r.data_ptr();
-    for (int d = 0; d < 3; ++d) p.out_stride[d] = out_r.stride(d);
+    copy_strides(p.out_stride, out_r);
     p.lse = lse_r.data_ptr<float>();
-    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_r.stride(d);
+    copy_strides(p.lse_stride, lse_r);
     attention_fwd_dispatch(p);
   }
   return {out, lse};
@@ -182,14 +182,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
                 window_left, window_right, bottom_right, softcap, nullptr);
     const at::Tensor dout_r = seq_view(grad_out, r.sq, r.n, r.Lq);
     p.dout = dout_r.data_ptr();
-    for (int d = 0; d < 4; ++d) p.dout_stride[d] = dout_r.stride(d);
+    copy_strides(p.dout_stride, dout_r);
     const at::Tensor lse_r = lse_view(lse_c, r.sq, r.n, r.Lq), delta_r = lse_view(delta, r.sq, r.n, r.Lq);
     p.lse = lse_r.data_ptr<float>();
     p.delta = delta_r.data_ptr<float>();
-    for (int d = 0; d < 2; ++d) p.lse_stride[d] = lse_r.stride(d);  // delta: same shape and strides
+    copy_strides(p.lse_stride, lse_r);  // delta: same shape and strides
     const at::Tensor dq_r = seq_view(dq, r.sq, r.n, r.Lq);
     p.dq = dq_r.data_ptr();
-    for (int d = 0; d < 3; ++d) p.dq_stride[d] = dq_r.stride(d);
+    copy_strides(p.dq_stride, dq_r);
     const at::Tensor dk_r = dk_h.narrow(0, 0, r.n * Hq * r.Lk * D).view({r.n, Hkv, group, r.Lk, D});
     const at::Tensor dv_r = dv_h.narrow(0, 0, r.n * Hq * r.Lk * Dv).view({r.n, Hkv, group, r.Lk, Dv});
     p.dk_per_qhead = dk_r.data_ptr<float>();

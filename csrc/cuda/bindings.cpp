@@ -176,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   AttnBwdParams p{};
   fill_attention(p, q, k, v, scale, window_left, window_right, bottom_right);
   p.dout = dout.data_ptr();
-  for (int d = 0; d < 4; ++d) p.dout_stride[d] = dout.stride(d);
+  copy_strides(p.dout_stride, dout);
   p.lse = lse_c.data_ptr<float>();
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
