@@ -22,25 +22,21 @@ Three kernels:
 
 On a real GPU the ops are ``torch.library.triton_op`` (torch.compile sees the kernels); under the interpreter
 (TRITON_INTERPRET=1, CPU tensors) they are opaque ``torch.library.custom_op``s, since triton_op's tracing
-does not run interpreted kernels.
+does not run interpreted kernels (both through ``_common.register_op``).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton  # noqa: F401 (the GPU launcher; tests pass it to _decode_impl)
 
 from fusedattn import checks
 from fusedattn.checks import MAX_SPLITS  # the one bound on num_splits (= the C++ op's)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. Kernels read globals only as constexprs.
-_LOG2E = 1.4426950408889634
-LOG2E = tl.constexpr(_LOG2E)
-LN2 = tl.constexpr(0.6931471805599453)
+from ._common import INTERPRET, exp_via_exp2, launch, log_via_log2, mma, pow2, register_op, softcap_scores
 
 # Split heuristic (num_splits = 0), FlashDecoding style: the (B, Hkv) programs alone leave most SMs idle at
 # small batch, so split each sequence's keys until there are about WAVES_PER_SM programs per SM -- but keep
@@ -117,11 +113,10 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
                      stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_btb,
                      stride_os, stride_ob, stride_ol, stride_oh,
                      stride_ls, stride_lb, stride_lh,
-                     Lq, Lnew, D, DV, page_size, num_rows, capacity, scale_log2, softcap, window_left,
+                     Lq, Lnew, D, DV, page_size, num_rows, capacity, scale, softcap, window_left,
                      window_right, num_splits,
                      GROUP: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                     UPCAST: tl.constexpr, IEEE_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """One (sequence b, kv head h, split) program. Tile rows r < GROUP*Lq are the query rows that read kv
     head h: query head h*GROUP + r // Lq at position r % Lq. Writes O[split, b, i, head, :] (normalized over
     this split's keys; the last dim contiguous) and LSE[split, b, head, i] (natural log; -inf: no key)."""
@@ -139,8 +134,6 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + i[:, None].to(tl.int64) * stride_ql
               + head[:, None].to(tl.int64) * stride_qh + d[None, :] * stride_qd)
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    if UPCAST:
-        q = q.to(tl.float32)
 
     # ---- the keys each row sees (bottom-right band), and this split's share of their union
     seqlen = tl.load(SEQLENS + b)
@@ -166,7 +159,7 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
     else:
         cache_row = b
 
-    # ---- online softmax over [start, end) in blocks of BLOCK_N keys, in the log2 domain
+    # ---- online softmax over [start, end) in blocks of BLOCK_N keys (scores in natural units: see _common.LOG2E)
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -192,42 +185,25 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
         # k: (BLOCK_N, BLOCK_D), read once for all BLOCK_M rows (GQA heads x query positions)
         k = tl.load(K + offs_k[:, None] + h.to(tl.int64) * stride_kh + d[None, :],
                     mask=load_ok[:, None] & (d < D)[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE_FP32:  # fp32 inputs: no TF32 rounding of q.k
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) fp32
-        if SOFTCAP:  # cap * tanh(scale*s / cap), tanh through exp2 (no libdevice needed)
-            x = tl.minimum(tl.maximum(s * (scale_log2 / LOG2E / softcap), -15.0), 15.0)  # tanh(15) = 1 in fp32
-            x = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
-            s = x * (softcap * LOG2E)
-        else:
-            s = s * scale_log2  # scale and log2(e) folded: exp2 below
+        s, _ = softcap_scores(mma(q, tl.trans(k), None), scale, softcap, SOFTCAP)  # (BLOCK_M, BLOCK_N) fp32
         visible = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]) & key_ok[None, :] & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
         bad = bad | tl.max((visible & (ok == 0)[None, :]).to(tl.int32), axis=1)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: keep everything 0
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+        alpha = exp_via_exp2(m - m_safe)
+        p = exp_via_exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(V + offs_v[:, None] + h.to(tl.int64) * stride_vh + dv[None, :],
                     mask=load_ok[:, None] & (dv < DV)[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
-        if IEEE_FP32:
-            pv = tl.dot(p, v, input_precision="ieee")
-        elif UPCAST:
-            pv = tl.dot(p, v.to(tl.float32))
-        else:
-            pv = tl.dot(p.to(v.dtype), v)  # P rounded to the input dtype, as in FlashAttention
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + mma(p, v, None)  # P rounded to the input dtype, as in FlashAttention
         m = m_new
 
     # ---- normalized partial state; no key: out 0, lse -inf; a bad index: NaN (visible, never a stray access)
     has = l > 0
     l_safe = tl.where(has, l, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(has, (m + tl.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(has, m + log_via_log2(l_safe), float("-inf"))
     poison = bad > 0
     out = tl.where(poison[:, None], float("nan"), out)
     lse = tl.where(poison, float("nan"), lse)
@@ -266,7 +242,7 @@ def _combine_lse(O_PART, LSE_PART, O, LSE, num_states, num_rows, L, H, DV,
     acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
     for st in range(0, num_states):
         lse_s = tl.load(lse_base + st * stride_qs, mask=row_ok, other=float("-inf"))
-        w = tl.exp2((lse_s - M_safe) * LOG2E)  # -inf: 0
+        w = exp_via_exp2(lse_s - M_safe)  # -inf: 0
         live = row_ok & (lse_s > float("-inf"))
         o_s = tl.load(o_base[:, None] + st * stride_ps + dv[None, :] * stride_pd,
                       mask=live[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
@@ -275,7 +251,7 @@ def _combine_lse(O_PART, LSE_PART, O, LSE, num_states, num_rows, L, H, DV,
     has = total > 0
     total_safe = tl.where(has, total, 1.0)
     out = acc / total_safe[:, None]
-    lse = tl.where(has, M_safe + tl.log2(total_safe) * LN2, float("-inf"))
+    lse = tl.where(has, M_safe + log_via_log2(total_safe), float("-inf"))
     lse = tl.where(M != M, M, lse)
     out = tl.where((M != M)[:, None], float("nan"), out)
     o_ptrs = O + b.to(tl.int64) * stride_ob + ll.to(tl.int64) * stride_ol + hh.to(tl.int64) * stride_oh
@@ -320,10 +296,6 @@ def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
                                 cache_batch_idx, err=_err)
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
-
-
 def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
                  window_left, window_right, softcap, num_splits, launch) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checks, appends k_new/v_new in place, runs the split-KV kernel and, for > 1 split, the combine.
@@ -341,7 +313,7 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
     # Pointers for absent optional tensors: any int32 tensor (never read: PAGED / HAS_CBI are constexpr).
     bt = block_table if paged else cache_seqlens
     cbi = cache_batch_idx if cache_batch_idx is not None else cache_seqlens
-    BLOCK_D, BLOCK_DV = _pow2(D), _pow2(Dv)
+    BLOCK_D, BLOCK_DV = pow2(D), pow2(Dv)
 
     if Lnew > 0 and B > 0 and Hkv > 0:
         launch(_append_kv)[(B, Lnew, Hkv)](
@@ -355,7 +327,7 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         return out, lse
 
     group = Hq // Hkv
-    BLOCK_M = _pow2(group * Lq)
+    BLOCK_M = pow2(group * Lq)
     # Keys per block: K and V tiles of BLOCK_N x D (<= 32 KiB each) beside the (BLOCK_M, BLOCK_DV) fp32
     # accumulator. (The interpreter runs each block as numpy calls: larger blocks, fewer Python iterations.)
     BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) * q.element_size() <= 256 and BLOCK_M <= 64 else 32
@@ -376,17 +348,15 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         lse_part = torch.empty((S, B, Hq, Lq), dtype=torch.float32, device=q.device)
         o_strides = o_part.stride()[:4]
         l_strides = lse_part.stride()[:3]
-    upcast = INTERPRET and q.dtype != torch.float32  # the interpreter's bf16/fp16 dot is wrong: fp32 there
     launch(_decode_split_kv)[(B, Hkv, S)](
         q, k_cache, v_cache, cache_seqlens, bt, cbi, o_part, lse_part,
         *q.stride(),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0) if paged else 0,
         *o_strides, *l_strides,
-        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale) * _LOG2E, float(softcap),
+        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale), float(softcap),
         int(window_left), int(window_right), S,
         GROUP=group, PAGED=paged, HAS_CBI=cache_batch_idx is not None, SOFTCAP=softcap > 0,
-        UPCAST=upcast, IEEE_FP32=(q.dtype == torch.float32 and not INTERPRET),
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
     if S > 1:
         _launch_combine(launch, o_part, lse_part, out, lse, S)
@@ -405,7 +375,7 @@ def _launch_combine(launch, o_part, lse_part, out, lse, S) -> None:
     launch(_combine_lse)[(triton.cdiv(rows, BLOCK_R),)](
         o_part, lse_part, out, lse, S, rows, L, H, Dv,
         *o_part.stride(), *lse_part.stride(), *out.stride()[:3], *lse.stride()[:2],
-        BLOCK_R=BLOCK_R, BLOCK_DV=_pow2(Dv))
+        BLOCK_R=BLOCK_R, BLOCK_DV=pow2(Dv))
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -433,60 +403,32 @@ def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch
 # ------------------------------------------------------------------------------------------------
 # torch ops
 # ------------------------------------------------------------------------------------------------
-_DECODE_OP = "fusedattn::triton_decode_fwd"
-_MERGE_OP = "fusedattn::triton_merge_attention_states"
-_MUTATES = ("k_cache", "v_cache")
+
+_launch = launch  # the interpreter: the kernel itself; a GPU: wrap_triton
 
 
-if INTERPRET:
-    # Interpreted kernels run on CPU tensors as ordinary Python: an opaque custom op (torch.compile calls it
-    # as one node; triton_op's tracing would try to compile the kernels).
-    def _launch(kernel):
-        return kernel
-
-    @torch.library.custom_op(_DECODE_OP, mutates_args=_MUTATES)
-    def triton_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cache_seqlens: torch.Tensor, k_new: Optional[torch.Tensor],
-                          v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
-                          cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int,
-                          window_right: int, softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
-                            scale, window_left, window_right, softcap, num_splits, _launch)
-
-    @torch.library.custom_op(_MERGE_OP, mutates_args=())
-    def triton_merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                                      lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _merge_impl(out_a, lse_a, out_b, lse_b, _launch)
-
-    _register_fake = torch.library.register_fake
-else:
-    # Real GPU: triton_op lets torch.compile see the kernels (and inductor schedule them with the graph).
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op(_DECODE_OP, mutates_args=_MUTATES)
-    def triton_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          cache_seqlens: torch.Tensor, k_new: Optional[torch.Tensor],
-                          v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
-                          cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int,
-                          window_right: int, softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
-                            scale, window_left, window_right, softcap, num_splits, wrap_triton)
-
-    @triton_op(_MERGE_OP, mutates_args=())
-    def triton_merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-                                      lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _merge_impl(out_a, lse_a, out_b, lse_b, wrap_triton)
-
-    _register_fake = None  # triton_op traces the body with fake tensors itself
+def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
+               cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
+               softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                        window_left, window_right, softcap, num_splits, launch)
 
 
-if _register_fake is not None:
-    @_register_fake(_DECODE_OP)
-    def _triton_decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
-                                scale, window_left, window_right, softcap, num_splits):
-        B, Lq, Hq, _ = q.shape
-        return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+def _decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                 window_left, window_right, softcap, num_splits):
+    B, Lq, Hq, _ = q.shape
+    return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
-    @_register_fake(_MERGE_OP)
-    def _triton_merge_fake(out_a, lse_a, out_b, lse_b):
-        return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
+
+def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+              lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _merge_impl(out_a, lse_a, out_b, lse_b, launch)
+
+
+def _merge_fake(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
+
+
+triton_decode_fwd = register_op("triton_decode_fwd", _decode_op, _decode_fake, mutates_args=("k_cache", "v_cache"))
+triton_merge_attention_states = register_op("triton_merge_attention_states", _merge_op, _merge_fake)
