@@ -6,7 +6,8 @@ points ``attention`` and ``varlen_attention``. The op registration lives here ra
 because on a GPU the op *is* the launcher: ``torch.library.triton_op`` wraps the Python function that launches
 the kernels (through ``wrap_triton``), so torch.compile sees the kernels themselves. Under the interpreter
 (``TRITON_INTERPRET=1``) the same launchers are registered with ``torch.library.custom_op`` plus fake impls,
-because triton_op does not survive torch.compile there. Registered ops (namespace ``fusedattn``):
+because triton_op does not survive torch.compile there (both through ``_common.register_op``). Registered ops
+(namespace ``fusedattn``):
 
     triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int window_left,
                          int window_right, bool bottom_right, float softcap) -> (Tensor out, Tensor lse)
@@ -28,45 +29,41 @@ csrc/torch_bindings.cpp and fusedattn/reference.py): query i sees key j iff
 additive mask; a row that sees no key gives out 0 and lse -inf. The varlen ops apply the same rule per sequence,
 always bottom-right aligned (``flash_attn_varlen_func``'s convention).
 
-Precision: scores (natural units, see LOG2E), softmax statistics and accumulators are float32. fp16/bf16 inputs go through tensor-core
-``tl.dot`` on the input dtype (P and dS are rounded to it before their matmuls, as in FlashAttention). float32
-inputs use ``tl.dot(..., input_precision="ieee")``: exact fp32 products, **no tf32**, so fp32 results are as
-accurate as a float32 PyTorch computation (and about 8x slower than bf16 on tensor-core GPUs).
+Precision: scores (natural units, see _common.LOG2E), softmax statistics and accumulators are float32. fp16/bf16
+inputs go through tensor-core ``tl.dot`` on the input dtype (P and dS are rounded to it before their matmuls, as in
+FlashAttention; all matmuls go through ``_common.mma``). float32 inputs use ``tl.dot(..., input_precision="ieee")``:
+exact fp32 products, **no tf32**, so fp32 results are as accurate as a float32 PyTorch computation (and about 8x
+slower than bf16 on tensor-core GPUs).
 
 Determinism: no atomics. dK/dV are accumulated by the program that owns a key block (looping over every query
 head of its GQA group), dQ by the program that owns a query block, so gradients are bit-identical run to run.
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# exp(x) = exp2(x * log2(e)): exp2 is the native instruction. log2(e) multiplies the *shifted* score (s - max),
-# not the raw one: scores and row max stay in natural units, so s - max is exact when s is the max (a row with one
-# dominant key, e.g. masked by -1e4, gets P = 1 exactly) and lse = max + log(l) round-trips bit for bit into the
-# backward, where P = exp2((s - lse) * log2(e)). Folding log2(e) into the scale instead loses ~ulp(|lse| * 1.44)
-# in P once |scores| is large (1e-3 relative at 1e4: the fp32 gradient rule fails).
-LOG2E = tl.constexpr(1.4426950408889634)  # tl.constexpr: compiled kernels read only constexpr globals
-LN2 = tl.constexpr(0.6931471805599453)
+from ._common import INTERPRET, exp_via_exp2, launch, log_via_log2, mma, pow2, register_op, softcap_scores
 
-__all__ = ["attention", "varlen_attention", "INTERPRET"]
+__all__ = ["INTERPRET", "attention", "varlen_attention"]
 
 
 # ================================================================================================================
 # kernels
 # ================================================================================================================
+# Every kernel starts the same way (_program): the sequence's rows in the packed tensors, its lengths and the
+# diagonal offset; every (batch, head) slice is addressed once, through _bh, before any tile is loaded. Outputs
+# (out, dq, dk, dv) are allocated here with a contiguous last dim, so they take no head-dim stride.
 
 
 @triton.jit
-def _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
-    """(first row of the sequence in the packed tensor, its length) for queries and keys. Dense tensors start at
-    row 0 of their batch entry (the batch stride does the rest); varlen ones at cu_seqlens[b] (batch stride 0)."""
+def _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """(first row of the sequence in the packed tensor, its length) for queries and keys, and diag, the offset of
+    the diagonal (key j = query i + diag is aligned with query i). Dense tensors start at row 0 of their batch
+    entry (the batch stride does the rest); varlen ones at cu_seqlens[b] (batch stride 0)."""
     if IS_VARLEN:
         q_start = tl.load(CuQ + off_b)
         seq_q = tl.load(CuQ + off_b + 1) - q_start
@@ -77,27 +74,37 @@ def _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr):
         seq_q = Lq
         k_start = 0
         seq_k = Lk
-    return q_start, seq_q, k_start, seq_k
+    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+    return q_start, seq_q, k_start, seq_k, diag
+
+
+@triton.jit
+def _bh(ptr, off_b, off_h, stride_b, stride_h):
+    """The (batch, head) slice of a tensor, in 64-bit offsets."""
+    return ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys the window lets query rows [start_m * BLOCK_M, + BLOCK_M) see; lo on a block boundary."""
+    lo = 0
+    hi = seq_k
+    if WIN_LEFT:
+        lo = tl.maximum(start_m * BLOCK_M + diag - window_left, 0) // BLOCK_N * BLOCK_N
+    if WIN_RIGHT:
+        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
+    return lo, hi
 
 
 @triton.jit
 def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, window_left, window_right,
-            HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-            ROWS_FIRST: tl.constexpr):
+            HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
     """Scores (natural units), -inf where not visible, and tanh(s / softcap) (for the softcap's derivative).
 
-    qk: raw q.k tile, (BLOCK_M, BLOCK_N) when ROWS_FIRST else transposed (BLOCK_N, BLOCK_M); rows / cols are the
-    query / key indices broadcast to the tile's shape. diag = Lk - Lq (bottom-right) or 0 (top-left)."""
-    if SOFTCAP:
-        # tanh from exp2 (no libdevice, so the interpreter runs the same code); exp2(-2|x| log2 e) cannot overflow
-        x = qk * (scale / softcap)
-        e = tl.math.exp2(tl.abs(x) * (-2.0 * LOG2E))
-        t = (1.0 - e) / (1.0 + e)
-        t = tl.where(x < 0, -t, t)
-        s = t * softcap
-    else:
-        t = qk  # unused
-        s = qk * scale
+    qk: raw q.k tile, (BLOCK_M, BLOCK_N), or transposed (BLOCK_N, BLOCK_M) in the dK/dV pass; rows / cols are the
+    query / key indices broadcast to the tile's shape."""
+    s, t = softcap_scores(qk, scale, softcap, SOFTCAP)
     visible = (rows < seq_q) & (cols < seq_k)
     if HAS_MASK:
         s += tl.load(mask_ptrs, mask=visible, other=0.0).to(tl.float32)
@@ -115,48 +122,37 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
               stride_kb, stride_kh, stride_kn, stride_kd,
               stride_vb, stride_vh, stride_vn, stride_vd,
               stride_mb, stride_mh, stride_mm, stride_mn,
-              stride_ob, stride_oh, stride_om, stride_od,
+              stride_ob, stride_oh, stride_om,
               stride_lb, stride_lh, stride_lm,
               Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
               HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
               HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: BLOCK_M query rows of one (sequence, query head). q: (B, Hq, Lq, D) (varlen: (total_q, Hq, D)).
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    q_start, seq_q, k_start, seq_k, diag = _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN, BOTTOM_RIGHT)
     if start_m * BLOCK_M >= seq_q:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_hk = (off_h // GROUP).to(tl.int64)  # GQA: K/V are indexed, never expanded
-    off_h64 = off_h.to(tl.int64)
-    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+    off_hk = off_h // GROUP  # GQA: K/V are indexed, never expanded
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)  # head dims are padded to a power of two; loads mask d >= D
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = (Q + off_b64 * stride_qb + off_h64 * stride_qh + (q_start + offs_m[:, None]).to(tl.int64) * stride_qm
-              + offs_d[None, :] * stride_qd)
-    q = tl.load(q_ptrs, mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    if UPCAST:  # the interpreter multiplies bf16 bit patterns as integers: compute in float32
-        q = q.to(tl.float32)
-    kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+    qrows = (q_start + offs_m).to(tl.int64)
+    row_ok = offs_m < seq_q
+    q = tl.load(_bh(Q, off_b, off_h, stride_qb, stride_qh) + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    kT_ptrs = (_bh(K, off_b, off_hk, stride_kb, stride_kh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
                + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    v_ptrs = (V + off_b64 * stride_vb + off_hk * stride_vh + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
+    v_ptrs = (_bh(V, off_b, off_hk, stride_vb, stride_vh) + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
               + offs_dv[None, :] * stride_vd)  # (BLOCK_N, BLOCK_DV)
-    mask_ptrs = Mask + off_b64 * stride_mb + off_h64 * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm \
-        + offs_n[None, :] * stride_mn
-
-    # Only the key blocks the window can reach: [lo, hi).
-    lo = 0
-    hi = seq_k
-    if WIN_LEFT:
-        lo = tl.maximum(start_m * BLOCK_M + diag - window_left, 0) // BLOCK_N * BLOCK_N
-    if WIN_RIGHT:
-        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
+    mask_ptrs = (_bh(Mask, off_b, off_h, stride_mb, stride_mh) + offs_m[:, None].to(tl.int64) * stride_mm
+                 + offs_n[None, :] * stride_mn)
+    lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
 
     # Online softmax: m_i is the running row max, l_i the running sum of exp(s - m_i), acc the
     # running P @ V; when the max grows, l_i and acc are rescaled by alpha = exp(m_old - m_new).
@@ -166,32 +162,26 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
-        if UPCAST:
-            kT = kT.to(tl.float32)
-        qk = tl.dot(q, kT, input_precision=PRECISION)
-        s, _ = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
-                       scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
+        s, _ = _scores(mma(q, kT, None), offs_m[:, None], cols[None, :], seq_q, seq_k, diag,
+                       mask_ptrs + start_n * stride_mn, scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP,
+                       WIN_LEFT, WIN_RIGHT)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -inf so far shifts by 0, so exp2 gives 0 rather than exp2(-inf + inf) = NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2((m_i - m_use) * LOG2E)
-        p = tl.math.exp2((s - m_use[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
+        alpha = exp_via_exp2(m_i - m_use)
+        p = exp_via_exp2(s - m_use[:, None])  # (BLOCK_M, BLOCK_N)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start_n * stride_vn, mask=(cols[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        acc = mma(p, v, acc * alpha[:, None])
         m_i = m_new
 
     empty = l_i == 0.0  # no visible key: out 0, lse -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)  # natural log
-    o_ptrs = (Out + off_b64 * stride_ob + off_h64 * stride_oh + (q_start + offs_m[:, None]).to(tl.int64) * stride_om
-              + offs_dv[None, :] * stride_od)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_dv[None, :] < DV))
-    l_ptrs = Lse + off_b64 * stride_lb + off_h64 * stride_lh + (q_start + offs_m).to(tl.int64) * stride_lm
-    tl.store(l_ptrs, lse, mask=offs_m < seq_q)
+    lse = tl.where(empty, float("-inf"), m_i + log_via_log2(l_safe))
+    tl.store(_bh(Out, off_b, off_h, stride_ob, stride_oh) + qrows[:, None] * stride_om + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(_bh(Lse, off_b, off_h, stride_lb, stride_lh) + qrows * stride_lm, lse, mask=row_ok)
 
 
 @triton.jit
@@ -205,25 +195,51 @@ def _attn_bwd_preprocess(Out, DO, GLse, Delta, CuQ,
     # Delta = rowsum(dO * O) - dLse: with P = softmax, dS = P * (dP - Delta) covers both the gradient through
     # out and the one through lse (d lse / d s = P).
     start_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
+    off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    q_start, seq_q, _, _ = _seq_bounds(CuQ, CuQ, off_b, Lq, Lq, IS_VARLEN)
+    q_start, seq_q, _, _, _ = _program(CuQ, CuQ, off_b, Lq, Lq, IS_VARLEN, False)
     if start_m * BLOCK_M >= seq_q:
         return
-    off_b = off_b.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = (q_start + offs_m).to(tl.int64)
-    ld_mask = (offs_m[:, None] < seq_q) & (offs_dv[None, :] < DV)
-    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+    row_ok = offs_m < seq_q
+    ld_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    o = tl.load(_bh(Out, off_b, off_h, stride_ob, stride_oh) + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
                 mask=ld_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_gb + off_h * stride_gh + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+    do = tl.load(_bh(DO, off_b, off_h, stride_gb, stride_gh) + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
                  mask=ld_mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_GLSE:
-        delta -= tl.load(GLse + off_b * stride_glb + off_h * stride_glh + rows * stride_glm, mask=offs_m < seq_q,
+        delta -= tl.load(_bh(GLse, off_b, off_h, stride_glb, stride_glh) + rows * stride_glm, mask=row_ok,
                          other=0.0).to(tl.float32)
-    tl.store(Delta + off_b * stride_db + off_h * stride_dh + rows * stride_dm, delta, mask=offs_m < seq_q)
+    tl.store(_bh(Delta, off_b, off_h, stride_db, stride_dh) + rows * stride_dm, delta, mask=row_ok)
+
+
+@triton.jit
+def _bwd_query_rows(Q, DO, Lse, Delta, rows, qrows, seq_q, offs_d, offs_dv, D, DV,
+                    stride_qm, stride_qd, stride_gm, stride_gd, stride_lm):
+    """What both backward passes read per block of query rows (Q, DO, Lse, Delta already at their (batch, head)
+    slice; Delta shares lse's layout): q (BLOCK_M, BLOCK_D), do (BLOCK_M, BLOCK_DV), lse and delta (BLOCK_M,)."""
+    row_ok = rows < seq_q
+    q = tl.load(Q + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(Lse + qrows * stride_lm, mask=row_ok, other=0.0)
+    # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + qrows * stride_lm, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _bwd_ds(p, dp, delta, t, SOFTCAP: tl.constexpr):
+    """dS = P * (dP - Delta), times the softcap's derivative d/ds softcap*tanh(s/softcap) = 1 - t^2."""
+    ds = p * (dp - delta)
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 @triton.jit
@@ -234,39 +250,32 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
                    stride_mb, stride_mh, stride_mm, stride_mn,
                    stride_gb, stride_gh, stride_gm, stride_gd,
                    stride_lb, stride_lh, stride_lm,
-                   stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-                   stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                   stride_dkb, stride_dkh, stride_dkn,
+                   stride_dvb, stride_dvh, stride_dvn,
                    Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
                    HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: BLOCK_N keys of one (sequence, kv head). It owns dK/dV of those keys and sums over every query
     # head of the GQA group, so no atomics are needed. Tiles are kept transposed (keys x queries): S^T, P^T.
     start_n = tl.program_id(0)
     off_hk = tl.program_id(1)
     off_b = tl.program_id(2)
-    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    q_start, seq_q, k_start, seq_k, diag = _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN, BOTTOM_RIGHT)
     if start_n * BLOCK_N >= seq_k:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_hk64 = off_hk.to(tl.int64)
-    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
 
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     krows = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + off_b64 * stride_kb + off_hk64 * stride_kh + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=(offs_n[:, None] < seq_k) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + off_b64 * stride_vb + off_hk64 * stride_vh + krows[:, None] * stride_vn
-                + offs_dv[None, :] * stride_vd,
-                mask=(offs_n[:, None] < seq_k) & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    n_ok = offs_n[:, None] < seq_k
+    k = tl.load(_bh(K, off_b, off_hk, stride_kb, stride_kh) + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=n_ok & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(_bh(V, off_b, off_hk, stride_vb, stride_vh) + krows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=n_ok & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -279,45 +288,30 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
         hi = tl.minimum(start_n * BLOCK_N + BLOCK_N - diag + window_left, seq_q)
 
     for g in range(0, GROUP):
-        off_h64 = (off_hk * GROUP + g).to(tl.int64)
-        q_base = Q + off_b64 * stride_qb + off_h64 * stride_qh
-        do_base = DO + off_b64 * stride_gb + off_h64 * stride_gh
-        l_base = Lse + off_b64 * stride_lb + off_h64 * stride_lh
-        d_base = Delta + off_b64 * stride_lb + off_h64 * stride_lh  # Delta shares lse's layout
-        m_base = Mask + off_b64 * stride_mb + off_h64 * stride_mh
+        off_h = off_hk * GROUP + g
+        q_base = _bh(Q, off_b, off_h, stride_qb, stride_qh)
+        do_base = _bh(DO, off_b, off_h, stride_gb, stride_gh)
+        l_base = _bh(Lse, off_b, off_h, stride_lb, stride_lh)
+        d_base = _bh(Delta, off_b, off_h, stride_lb, stride_lh)
+        m_base = _bh(Mask, off_b, off_h, stride_mb, stride_mh)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
-            qrows = (q_start + rows).to(tl.int64)
-            row_ok = rows < seq_q
-            q = tl.load(q_base + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-            do = tl.load(do_base + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                         mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_M, BLOCK_DV)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(l_base + qrows * stride_lm, mask=row_ok, other=0.0)
-            # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)
-            delta = tl.load(d_base + qrows * stride_lm, mask=row_ok, other=0.0)
-            qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            sT, tT = _scores(qkT, rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
+            q, do, lse, delta = _bwd_query_rows(q_base, do_base, l_base, d_base, rows, (q_start + rows).to(tl.int64),
+                                                seq_q, offs_d, offs_dv, D, DV, stride_qm, stride_qd, stride_gm,
+                                                stride_gd, stride_lm)
+            sT, tT = _scores(mma(k, tl.trans(q), None), rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
                              m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
-                             scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, False)
-            pT = tl.math.exp2((sT - lse[None, :]) * LOG2E)  # (BLOCK_N, BLOCK_M)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * (1.0 - tT * tT)  # d/ds softcap*tanh(s/softcap)
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PRECISION)
+                             scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT)
+            pT = exp_via_exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
+            dv = mma(pT, do, dv)
+            dsT = _bwd_ds(pT, mma(v, tl.trans(do), None), delta[None, :], tT, SOFTCAP)
+            dk = mma(dsT, q, dk)
 
     dk *= scale
-    n_ok = offs_n[:, None] < seq_k
-    tl.store(DK + off_b64 * stride_dkb + off_hk64 * stride_dkh + krows[:, None] * stride_dkn
-             + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < D))
-    tl.store(DV_ + off_b64 * stride_dvb + off_hk64 * stride_dvh + krows[:, None] * stride_dvn
-             + offs_dv[None, :] * stride_dvd, dv.to(DV_.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < DV))
+    tl.store(_bh(DK, off_b, off_hk, stride_dkb, stride_dkh) + krows[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < D))
+    tl.store(_bh(DV_, off_b, off_hk, stride_dvb, stride_dvh) + krows[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DV_.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -328,54 +322,38 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
                  stride_mb, stride_mh, stride_mm, stride_mn,
                  stride_gb, stride_gh, stride_gm, stride_gd,
                  stride_lb, stride_lh, stride_lm,
-                 stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                 stride_dqb, stride_dqh, stride_dqm,
                  Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
                  HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
                  BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # One program: dQ of BLOCK_M query rows of one (sequence, query head); recomputes P from q, k and lse.
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
-    q_start, seq_q, k_start, seq_k = _seq_bounds(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN)
+    q_start, seq_q, k_start, seq_k, diag = _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN, BOTTOM_RIGHT)
     if start_m * BLOCK_M >= seq_q:
         return
-    off_b64 = off_b.to(tl.int64)
-    off_h64 = off_h.to(tl.int64)
-    off_hk = (off_h // GROUP).to(tl.int64)
-    diag = seq_k - seq_q if BOTTOM_RIGHT else 0
+    off_hk = off_h // GROUP
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qrows = (q_start + offs_m).to(tl.int64)
-    row_ok = offs_m < seq_q
-    q = tl.load(Q + off_b64 * stride_qb + off_h64 * stride_qh + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + off_b64 * stride_gb + off_h64 * stride_gh + qrows[:, None] * stride_gm
-                 + offs_dv[None, :] * stride_gd, mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = tl.load(Lse + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + off_b64 * stride_lb + off_h64 * stride_lh + qrows * stride_lm, mask=row_ok, other=0.0)
-    kT_ptrs = (K + off_b64 * stride_kb + off_hk * stride_kh + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+    q, do, lse, delta = _bwd_query_rows(_bh(Q, off_b, off_h, stride_qb, stride_qh),
+                                        _bh(DO, off_b, off_h, stride_gb, stride_gh),
+                                        _bh(Lse, off_b, off_h, stride_lb, stride_lh),
+                                        _bh(Delta, off_b, off_h, stride_lb, stride_lh), offs_m, qrows, seq_q, offs_d,
+                                        offs_dv, D, DV, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm)
+    kT_ptrs = (_bh(K, off_b, off_hk, stride_kb, stride_kh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
                + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    vT_ptrs = (V + off_b64 * stride_vb + off_hk * stride_vh + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
+    vT_ptrs = (_bh(V, off_b, off_hk, stride_vb, stride_vh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
                + offs_dv[:, None] * stride_vd)  # (BLOCK_DV, BLOCK_N)
-    mask_ptrs = Mask + off_b64 * stride_mb + off_h64 * stride_mh + offs_m[:, None].to(tl.int64) * stride_mm \
-        + offs_n[None, :] * stride_mn
-
-    lo = 0
-    hi = seq_k
-    if WIN_LEFT:
-        lo = tl.maximum(start_m * BLOCK_M + diag - window_left, 0) // BLOCK_N * BLOCK_N
-    if WIN_RIGHT:
-        hi = tl.minimum(start_m * BLOCK_M + BLOCK_M + diag + window_right, seq_k)
+    mask_ptrs = (_bh(Mask, off_b, off_h, stride_mb, stride_mh) + offs_m[:, None].to(tl.int64) * stride_mm
+                 + offs_n[None, :] * stride_mn)
+    lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
@@ -383,21 +361,15 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
         vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV),
                      other=0.0)
-        if UPCAST:
-            kT = kT.to(tl.float32)
-            vT = vT.to(tl.float32)
-        qk = tl.dot(q, kT, input_precision=PRECISION)
-        s, t = _scores(qk, offs_m[:, None], cols[None, :], seq_q, seq_k, diag, mask_ptrs + start_n * stride_mn,
-                       scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT, True)
-        p = tl.math.exp2((s - lse[:, None]) * LOG2E)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+        s, t = _scores(mma(q, kT, None), offs_m[:, None], cols[None, :], seq_q, seq_k, diag,
+                       mask_ptrs + start_n * stride_mn, scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP,
+                       WIN_LEFT, WIN_RIGHT)
+        p = exp_via_exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        ds = _bwd_ds(p, mma(do, vT, None), delta[:, None], t, SOFTCAP)
+        dq = mma(ds, tl.trans(kT), dq)
     dq *= scale
-    tl.store(DQ + off_b64 * stride_dqb + off_h64 * stride_dqh + qrows[:, None] * stride_dqm
-             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(_bh(DQ, off_b, off_h, stride_dqb, stride_dqh) + qrows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D))
 
 
 # ================================================================================================================
@@ -451,7 +423,8 @@ def _autotuned(fn, configs, smem):
             if INTERPRET:
                 kernels[bucket, elem] = fn
                 continue
-            fit = [c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT] or [min(cfgs, key=lambda c: smem(c, bucket, elem))]
+            fit = ([c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT]
+                   or [min(cfgs, key=lambda c: smem(c, bucket, elem))])
             kernels[bucket, elem] = triton.autotune(configs=fit, key=_KEY)(fn)
     return kernels
 
@@ -464,17 +437,6 @@ _DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS, _bwd_smem)
 # ================================================================================================================
 # launchers
 # ================================================================================================================
-
-if INTERPRET:
-    def _launch(kernel):
-        return kernel
-else:
-    from torch.library import wrap_triton as _launch  # lets torch.compile trace into the kernel launch
-
-
-def _pow2(d: int) -> int:
-    return max(16, triton.next_power_of_2(max(d, 1)))  # tl.dot needs every dim >= 16
-
 
 def _grid(n_rows: int, heads: int, batch: int, block_key: str):
     if INTERPRET:
@@ -491,13 +453,12 @@ def _normalize_window(w: int, limit: int) -> int:
     return -1 if w < 0 or w > limit else int(w)
 
 
-def _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, has_mask, is_varlen):
-    block_d, block_dv = _pow2(D), _pow2(Dv)
+def _flags(D, Dv, window_left, window_right, bottom_right, softcap, has_mask, is_varlen):
+    block_d, block_dv = pow2(D), pow2(Dv)
     return dict(
         HEAD_DIM_KEY=max(block_d, block_dv), CAUSAL_KEY=window_right == 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
         IS_VARLEN=is_varlen, BOTTOM_RIGHT=bottom_right, HAS_MASK=has_mask, SOFTCAP=softcap > 0,
-        WIN_LEFT=window_left >= 0, WIN_RIGHT=window_right >= 0, UPCAST=INTERPRET,
-        PRECISION="ieee" if (q.dtype == torch.float32 or INTERPRET) else "tf32")
+        WIN_LEFT=window_left >= 0, WIN_RIGHT=window_right >= 0)
 
 
 def _prepare_mask(attn_mask, B, Hq, Lq, Lk):
@@ -520,7 +481,7 @@ def _varlen_strides(t):  # (total, H, D) -> (batch, head, row, dim) with batch s
     return (0, t.stride(1), t.stride(0), t.stride(2))
 
 
-def _fwd_launch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q, scale, window_left,
+def _fwdlaunch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q, scale, window_left,
                 window_right, bottom_right, softcap, is_varlen):
     D, Dv = q.shape[-1], v.shape[-1]
     strides = _varlen_strides if is_varlen else _dense_strides
@@ -536,17 +497,17 @@ def _fwd_launch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max
         return out, lse
     if out.numel() == 0 or lse.numel() == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
+    flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"]), q.element_size()]
-    _launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
+    launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
         q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(out), *lse_strides,
+        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(out)[:3], *lse_strides,
         Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right,
         **flags, **_blocks())
     return out, lse
 
 
-def _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q,
+def _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q,
                 max_k, scale, window_left, window_right, bottom_right, softcap, is_varlen):
     D, Dv = q.shape[-1], v.shape[-1]
     strides = _varlen_strides if is_varlen else _dense_strides
@@ -565,24 +526,24 @@ def _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q,
         glse_strides = tuple(grad_lse.stride()) if grad_lse is not None else (0, 0, 0)
     # Delta is stored with lse's strides (the dK/dV and dQ kernels index both with one set of strides).
     delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
-    block_dv = _pow2(Dv)
+    block_dv = pow2(Dv)
     pre_block = 16 if INTERPRET else 64
-    _launch(_attn_bwd_preprocess)[(triton.cdiv(max_q, pre_block), Hq, B)](
+    launch(_attn_bwd_preprocess)[(triton.cdiv(max_q, pre_block), Hq, B)](
         out, grad_out, grad_lse if grad_lse is not None else lse, delta, cu_q,
         *strides(out), *strides(grad_out), *glse_strides, *lse_strides,
         Lq, Dv, IS_VARLEN=is_varlen, HAS_GLSE=grad_lse is not None, BLOCK_M=pre_block, BLOCK_DV=block_dv)
-    flags = _flags(q, D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
+    flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     bucket = (_bucket(flags["HEAD_DIM_KEY"]), q.element_size())
     mask_arg = mask if mask is not None else q
     common = (Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right)
-    _launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
+    launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
         q, k, v, mask_arg, grad_out, lse, delta, dk, dv, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
-        *strides(dk), *strides(dv), *common, **flags, **_blocks())
-    _launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](
+        *strides(dk)[:3], *strides(dv)[:3], *common, **flags, **_blocks())
+    launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](
         q, k, v, mask_arg, grad_out, lse, delta, dq, cu_q, cu_k,
         *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
-        *strides(dq), *common, **flags, **_blocks())
+        *strides(dq)[:3], *common, **flags, **_blocks())
     return dq, dk, dv
 
 
@@ -598,7 +559,7 @@ def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
     limit = Lq + Lk
-    return _fwd_launch(q, k, v, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, scale,
+    return _fwdlaunch(q, k, v, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, scale,
                        _normalize_window(window_left, limit), _normalize_window(window_right, limit), bottom_right,
                        softcap, False)
 
@@ -611,7 +572,7 @@ def _attention_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
     limit = Lq + Lk
-    return _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, Lk,
+    return _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, Lk,
                        scale, _normalize_window(window_left, limit), _normalize_window(window_right, limit),
                        bottom_right, softcap, False)
 
@@ -621,7 +582,7 @@ def _varlen_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      window_left: int, window_right: int, softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
     nseq = cu_seqlens_q.shape[0] - 1
     limit = max_seqlen_q + max_seqlen_k
-    return _fwd_launch(q, k, v, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq, q.shape[1], k.shape[1], 0, 0,
+    return _fwdlaunch(q, k, v, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq, q.shape[1], k.shape[1], 0, 0,
                        max_seqlen_q, scale, _normalize_window(window_left, limit),
                        _normalize_window(window_right, limit), True, softcap, True)
 
@@ -632,44 +593,37 @@ def _varlen_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
                      grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nseq = cu_seqlens_q.shape[0] - 1
     limit = max_seqlen_q + max_seqlen_k
-    return _bwd_launch(grad_out, q, k, v, out, lse, grad_lse, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq,
+    return _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq,
                        q.shape[1], k.shape[1], 0, 0, max_seqlen_q, max_seqlen_k, scale,
                        _normalize_window(window_left, limit), _normalize_window(window_right, limit), True, softcap,
                        True)
 
 
-def _register(name, impl):
-    if INTERPRET:
-        return torch.library.custom_op(f"fusedattn::{name}", impl, mutates_args=())
-    return torch.library.triton_op(f"fusedattn::{name}", impl, mutates_args=())
+def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
+    B, Hq, Lq, _ = q.shape
+    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
-_attention_fwd_op = _register("triton_attention_fwd", _attention_fwd_impl)
-_attention_bwd_op = _register("triton_attention_bwd", _attention_bwd_impl)
-_varlen_fwd_op = _register("triton_varlen_fwd", _varlen_fwd_impl)
-_varlen_bwd_op = _register("triton_varlen_bwd", _varlen_bwd_impl)
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
+                        softcap, grad_lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-if INTERPRET:  # triton_op derives its fake impl by running the launcher on fake tensors; custom_op needs one
 
-    @_attention_fwd_op.register_fake
-    def _(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
-        B, Hq, Lq, _ = q.shape
-        return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                     window_right, softcap):
+    total_q, Hq, _ = q.shape
+    return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
 
-    @_attention_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    @_varlen_fwd_op.register_fake
-    def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-          softcap):
-        total_q, Hq, _ = q.shape
-        return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
+def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                     window_left, window_right, softcap, grad_lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    @_varlen_bwd_op.register_fake
-    def _(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-          window_right, softcap, grad_lse):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+_attention_fwd_op = register_op("triton_attention_fwd", _attention_fwd_impl, _attention_fwd_fake)
+_attention_bwd_op = register_op("triton_attention_bwd", _attention_bwd_impl, _attention_bwd_fake)
+_varlen_fwd_op = register_op("triton_varlen_fwd", _varlen_fwd_impl, _varlen_fwd_fake)
+_varlen_bwd_op = register_op("triton_varlen_bwd", _varlen_bwd_impl, _varlen_bwd_fake)
 
 
 def _attention_setup_context(ctx, inputs, output):
