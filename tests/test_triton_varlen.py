@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusedattn
-from conftest import assert_close_2x, case_id, pairwise, randn
+from conftest import assert_close_2x, case_id, device_for, grads, interpreted, pairwise, randn, unavailable_reason
 from fusedattn.reference import attention_ref
 
-REASON = fusedattn.available_backends()["triton"]
+REASON = unavailable_reason("triton")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend: {REASON}")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-INTERPRETED = DEVICE == "cpu"
+DEVICE = device_for("triton")
+INTERPRETED = interpreted("triton")
 
 if REASON is None:
     from fusedattn.kernels import attention as ka
@@ -72,13 +71,6 @@ def run(q, k, v, lq, lk, **kw):
     return ka.varlen_attention(q, k, v, cu(lq).to(q.device), cu(lk).to(q.device), max(lq), max(lk), **kw)
 
 
-def grads(fn, inputs, g_out, g_lse):
-    inputs = [x.detach().requires_grad_() for x in inputs]
-    out, lse = fn(*inputs)
-    finite = ~lse.detach().isinf()  # rows with no key: lse -inf, no gradient through it
-    return torch.autograd.grad([out, lse], inputs, [g_out.to(out.dtype), (g_lse * finite).to(lse.dtype)])
-
-
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_varlen_forward_backward(case, gen):
     q, k, v, lq, lk = make_inputs(case, gen)
@@ -94,10 +86,12 @@ def test_varlen_forward_backward(case, gen):
     assert_close_2x(out.cpu(), ref, base)
     assert_close_2x(lse.cpu(), ref_lse, base_lse, name="lse")
 
-    got = grads(lambda *x: run(*x, lq, lk, **kw), [qd, kd, vd], god, gld)
+    # rows with no key: lse -inf, no gradient through it
+    got = grads(lambda *x: run(*x, lq, lk, **kw), [qd, kd, vd], god, gld, finite_lse_only=True)
     ref_g = grads(lambda *x: varlen_ref(*x, lq, lk, compute_dtype=torch.float64, **kw),
-                  [q.double(), k.double(), v.double()], g_out.double(), g_lse.double())
-    base_g = grads(lambda *x: varlen_ref(*x, lq, lk, compute_dtype=q.dtype, **kw), [q, k, v], g_out, g_lse)
+                  [q.double(), k.double(), v.double()], g_out.double(), g_lse.double(), finite_lse_only=True)
+    base_g = grads(lambda *x: varlen_ref(*x, lq, lk, compute_dtype=q.dtype, **kw), [q, k, v], g_out, g_lse,
+                   finite_lse_only=True)
     atol = 1e-5 * max([1.0] + [r.abs().max().item() for r in ref_g if r.numel()])
     for name, g, r, b in zip(("dq", "dk", "dv"), got, ref_g, base_g):
         assert_close_2x(g.cpu(), r, b, factor=3, atol=atol, name=name)
