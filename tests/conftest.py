@@ -37,11 +37,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 class Backend(NamedTuple):
     device: str  # where its test tensors live on this machine
     op_prefix: str | None  # its raw ops are torch.ops.fusedattn.<op_prefix><op>; None: it has none
+    interpreted: bool = False  # GPU kernels run through Triton's interpreter on CPU tensors: reduced grids
+
+
+_TRITON_DEVICE = "cuda" if _GPU and not _INTERPRET else "cpu"
 
 
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("cpu", ""),
-    "triton": Backend("cuda" if _GPU and not _INTERPRET else "cpu", "triton_"),  # cpu: Triton's interpreter
+    "triton": Backend(_TRITON_DEVICE, "triton_", interpreted=_TRITON_DEVICE == "cpu"),
     "cuda": Backend("cuda", ""),  # torch's dispatch key picks the CUDA kernels of the shared ops
     "reference": Backend("cpu", None),
 }
@@ -59,7 +63,7 @@ def device_for(backend: str) -> str:
 def interpreted(backend: str) -> bool:
     """True when `backend`'s GPU kernels run through Triton's interpreter on CPU tensors: such cases use the
     reduced grids (small shapes; the interpreter runs every block operation through numpy)."""
-    return BACKENDS[backend].op_prefix == "triton_" and device_for(backend) == "cpu"
+    return BACKENDS[backend].interpreted
 
 
 def unavailable_reason(backend: str) -> str | None:
