@@ -73,7 +73,8 @@ enum class QkvLayout {
 inline void check_qkv(const DeviceRules& r, QkvLayout layout, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v) {
   const bool dense = layout == QkvLayout::kDense;
-  const int64_t dims = dense ? 4 : 3, keys = dims - 2, dim = dims - 1;  // axes; the head axis is 1 in both
+  // axes of the key positions and the head dim; the head axis is 1 in both layouts
+  const int64_t dims = dense ? 4 : 3, keys = dense ? 2 : 0, dim = dims - 1;
   FUSEDATTN_CHECK(r, q.dim() == dims, "q must be ", dims, "-D ", dense ? "(B, Hq, Lq, D)" : "(total_q, Hq, D)",
                   ", got shape ", q.sizes());
   FUSEDATTN_CHECK(r, k.dim() == dims, "k must be ", dims, "-D ", dense ? "(B, Hkv, Lk, D)" : "(total_k, Hkv, D)",

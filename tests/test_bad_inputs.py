@@ -678,3 +678,12 @@ def test_block_size_knobs_refuse_bad_values(knob, op):
     assert proc.returncode == 0 and "OK" in proc.stdout, (
         f"rc {proc.returncode} ({'signal ' + str(-proc.returncode) if proc.returncode < 0 else 'exit'})\n"
         f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+
+
+def test_raw_varlen_refuses_v_with_other_tokens_than_k(gen):
+    """The packed layout's token axis is 0: a v with fewer (or more) tokens than k is refused before any read."""
+    q, k = randn(6, 2, 8, gen=gen), randn(6, 2, 8, gen=gen)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    for v in (randn(3, 2, 8, gen=gen), randn(9, 2, 8, gen=gen)):
+        with pytest.raises(RuntimeError, match="v must have k's tokens"):
+            torch.ops.fusedattn.varlen_fwd(q, k, v, cu, cu, 4, 4, 0.5, -1, -1, True, 0.0)
