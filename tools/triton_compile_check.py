@@ -42,10 +42,13 @@ fp32; see cases()). Every constexpr combination would be thousands of compiles, 
 is the limit on 2 cores (fp32 kernels take ~10x longer than fp16: ieee dots unroll into FMAs), so:
   1. every autotune config that survives pruning, per (head-dim bucket, element size) -- the pruning depends on
      nothing else: fp16 and fp32 at D = 64, 128, 256 (each bucket's largest tile), baseline flags (causal, GQA,
-     dense), forward + backward, both targets;
+     dense), forward + backward; fp16 for both targets, fp32 every config for sm_80 and one for sm_90. fp32 runs
+     ``tl.dot(..., input_precision="ieee")``, which lowers to FMAs on both targets (no MMA / wgmma), so the code
+     is the same but for the limits, and sm_80's are the smaller (163 vs 227 KiB of shared memory); an fp32
+     compile costs ~9 CPU-s at BLOCK_D 128 / 256 (fp16 ~0.8), so this halves the run;
   2. bf16 and the other head dims (32: BLOCK_D 32; 72: not a multiple of 16, so no divisibility attrs; Dv != D,
-     192 / 128) with one config per launch, rotating through the configs (80 / 96 pad to 128 and are
-     16-divisible: the same compiled kernel as 128);
+     192 / 128; fp16 / bf16 only but for 32) with one config per launch, rotating through the configs (80 / 96 pad
+     to 128 and are 16-divisible: the same compiled kernel as 128);
   3. the flags, pairwise (every pair of values of two factors appears in some case), fp16 / bf16, one config per
      launch: causal / sliding window / full / left-only window, bottom-right / top-left, softcap, no / bool /
      additive mask, GQA (GROUP 1 is a constexpr after specialization), varlen, grad_lse; fp32 gets two all-flags
@@ -143,8 +146,11 @@ class Capture:
         self.groups = {}  # (arch, group id) -> [job keys]
         self.case = "?"
         self.config = None  # (group id, label) inside an autotuned launch
-        self.all_configs = True  # False: one config per autotuned launch, rotating (see cases())
-        self.full_groups = set()  # (group ids) whose every surviving config was compiled
+        # True: every config of an autotuned launch for every target; "fp32": every config for one target (sm_80
+        # if asked for), one config for the others; False: one config per launch, rotating (see cases())
+        self.all_configs = True
+        self.full_groups = set()  # (arch, group id) whose every surviving config was compiled
+        self.archs = None  # the targets the launch being captured is compiled for (None: all)
         self.n_group = 0
         self.n_launches = 0
 
@@ -158,6 +164,8 @@ class Capture:
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
         self.n_launches += 1
         for arch, backend in self.backends.items():
+            if self.archs is not None and arch not in self.archs:
+                continue
             bkey = (id(fn), arch)
             if bkey not in self.binders:
                 self.binders[bkey] = create_function_from_signature(fn.signature, fn.params, backend)
@@ -181,16 +189,25 @@ class Capture:
         tuner.nargs = dict(zip(tuner.arg_names, args))
         configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else tuner.configs
         self.n_group += 1
-        if self.all_configs:
-            self.full_groups.add(self.n_group)
+        targets = set(self.backends)
+        if self.all_configs is True:
+            full = targets
+        elif self.all_configs:
+            full = {80} if 80 in targets else {min(targets)}
         else:
-            configs = [configs[self.n_group % len(configs)]]
+            full = set()
+        self.full_groups.update((a, self.n_group) for a in full)
+        pick = configs[self.n_group % len(configs)]  # the one config the other targets get
         try:
             for cfg in configs:
+                self.archs = targets if cfg is pick else full
+                if not self.archs:
+                    continue
                 self.config = (self.n_group, _cfg_label(cfg))
                 tuner.fn.run(*args, **kwargs, **cfg.all_kwargs())
         finally:
             self.config = None
+            self.archs = None
             tuner.nargs = None
 
     def install(self):
@@ -343,9 +360,11 @@ def cases(quick=False):
     #    rotate through the configs.
     for dt in dts:
         for D, Dv in HEAD_DIMS_ALL_CONFIGS + ([] if quick else HEAD_DIMS_EXTRA):
-            if dt == "fp32" and (D, Dv) == (192, 128):
-                continue  # fp32 at bucket 256 costs ~10 CPU-s a compile; D=256 covers its configs
+            if dt == "fp32" and (D, Dv) in ((192, 128), (72, 72)):
+                continue  # fp32 at BLOCK_D 128 / 256 costs ~9 CPU-s a compile; fp16 / bf16 cover these head dims
             every = dt != "bf16" and (D, Dv) in HEAD_DIMS_ALL_CONFIGS and not quick
+            if every and dt == "fp32":
+                every = "fp32"  # every config on sm_80 only (see the module docstring)
             out.append((f"attn {dt} D={D} Dv={Dv} causal gqa", lambda dt=dt, D=D, Dv=Dv: attention_case(dt, D, Dv),
                         every))
     # 2. the flags, pairwise (each pair of values of two factors appears in some case), one config per launch.
@@ -560,10 +579,12 @@ def main(argv=None):
                       f"cubin {results[i][4] // 1024} KiB  <- {j.cases[0]}")
 
     # shared memory against the target's limit
-    over = [(i, j) for i, j in enumerate(jobs) if results[i][1] and results[i][5] > SMEM_LIMIT.get(j.arch, 1 << 30)]
-    unloadable = []
+    over_all = [(i, j) for i, j in enumerate(jobs)
+                if results[i][1] and results[i][5] > SMEM_LIMIT.get(j.arch, 1 << 30)]
+    over = [(i, j) for i, j in over_all if j.groups]  # autotuned: the autotuner skips the config on that GPU
+    unloadable = [(j.arch, None, [i]) for i, j in over_all if not j.groups]  # not autotuned: cannot launch
     for (arch, gid), keys in cap.groups.items():
-        if gid not in cap.full_groups:
+        if (arch, gid) not in cap.full_groups:
             continue
         idx = [jobs.index(cap.jobs[k]) for k in dict.fromkeys(keys)]
         ok = [i for i in idx if results[i][1]]
@@ -589,7 +610,8 @@ def main(argv=None):
               f"{f' (+{len(j.cases) - 1} more)' if len(j.cases) > 1 else ''}\n  {_short(j)}\n  {msg.strip()}")
     for arch, gid, idx in unloadable:
         j = jobs[idx[0]]
-        print(f"\nNO CONFIG FITS: sm_{arch} {j.kernel}: every config needs more than "
+        what = "every config needs" if gid is not None else "the kernel (not autotuned) needs"
+        print(f"\nNO CONFIG FITS: sm_{arch} {j.kernel}: {what} more than "
               f"{SMEM_LIMIT[arch] / 1024:.0f} KiB of shared memory ({', '.join(f'{results[i][5] // 1024} KiB' for i in idx)})"
               f"\n  case: {j.cases[0]}")
 
