@@ -1,4 +1,4 @@
-"""Model blocks (fusedattn.transformer.model): every block against the same block with backend="torch".
+"""Model blocks (fusedattn.transformer.model, .seq2seq, .generate): every block against the same block with backend="torch".
 
 The 2x rule per block: ref = the block copied to float64 running torch's sdpa; base = the block in the test dtype
 running torch's sdpa; out = the block in the test dtype running our kernels. Then GPT generation (cached ==
@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from conftest import assert_close_2x, case_id, pairwise, randn
+from fusedattn.transformer import kv_cache
 from fusedattn.transformer.model import (GPT, Block, FeedForward, GPTConfig, MultiHeadAttention, RotaryEmbedding,
-                                         SinusoidalPositions, Transformer, TransformerConfig, attend, linear,
-                                         set_attention_backend)
+                                         SinusoidalPositions, attend, linear, set_attention_backend)
+from fusedattn.transformer.seq2seq import Transformer, TransformerConfig
 
 BACKEND = "cpu"
 
@@ -296,6 +297,27 @@ def test_generate_batched_padding_equals_each_prompt_alone(side, paged, gen):
             assert torch.equal(row[T - L:], alone)
         else:
             assert torch.equal(row[: L + N], alone) and bool((row[L + N:] == 0).all())
+
+
+@pytest.mark.parametrize("backend, expected", [("reference", "reference"), ("cpu", "cpu"), ("auto", "auto"),
+                                               ("torch", "reference")])
+def test_cached_decode_uses_the_requested_backend(backend, expected, gen, monkeypatch):
+    """The KV-cache path hands decode_attention the model's backend (it used to turn "cpu" etc. into "auto");
+    "torch" (sdpa has no cached decode) runs the reference."""
+    seen = []
+    real = kv_cache.decode_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv_cache, "decode_attention", spy)
+    model = _tiny_gpt(**GPT_VARIANTS["llama"])
+    set_attention_backend(model, backend)
+    idx = torch.randint(0, 97, (2, 5), generator=gen)
+    out = model.generate(idx, 3, temperature=0)
+    assert seen and set(seen) == {expected}
+    assert torch.equal(out, model.generate(idx, 3, temperature=0, use_cache=False))
 
 
 def test_generate_stops_at_eos(gen):

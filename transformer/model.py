@@ -1,14 +1,16 @@
-"""Transformer blocks on fusedattn kernels, readable top to bottom (nanoGPT / gpt-fast style).
+"""Transformer blocks and a GPT on fusedattn kernels, readable top to bottom (nanoGPT / gpt-fast style).
 
     attention core    attend(): fusedattn.attention, or torch's sdpa when backend="torch"
     building blocks   MultiHeadAttention (self / cross, MHA / GQA / MQA), FeedForward (GELU / ReLU / SwiGLU),
                       LayerNorm / RMSNorm, sinusoidal / learned / rotary positions, Block (pre-LN or post-LN)
-    models            Encoder, Decoder, Transformer (encoder-decoder), GPT (decoder-only LM with generate())
+    model             GPTConfig, GPT (decoder-only LM); its generate() is generate.py, its from_hf_gpt2() hf_gpt2.py
 
+The encoder-decoder built from the same blocks is seq2seq.py; the KV caches are kv_cache.py.
 Layouts: activations (B, T, C); heads (B, T, H, D) in the projections and the KV cache (fusedattn.decode_attention's
 layout), transposed to (B, H, T, D) for fusedattn.attention. Padding masks are (B, T) bools, True = a real token.
 The attention backend is one argument: "auto" / "cpu" / "cuda" / "triton" / "reference" (fusedattn) or "torch"
-(torch.nn.functional.scaled_dot_product_attention, for comparison).
+(torch.nn.functional.scaled_dot_product_attention, for comparison; with a KV cache, where sdpa has no cached
+decode, "torch" runs fusedattn's "reference").
 """
 from __future__ import annotations
 
@@ -21,13 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fusedattn
-from fusedattn.decode import decode_attention
-
+from . import hf_gpt2
+from .generate import generate
 from .kv_cache import KVCache, PagedKVCache
 
 __all__ = ["attend", "MultiHeadAttention", "FeedForward", "RotaryEmbedding", "SinusoidalPositions", "Block",
-           "TransformerConfig", "Encoder", "Decoder", "Transformer", "GPTConfig", "GPT", "make_norm",
-           "load_hf_gpt2_state_dict", "set_attention_backend"]
+           "GPTConfig", "GPT", "make_norm", "set_attention_backend"]
 
 ATTN_BACKENDS = fusedattn.BACKENDS + ("torch",)
 Cache = Union[KVCache, PagedKVCache]
@@ -173,7 +174,7 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             if self.cross:
                 raise ValueError("a KV cache is for self attention only")
-            backend = "reference" if self.backend in ("torch", "reference") else "auto"
+            backend = "reference" if self.backend == "torch" else self.backend  # sdpa has no cached decode
             y = cache.attend(q, k, v, seq_ids=seq_ids, causal=True, backend=backend)  # (B, T, H, D)
         else:
             y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
@@ -278,111 +279,6 @@ def _positions(mask: Optional[torch.Tensor], B: int, T: int, device) -> torch.Te
 
 
 # ------------------------------------------------------------------------------------------------
-# encoder-decoder
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class TransformerConfig:
-    src_vocab_size: int = 1000
-    tgt_vocab_size: int = 1000
-    max_len: int = 512
-    d_model: int = 256
-    n_head: int = 4
-    n_kv_head: Optional[int] = None
-    n_encoder_layers: int = 2
-    n_decoder_layers: int = 2
-    ffn: str = "relu"             # gelu | gelu_tanh | relu | swiglu
-    ffn_hidden: Optional[int] = None
-    norm: str = "layernorm"       # layernorm | rmsnorm
-    norm_eps: float = 1e-5
-    prenorm: bool = False         # the original paper is post-LN
-    pos: str = "sinusoidal"       # sinusoidal | learned | rotary
-    bias: bool = True
-    dropout: float = 0.0
-    backend: str = "auto"
-
-
-def _blocks(cfg, n: int, cross: bool, rotary) -> nn.ModuleList:
-    return nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cross=cross, ffn=cfg.ffn,
-                               ffn_hidden=cfg.ffn_hidden, norm=cfg.norm, norm_eps=cfg.norm_eps, prenorm=cfg.prenorm,
-                               bias=cfg.bias, dropout=cfg.dropout, rotary=rotary, backend=cfg.backend)
-                         for _ in range(n))
-
-
-def _rotary(cfg, max_len: int) -> Optional[RotaryEmbedding]:
-    return RotaryEmbedding(cfg.d_model // cfg.n_head, max_len) if cfg.pos == "rotary" else None
-
-
-class Encoder(nn.Module):
-    """Embeddings + N bidirectional blocks (+ a final norm when pre-LN). src (B, S) -> memory (B, S, C)."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.embed = _Embedding(cfg.src_vocab_size, cfg.d_model, cfg.max_len, cfg.pos)
-        self.blocks = _blocks(cfg, cfg.n_encoder_layers, cross=False, rotary=_rotary(cfg, cfg.max_len))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.prenorm else nn.Identity()
-
-    def forward(self, src: torch.Tensor, src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, S = src.shape
-        positions = _positions(src_mask, B, S, src.device)
-        x = self.embed(src, positions)  # (B, S, C)
-        for block in self.blocks:
-            x = block(x, key_padding_mask=src_mask, positions=positions)
-        return self.norm(x)
-
-
-class Decoder(nn.Module):
-    """Embeddings + N blocks of masked self attention + cross attention over the encoder output + FFN,
-    then the LM head. tgt (B, T), memory (B, S, C) -> logits (B, T, V)."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.embed = _Embedding(cfg.tgt_vocab_size, cfg.d_model, cfg.max_len, cfg.pos)
-        self.blocks = _blocks(cfg, cfg.n_decoder_layers, cross=True, rotary=_rotary(cfg, cfg.max_len))
-        self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.prenorm else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
-
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: Optional[torch.Tensor] = None,
-                memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T = tgt.shape
-        positions = _positions(tgt_mask, B, T, tgt.device)
-        x = self.embed(tgt, positions)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, causal=True, key_padding_mask=tgt_mask, memory=memory, memory_mask=memory_mask,
-                      positions=positions)
-        return self.lm_head(self.norm(x))  # (B, T, V)
-
-
-class Transformer(nn.Module):
-    """Encoder-decoder (Vaswani et al. 2017). forward(src, tgt) -> logits (B, T, V), and the loss with targets."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.config = cfg
-        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
-
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: Optional[torch.Tensor] = None,
-                tgt_mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                ignore_index: int = -100):
-        memory = self.encoder(src, src_mask)                        # (B, S, C)
-        logits = self.decoder(tgt, memory, tgt_mask, src_mask)      # (B, T, V)
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
-        return logits, loss
-
-    @torch.no_grad()
-    def greedy_decode(self, src: torch.Tensor, bos: int, max_len: int,
-                      src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Greedy decoding (recomputing the decoder each step): src (B, S) -> (B, 1 + max_len), bos first."""
-        memory = self.encoder(src, src_mask)
-        out = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)
-        for _ in range(max_len):
-            logits = self.decoder(out, memory, None, src_mask)[:, -1]  # (B, V)
-            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
-        return out
-
-
-# ------------------------------------------------------------------------------------------------
 # GPT
 # ------------------------------------------------------------------------------------------------
 @dataclass
@@ -482,93 +378,17 @@ class GPT(nn.Module):
                     for _ in self.blocks]
         return [KVCache(max_batch, max_seq_len, hkv, d, dtype=p.dtype, device=p.device) for _ in self.blocks]
 
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos: Optional[int] = None, *,
-                 attention_mask: Optional[torch.Tensor] = None, use_cache: bool = True, paged: bool = False,
-                 page_size: int = 16, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
-        """Sample max_new_tokens after each prompt.
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos: Optional[int] = None,
+                 **kwargs) -> torch.Tensor:
+        """Sample max_new_tokens after each prompt idx (B, T) -> (B, T + max_new_tokens); see generate.generate
+        (attention_mask, use_cache, paged, page_size, pad_token_id, generator, callback)."""
+        return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos, **kwargs)
 
-        idx: (B, T) prompts; attention_mask: (B, T), 1 on each row's real tokens, which must be contiguous
-            (left padding, right padding or none). temperature 0 = greedy; top_k / top_p filter the distribution.
-        eos: a row that samples it stops; its later tokens are pad_token_id (default eos).
-        use_cache: decode with a KV cache per layer (paged if `paged`) through fusedattn.decode_attention;
-            False recomputes the whole sequence each step (the reference for the cached path).
-        callback: called with the (B,) new tokens after each step (e.g. a progress bar).
-        Returns (B, T + max_new_tokens): each row's prompt followed by its new tokens, padded on the side the
-        prompt was padded on (left-padded or unpadded input: simply idx followed by the new tokens).
-        """
-        self.eval()
-        B, T = idx.shape
-        dev = idx.device
-        mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        lengths = mask.sum(1)  # (B,)
-        if int(lengths.min()) < 1:
-            raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
-        start = mask.long().argmax(1)  # first real token
-        if not bool((mask == ((torch.arange(T, device=dev) >= start[:, None]) &
-                              (torch.arange(T, device=dev) < (start + lengths)[:, None]))).all()):
-            raise ValueError("each row's real tokens (attention_mask == 1) must be contiguous")
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-            raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
-                             f"top_k={top_k}, top_p={top_p}")
-        if T + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                             f"{self.config.block_size}")
-        pad = pad_token_id if pad_token_id is not None else eos if eos is not None else 0
-        # Move each row's real tokens to the front (right padding), so row b's token t sits at position t and its
-        # cache holds exactly lengths[b] tokens after the prefill. Pads inside the model are token 0 (never
-        # attended to); `pad` only goes into the returned tensor.
-        gather = (start[:, None] + torch.arange(T, device=dev)).clamp(max=T - 1)  # (B, T)
-        seq = torch.zeros((B, T + max_new_tokens), dtype=idx.dtype, device=dev)
-        seq[:, :T] = torch.where(torch.arange(T, device=dev) < lengths[:, None], idx.gather(1, gather), 0)
-        prompt_lengths, rows = lengths, torch.arange(B, device=dev)
-        finished = torch.zeros(B, dtype=torch.bool, device=dev)
-        done = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)  # new tokens kept per row
-
-        caches = self.make_caches(B, T + max_new_tokens, paged=paged, page_size=page_size) if use_cache else None
-        if use_cache:
-            logits = self(seq[:, :T], caches=caches)  # prefill (B, T, V); pads sit after every real token
-            for c in caches:
-                c.seqlens[:B] = lengths.to(torch.int32)  # forget the pads: the next token overwrites them
-            logits = logits[rows, lengths - 1]  # (B, V)
-        steps = 0
-        for step in range(max_new_tokens):
-            if not use_cache:
-                width = int(lengths.max())
-                keep = torch.arange(width, device=dev) < lengths[:, None]  # (B, width)
-                logits = self(seq[:, :width], attention_mask=keep)[rows, lengths - 1]
-            tok = _sample(logits, temperature, top_k, top_p, generator)  # (B,)
-            if eos is not None:
-                tok = torch.where(finished, torch.full_like(tok, eos), tok)  # finished rows keep feeding eos
-                done = torch.where(~finished & (tok == eos), torch.full_like(done, step + 1), done)
-                finished |= tok == eos
-            seq[rows, lengths] = tok
-            lengths, steps = lengths + 1, step + 1
-            if callback is not None:
-                callback(tok)
-            if (eos is not None and bool(finished.all())) or step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = self(tok[:, None], caches=caches)[:, -1]  # (B, V)
-        new = seq[rows[:, None], prompt_lengths[:, None] + torch.arange(max_new_tokens, device=dev)]  # (B, N)
-        new = new.masked_fill(torch.arange(max_new_tokens, device=dev) >= done.clamp(max=steps)[:, None], pad)
-        if bool(mask[:, -1].all()):  # left padded or unpadded: the prompt as given, then the new tokens
-            return torch.cat([idx, new], dim=1)
-        out = torch.full((B, T + max_new_tokens), pad, dtype=idx.dtype, device=dev)
-        out[:, :T] = torch.where(torch.arange(T, device=dev) < prompt_lengths[:, None], seq[:, :T], pad)
-        return out.scatter(1, prompt_lengths[:, None] + torch.arange(max_new_tokens, device=dev), new)
-
-    # --- GPT-2 weights ---------------------------------------------------------------------------
     @classmethod
     def from_hf_gpt2(cls, hf_model, **overrides) -> "GPT":
         """A GPT with the weights of a transformers GPT2LMHeadModel (any size; no download involved)."""
-        model = cls(GPTConfig.from_hf_gpt2(hf_model.config, **overrides))
-        load_hf_gpt2_state_dict(model, hf_model.state_dict())
-        return model.to(next(hf_model.parameters()).dtype)
+        return hf_gpt2.from_hf_gpt2(hf_model, **overrides)
 
 
 def _blocks_gpt(cfg: GPTConfig) -> nn.ModuleList:
@@ -577,57 +397,3 @@ def _blocks_gpt(cfg: GPTConfig) -> nn.ModuleList:
                                norm=cfg.norm, norm_eps=cfg.norm_eps, prenorm=cfg.prenorm, bias=cfg.bias,
                                dropout=cfg.dropout, rotary=rotary, backend=cfg.backend)
                          for _ in range(cfg.n_layer))
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-            generator: Optional[torch.Generator]) -> torch.Tensor:
-    """logits (B, V) -> tokens (B,): greedy at temperature 0, else top-k / top-p (nucleus) sampling."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def load_hf_gpt2_state_dict(model: GPT, sd: dict) -> None:
-    """Copy a transformers GPT2LMHeadModel state dict into `model`. HF's Conv1D stores weights (in, out), so
-    they are transposed into nn.Linear's (out, in); c_attn's columns are [q | k | v], heads contiguous, which is
-    our fused qkv_proj layout."""
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    ours = {"wte.weight": "embed.tok.weight", "wpe.weight": "embed.pos.weight",
-            "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias"}
-    per_layer = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
-                 "mlp.c_fc": "ffn.fc", "mlp.c_proj": "ffn.proj"}
-    target = model.state_dict()
-    loaded = set()
-    with torch.no_grad():
-        for name, tensor in sd.items():
-            if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-                continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-            if name in ours:
-                dst, transpose = ours[name], False
-            else:
-                parts = name.split(".")  # h.{i}.{module...}.{weight|bias}
-                if parts[0] != "h" or ".".join(parts[2:-1]) not in per_layer:
-                    raise KeyError(f"unexpected GPT-2 parameter {name!r}")
-                module = per_layer[".".join(parts[2:-1])]
-                dst = f"blocks.{parts[1]}.{module}.{parts[-1]}"
-                transpose = parts[-1] == "weight" and not module.startswith("norm")
-            if dst not in target:
-                raise KeyError(f"GPT-2 parameter {name!r} has no counterpart {dst!r} in this model")
-            src = tensor.t() if transpose else tensor
-            if target[dst].shape != src.shape:
-                raise ValueError(f"{name}: shape {tuple(src.shape)} != {dst} {tuple(target[dst].shape)}")
-            target[dst].copy_(src)
-            loaded.add(dst)
-    missing = {k for k in target if k != "lm_head.weight"} - loaded
-    if missing:
-        raise KeyError(f"the GPT-2 state dict did not provide {sorted(missing)}")
