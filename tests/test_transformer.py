@@ -1,4 +1,5 @@
-"""Model blocks (fusedattn.transformer.model, .seq2seq, .generate): every block against the same block with backend="torch".
+"""Model blocks (fusedattn.transformer.model, .seq2seq, .generate): every block against the same block with
+backend="torch".
 
 The 2x rule per block: ref = the block copied to float64 running torch's sdpa; base = the block in the test dtype
 running torch's sdpa; out = the block in the test dtype running our kernels. Then GPT generation (cached ==

@@ -7,7 +7,7 @@
 //   c++ -O3 -std=gnu++20 -ffp-contract=fast -fno-math-errno -fno-trapping-math \
 //       -mavx2 -mfma -mf16c -mbmi -mbmi2 -mlzcnt -fopenmp -DCPU_CAPABILITY=AVX2 -DCPU_CAPABILITY_AVX2 \
 //       -I$TI/include -I$TI/include/torch/csrc/api/include -Icsrc \
-//       benchmarks/probes/decode_cycles.cpp -o /tmp/decode_cycles -L$TI/lib -ltorch_cpu -lc10 -Wl,-rpath,$TI/lib
+//       tools/probes/decode_cycles.cpp -o /tmp/decode_cycles -L$TI/lib -ltorch_cpu -lc10 -Wl,-rpath,$TI/lib
 //   /tmp/decode_cycles B L ITERS [KV_HEADS_PER_TASK]      (NT=2 in the environment: two threads)
 //
 // Hq=32, Hkv=8, D=128, one query row, contiguous cache allocated as fusedattn.zeros_kv_cache does

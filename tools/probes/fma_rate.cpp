@@ -4,7 +4,7 @@
 // value at another moment: a lower value means the VM got fewer cycles (steal, clock), which a
 // memory copy timed beside the kernel does not show.
 //
-//   g++ -O3 -mavx2 -mfma benchmarks/probes/fma_rate.cpp -o /tmp/fma_rate && /tmp/fma_rate
+//   g++ -O3 -mavx2 -mfma tools/probes/fma_rate.cpp -o /tmp/fma_rate && /tmp/fma_rate
 #include <immintrin.h>
 
 #include <cstdio>

@@ -1,6 +1,6 @@
 // Does this CPU keep a burst of software prefetches? (x86-64, one thread; not part of the build.)
 //
-//   g++ -O2 benchmarks/probes/prefetch_drop.cpp -o /tmp/prefetch_drop
+//   g++ -O2 tools/probes/prefetch_drop.cpp -o /tmp/prefetch_drop
 //   /tmp/prefetch_drop 0   # no prefetch: reading N cold lines
 //   /tmp/prefetch_drop 1   # prefetcht0 of the N lines, ~50 us of waiting, then reading them
 //   /tmp/prefetch_drop 2   # the same with prefetcht1
