@@ -369,6 +369,15 @@ def test_zero_length_sequence_gives_zero(gen, page, backend, dtype, D):
     check_decode(inputs, backend)
 
 
+def test_empty_sequence_with_splits_gives_zero(gen, backend):
+    """An empty sequence beside a short one, paged, split in two: out 0 and lse -inf for the empty one."""
+    if interpreted(backend):
+        pytest.skip("outside the reduced grid run under TRITON_INTERPRET=1")
+    inputs = make_batch(gen, [0, 5], Lq=1, Hq=4, D=64, dtype=torch.bfloat16, page=16)
+    out, lse = check_decode(inputs, backend, num_splits=2)
+    assert (out[0] == 0).all() and (lse[0] == -math.inf).all()
+
+
 @pytest.mark.parametrize("B,Lq", [(0, 1), (2, 0)])
 def test_empty_batch_or_queries(gen, B, Lq, backend):
     inputs = make_batch(gen, [3] * B, Lq=Lq, Hq=4, D=16, Lnew=1)
