@@ -14,6 +14,7 @@ Environment:
 
 Wheels (one per torch major.minor and CUDA version): tools/build_wheels.sh; README.md "Wheels".
 """
+
 import os
 import re
 import shutil
@@ -94,8 +95,10 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce {ext_path}")
         # Read by fusedattn/_ops.py before it loads the binary, to refuse a mismatched torch.
         with open(os.path.join(out_dir, "_build_torch.py"), "w") as f:
-            f.write(f"# written by setup.py at build time\nTORCH_VERSION = {torch.__version__!r}\n"
-                    f"TORCH_CUDA = {torch.version.cuda!r}\nBUILD_VERSION = {version()!r}\n")
+            f.write(
+                f"# written by setup.py at build time\nTORCH_VERSION = {torch.__version__!r}\n"
+                f"TORCH_CUDA = {torch.version.cuda!r}\nBUILD_VERSION = {version()!r}\n"
+            )
 
 
 setup(

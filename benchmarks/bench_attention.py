@@ -6,6 +6,7 @@
 Same as ``python -m fusedattn bench attention``; the cases, peers and FLOP formula live in
 fusedattn/bench/attention.py, the method (timing, memory, correctness gate) in fusedattn/bench/core.py.
 """
+
 import sys
 
 from fusedattn.bench import main

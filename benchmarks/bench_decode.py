@@ -10,6 +10,7 @@ fraction of the copy bandwidth measured in the same run.
 Same as ``python -m fusedattn bench decode``; the cases, peers and byte formula live in
 fusedattn/bench/decode.py, the method (timing, correctness gate) in fusedattn/bench/core.py.
 """
+
 import sys
 
 from fusedattn.bench import main

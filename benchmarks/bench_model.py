@@ -11,6 +11,7 @@ Same as ``python -m fusedattn bench model``; the cases, peers and tokens/s formu
 fusedattn/bench/model.py, the method (timing, correctness gate, memory) in fusedattn/bench/core.py.
 Needs transformers.
 """
+
 import sys
 
 from fusedattn.bench import main

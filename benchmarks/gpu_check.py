@@ -18,6 +18,7 @@ a killed run leaves what it did. Exit status 1 when a case failed or raised.
 Run it by path from outside the source tree: sys.path then holds benchmarks/, not the checkout, and
 `import fusedattn` is the installed wheel.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ def pairwise(factors: dict) -> list[dict]:
     names = list(factors)
     if len(names) < 2:
         return [dict(zip(names, vals)) for vals in itertools.product(*factors.values())]
-    uncovered = {(a, ia, b, ib) for a, b in itertools.combinations(range(len(names)), 2)
-                 for ia in range(len(factors[names[a]])) for ib in range(len(factors[names[b]]))}
+    uncovered = {
+        (a, ia, b, ib)
+        for a, b in itertools.combinations(range(len(names)), 2)
+        for ia in range(len(factors[names[a]]))
+        for ib in range(len(factors[names[b]]))
+    }
     cases = []
     while uncovered:
         a, ia, b, ib = min(uncovered)
@@ -69,8 +74,10 @@ def pairwise(factors: dict) -> list[dict]:
         for f in range(len(names)):
             if f in choice:
                 continue
-            gains = [sum(((g, choice[g], f, iv) if g < f else (f, iv, g, choice[g])) in uncovered for g in choice)
-                     for iv in range(len(factors[names[f]]))]
+            gains = [
+                sum(((g, choice[g], f, iv) if g < f else (f, iv, g, choice[g])) in uncovered for g in choice)
+                for iv in range(len(factors[names[f]]))
+            ]
             choice[f] = gains.index(max(gains))
         for g, h in itertools.combinations(sorted(choice), 2):
             uncovered.discard((g, choice[g], h, choice[h]))
@@ -101,10 +108,21 @@ HEADS = {"mha": (4, 4), "gqa": (8, 2), "mqa": (6, 1)}
 
 
 def attention_cases(backend: str, small: bool) -> list[dict]:
-    lens = [(17, 33), (64, 64), (1, 40), (40, 23)] if small else \
-        [(128, 128), (113, 203), (257, 129), (1, 300), (511, 1000), (1000, 511)]
-    return pairwise({"dtype": ["fp16", "bf16"], "D": [64, 128, 256], "lens": lens,
-                     "causal": ["none", "bottom_right", "top_left"], "heads": list(HEADS), "mode": ["fwd", "fwd+bwd"]})
+    lens = (
+        [(17, 33), (64, 64), (1, 40), (40, 23)]
+        if small
+        else [(128, 128), (113, 203), (257, 129), (1, 300), (511, 1000), (1000, 511)]
+    )
+    return pairwise(
+        {
+            "dtype": ["fp16", "bf16"],
+            "D": [64, 128, 256],
+            "lens": lens,
+            "causal": ["none", "bottom_right", "top_left"],
+            "heads": list(HEADS),
+            "mode": ["fwd", "fwd+bwd"],
+        }
+    )
 
 
 def run_attention(case: dict, backend: str, device: str, gen) -> list[dict]:
@@ -115,14 +133,15 @@ def run_attention(case: dict, backend: str, device: str, gen) -> list[dict]:
     B = 2
     q = randn(gen, B, Hq, Lq, D, dtype=dt, device=device)
     k, v = (randn(gen, B, Hkv, Lk, D, dtype=dt, device=device) for _ in range(2))
-    rkw = dict(causal=causal != "none", causal_align="top_left" if causal == "top_left" else "bottom_right",
-               return_lse=True)
+    rkw = dict(
+        causal=causal != "none", causal_align="top_left" if causal == "top_left" else "bottom_right", return_lse=True
+    )
 
     def kernel(q, k, v):
         if causal == "top_left":  # the public function is bottom-right aligned: the registered op's flag
             ops = torch.ops.fusedattn
             op = ops.triton_attention_fwd if backend == "triton" else ops.attention_fwd
-            return op(q, k, v, None, D ** -0.5, -1, 0, False, 0.0)
+            return op(q, k, v, None, D**-0.5, -1, 0, False, 0.0)
         return fusedattn.attention(q, k, v, causal=causal == "bottom_right", return_lse=True, backend=backend)
 
     def ref(*x):
@@ -138,16 +157,30 @@ def run_attention(case: dict, backend: str, device: str, gen) -> list[dict]:
     checks = [compare("out", out, r_out, b_out), compare("lse", lse, r_lse, b_lse)]
     if case["mode"] == "fwd+bwd":
         g = randn(gen, B, Hq, Lq, D, dtype=dt, device=device)
-        checks += grad_checks(grads(kernel, [q, k, v], g), grads(ref, [q.double(), k.double(), v.double()],
-                                                                 g.double()), grads(base, [q, k, v], g))
+        checks += grad_checks(
+            grads(kernel, [q, k, v], g),
+            grads(ref, [q.double(), k.double(), v.double()], g.double()),
+            grads(base, [q, k, v], g),
+        )
     return checks
 
 
 def varlen_cases(backend: str, small: bool) -> list[dict]:
-    seqs = [[(5, 7), (0, 3), (40, 21)], [(33, 33), (1, 1)], [(17, 64), (64, 17), (3, 0)]] if small else \
-        [[(5, 7), (0, 3), (130, 64), (257, 257)], [(128, 128), (1, 1), (77, 300)], [(300, 77), (64, 640), (3, 0)]]
-    return pairwise({"dtype": ["fp16", "bf16"], "D": [64, 128, 256], "seqs": seqs, "causal": [False, True],
-                     "heads": list(HEADS), "mode": ["fwd", "fwd+bwd"]})
+    seqs = (
+        [[(5, 7), (0, 3), (40, 21)], [(33, 33), (1, 1)], [(17, 64), (64, 17), (3, 0)]]
+        if small
+        else [[(5, 7), (0, 3), (130, 64), (257, 257)], [(128, 128), (1, 1), (77, 300)], [(300, 77), (64, 640), (3, 0)]]
+    )
+    return pairwise(
+        {
+            "dtype": ["fp16", "bf16"],
+            "D": [64, 128, 256],
+            "seqs": seqs,
+            "causal": [False, True],
+            "heads": list(HEADS),
+            "mode": ["fwd", "fwd+bwd"],
+        }
+    )
 
 
 def run_varlen(case: dict, backend: str, device: str, gen) -> list[dict]:
@@ -178,16 +211,28 @@ def run_varlen(case: dict, backend: str, device: str, gen) -> list[dict]:
     checks = [compare("out", out, r_out, b_out), compare("lse", lse, r_lse, b_lse)]
     if case["mode"] == "fwd+bwd":
         g = randn(gen, sum(lq), Hq, D, dtype=dt, device=device)
-        checks += grad_checks(grads(kernel, [q, k, v], g), grads(ref, [q.double(), k.double(), v.double()],
-                                                                 g.double()), grads(base, [q, k, v], g))
+        checks += grad_checks(
+            grads(kernel, [q, k, v], g),
+            grads(ref, [q.double(), k.double(), v.double()], g.double()),
+            grads(base, [q, k, v], g),
+        )
     return checks
 
 
 def decode_cases(backend: str, small: bool) -> list[dict]:
     lens = [[0, 17, 300], [1000, 1, 64], [255, 256]] if not small else [[0, 17, 90], [100, 1], [31, 32]]
-    return pairwise({"dtype": ["fp16", "bf16"], "D": [64, 128, 256], "layout": ["contiguous", "paged16", "paged7"],
-                     "seqlens": lens, "Lq": [1, 3], "Lnew": [0, 1, 3], "heads": ["mha", "gqa", "gqa8"],
-                     "num_splits": [0, 3]})
+    return pairwise(
+        {
+            "dtype": ["fp16", "bf16"],
+            "D": [64, 128, 256],
+            "layout": ["contiguous", "paged16", "paged7"],
+            "seqlens": lens,
+            "Lq": [1, 3],
+            "Lnew": [0, 1, 3],
+            "heads": ["mha", "gqa", "gqa8"],
+            "num_splits": [0, 3],
+        }
+    )
 
 
 def run_decode(case: dict, backend: str, device: str, gen) -> list[dict]:
@@ -214,23 +259,38 @@ def run_decode(case: dict, backend: str, device: str, gen) -> list[dict]:
     kw = dict(cache_seqlens=seqlens, block_table=block_table, return_lse=True)
     with torch.no_grad():
         kc, vc = (c.clone() for c in caches)
-        out, lse = fusedattn.decode_attention(q, kc, vc, k_new=new[0], v_new=new[1], num_splits=case["num_splits"],
-                                              backend=backend, **kw)
+        out, lse = fusedattn.decode_attention(
+            q, kc, vc, k_new=new[0], v_new=new[1], num_splits=case["num_splits"], backend=backend, **kw
+        )
         r64 = [c.double() for c in caches]
-        r_out, r_lse = decode_attention_ref(q.double(), *r64, k_new=None if Lnew == 0 else new[0].double(),
-                                            v_new=None if Lnew == 0 else new[1].double(),
-                                            compute_dtype=torch.float64, **kw)
+        r_out, r_lse = decode_attention_ref(
+            q.double(),
+            *r64,
+            k_new=None if Lnew == 0 else new[0].double(),
+            v_new=None if Lnew == 0 else new[1].double(),
+            compute_dtype=torch.float64,
+            **kw,
+        )
         bc = [c.clone() for c in caches]
         b_out, b_lse = decode_attention_ref(q, *bc, k_new=new[0], v_new=new[1], compute_dtype=dt, **kw)
     # the in-place append is a copy: the kernel's caches must equal the reference's exactly afterwards
     cache_err = max(max_abs_err(kc, bc[0]), max_abs_err(vc, bc[1]))
-    return [compare("out", out, r_out, b_out), compare("lse", lse, r_lse, b_lse),
-            {"name": "cache after append", "err": cache_err, "bound": 0.0, "ok": cache_err == 0.0}]
+    return [
+        compare("out", out, r_out, b_out),
+        compare("lse", lse, r_lse, b_lse),
+        {"name": "cache after append", "err": cache_err, "bound": 0.0, "ok": cache_err == 0.0},
+    ]
 
 
 def merge_cases(backend: str, small: bool) -> list[dict]:
-    return pairwise({"dtype": ["fp16", "bf16", "fp32"], "D": [64, 128, 256], "shape": [(2, 1, 4), (3, 7, 8), (1, 33, 2)],
-                     "neg_inf": [False, True]})
+    return pairwise(
+        {
+            "dtype": ["fp16", "bf16", "fp32"],
+            "D": [64, 128, 256],
+            "shape": [(2, 1, 4), (3, 7, 8), (1, 33, 2)],
+            "neg_inf": [False, True],
+        }
+    )
 
 
 def run_merge(case: dict, backend: str, device: str, gen) -> list[dict]:
@@ -292,7 +352,9 @@ def unsupported(fam: str, be: str, case: dict, device: str) -> str | None:
 
     reason = dispatch.available_backends()[be]
     if reason is None and hasattr(dispatch, "unsupported_reason"):  # the dispatch table
-        reason = dispatch.unsupported_reason(fam, be, dispatch.Case(device, DTYPES[case["dtype"]], case["D"], case["D"]))
+        reason = dispatch.unsupported_reason(
+            fam, be, dispatch.Case(device, DTYPES[case["dtype"]], case["D"], case["D"])
+        )
     elif reason is None and be == "cuda" and fam in ("attention", "decode"):  # before it
         reason = dispatch.cuda_unsupported_reason(DTYPES[case["dtype"]], case["D"], case["D"])
     return reason
@@ -306,11 +368,19 @@ def grid(args) -> int:
     families = [f for f in args.families.split(",") if f]
     pending = streams(backends, families, args.small, args.max_cases)
     planned = sum(len(s) for s in pending)
-    doc = {"device": args.device, "torch": torch.__version__, "fusedattn": fusedattn.__file__,
-           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
-           "backends": fusedattn.available_backends(), "time_cap_s": args.time_cap,
-           "rule": "max|out-ref| <= 2*max|base-ref| + 1e-5 (grads: 3x, floor 1e-5*max|ref grad|); ref float64, "
-                   "base = the reference in the input dtype", "planned": planned, "cases": [], "not_run": []}
+    doc = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "fusedattn": fusedattn.__file__,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        "backends": fusedattn.available_backends(),
+        "time_cap_s": args.time_cap,
+        "rule": "max|out-ref| <= 2*max|base-ref| + 1e-5 (grads: 3x, floor 1e-5*max|ref grad|); ref float64, "
+        "base = the reference in the input dtype",
+        "planned": planned,
+        "cases": [],
+        "not_run": [],
+    }
 
     def save():
         doc["elapsed_s"] = round(time.monotonic() - t0, 2)
@@ -343,15 +413,17 @@ def grid(args) -> int:
                     torch.cuda.synchronize()
                 rec.update(status="pass" if all(c["ok"] for c in checks) else "fail", checks=checks)
             except Exception as e:
-                rec.update(status="error", error=f"{type(e).__name__}: {e}"[:2000],
-                           traceback=traceback.format_exc()[-3000:])
+                rec.update(
+                    status="error", error=f"{type(e).__name__}: {e}"[:2000], traceback=traceback.format_exc()[-3000:]
+                )
         rec["seconds"] = round(time.monotonic() - c0, 3)
         slowest[(fam, be)] = max(slowest.get((fam, be), 0.0), rec["seconds"])
         used[(fam, be)] = used.get((fam, be), 0.0) + rec["seconds"]
         doc["cases"].append(rec)
         if rec["status"] in ("fail", "error"):
-            detail = rec.get("error") or "; ".join(f"{c['name']} {c['err']:.2e} > {c['bound']:.2e}"
-                                                   for c in rec["checks"] if not c["ok"])
+            detail = rec.get("error") or "; ".join(
+                f"{c['name']} {c['err']:.2e} > {c['bound']:.2e}" for c in rec["checks"] if not c["ok"]
+            )
             print(f"{rec['status'].upper():5s} {fam}/{be} {jsonable(case)}: {detail}", flush=True)
         save()
     save()
@@ -359,11 +431,15 @@ def grid(args) -> int:
     for fam, be in dict.fromkeys((r["family"], r["backend"]) for r in doc["cases"]):
         sel = [r for r in doc["cases"] if r["family"] == fam and r["backend"] == be]
         cnt = {s: sum(r["status"] == s for r in sel) for s in ("pass", "fail", "error", "skip")}
-        print(f"{fam:10s} {be:8s} {cnt['pass']:5d} {cnt['fail']:5d} {cnt['error']:5d} {cnt['skip']:5d} "
-              f"{sum(r['seconds'] for r in sel):8.1f}")
+        print(
+            f"{fam:10s} {be:8s} {cnt['pass']:5d} {cnt['fail']:5d} {cnt['error']:5d} {cnt['skip']:5d} "
+            f"{sum(r['seconds'] for r in sel):8.1f}"
+        )
     bad = sum(r["status"] in ("fail", "error") for r in doc["cases"])
-    print(f"grid: {len(doc['cases'])} of {planned} cases run in {doc['elapsed_s']:.0f} s, {bad} failed or raised; "
-          f"{len(doc['not_run'])} not run (time cap); wrote {args.out}")
+    print(
+        f"grid: {len(doc['cases'])} of {planned} cases run in {doc['elapsed_s']:.0f} s, {bad} failed or raised; "
+        f"{len(doc['not_run'])} not run (time cap); wrote {args.out}"
+    )
     return 1 if bad else 0
 
 
@@ -389,11 +465,22 @@ def small_case(args) -> int:
         block_table = torch.randperm(20, generator=gen)[:18].view(B, 6).to(dev, torch.int32)
         q = randn(gen, B, 2, 8, D, dtype=dt, device=dev)
         k_new, v_new = (randn(gen, B, 2, Hkv, D, dtype=dt, device=dev) for _ in range(2))
-        out, lse = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                                              block_table=block_table, num_splits=3, return_lse=True, backend=be)
+        out, lse = fusedattn.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens=lens,
+            k_new=k_new,
+            v_new=v_new,
+            block_table=block_table,
+            num_splits=3,
+            return_lse=True,
+            backend=be,
+        )
         kc, vc = (randn(gen, B, 80, Hkv, D, dtype=dt, device=dev) for _ in range(2))
-        out2, lse2 = fusedattn.decode_attention(q, kc, vc, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                                                return_lse=True, backend=be)
+        out2, lse2 = fusedattn.decode_attention(
+            q, kc, vc, cache_seqlens=lens, k_new=k_new, v_new=v_new, return_lse=True, backend=be
+        )
         merged, _ = fusedattn.merge_attention_states(out, lse, out2, lse2, backend=be)
     if dev == "cuda":
         torch.cuda.synchronize()

@@ -8,6 +8,7 @@ family x case x backend:
 The cases, peers, correctness check and work formula come from fusedattn/bench/<family>.py; the model family
 needs transformers (skipped without it).
 """
+
 import importlib.util
 
 import pytest
@@ -26,8 +27,11 @@ def _params():
     for name, fam in FAMILIES.items():
         need = NEEDS.get(name)
         if need and importlib.util.find_spec(need) is None:
-            params.append(pytest.param(name, None, None, id=name,
-                                       marks=pytest.mark.skip(reason=f"the {name} family needs {need}")))
+            params.append(
+                pytest.param(
+                    name, None, None, id=name, marks=pytest.mark.skip(reason=f"the {name} family needs {need}")
+                )
+            )
             continue
         backends = [k for k, v in fam.backends(DEVICE, quick=True).items() if not isinstance(v, str)]
         for case in fam.cases(quick=True, device=DEVICE, dtypes=None):

@@ -10,6 +10,7 @@
 
 Kernels are torch ops in ``torch.ops.fusedattn`` (CPU: C++ in fusedattn._C). See README.md.
 """
+
 import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _ops  # noqa: F401  (loads fusedattn._C: registers torch.ops.fusedattn.*)
@@ -22,5 +23,14 @@ from .reference import attention_ref
 from .varlen import varlen_attention
 
 __version__ = "0.1.0"
-__all__ = ["attention", "scaled_dot_product_attention", "varlen_attention", "decode_attention",
-           "merge_attention_states", "zeros_kv_cache", "attention_ref", "available_backends", "BACKENDS"]
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "varlen_attention",
+    "decode_attention",
+    "merge_attention_states",
+    "zeros_kv_cache",
+    "attention_ref",
+    "available_backends",
+    "BACKENDS",
+]

@@ -1,9 +1,10 @@
 """Command line: ``python -m fusedattn {info,demo,bench}``.
 
-    python -m fusedattn info                 # versions, compiled backends, why a missing one is missing
-    python -m fusedattn demo                 # fusedattn vs torch SDPA on this machine's default device
-    python -m fusedattn bench --quick --out DIR   # benchmark tables, CSV/JSON and plots (see fusedattn.bench)
+python -m fusedattn info                 # versions, compiled backends, why a missing one is missing
+python -m fusedattn demo                 # fusedattn vs torch SDPA on this machine's default device
+python -m fusedattn bench --quick --out DIR   # benchmark tables, CSV/JSON and plots (see fusedattn.bench)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,20 @@ def info() -> None:
         version = fusedattn.__version__
     print(f"fusedattn {version}  (python {platform.python_version()}, torch {torch.__version__})")
     if bi:
-        print(f"  compiled extension: built against torch {bi['torch_version']} with {bi['compiler']}"
-              f"{' (ASAN/UBSAN)' if bi.get('sanitized') else ''}")
-        print(f"  CPU kernels built for: {bi['cpu_isas']}; used here: {bi['cpu_isa_selected']} "
-              f"(torch reports CPU capability {torch.backends.cpu.get_cpu_capability()})")
+        print(
+            f"  compiled extension: built against torch {bi['torch_version']} with {bi['compiler']}"
+            f"{' (ASAN/UBSAN)' if bi.get('sanitized') else ''}"
+        )
+        print(
+            f"  CPU kernels built for: {bi['cpu_isas']}; used here: {bi['cpu_isa_selected']} "
+            f"(torch reports CPU capability {torch.backends.cpu.get_cpu_capability()})"
+        )
         print(f"  CUDA kernels: {'yes' if bi['cuda'] else 'no'} ({bi['cuda_reason']})")
         if bi["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
-            print(f"  WARNING: running torch {torch.__version__} but the extension was built for "
-                  f"{bi['torch_version']}: rebuild with `pip install -e . --no-build-isolation`")
+            print(
+                f"  WARNING: running torch {torch.__version__} but the extension was built for "
+                f"{bi['torch_version']}: rebuild with `pip install -e . --no-build-isolation`"
+            )
     else:
         print(f"  compiled extension: not loaded ({_ops._C_IMPORT_ERROR})")
     try:
@@ -43,8 +50,7 @@ def info() -> None:
         triton_state = f"triton {triton.__version__} importable"
     except ImportError:
         triton_state = "triton not installed"
-    print(f"  {triton_state}; CUDA device: "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(f"  {triton_state}; CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print("  backends:")
     for name, reason in available_backends().items():
         print(f"    {name:10s} {'available' if reason is None else 'unavailable: ' + reason}")
@@ -65,10 +71,14 @@ def _median_ms(fn, repeats: int = 5) -> float:
 def demo(L: int) -> None:
     """Forward attention, B=1 H=8 D=64, fp32 and bf16, causal and not: fusedattn vs torch SDPA."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"fusedattn.attention vs torch.nn.functional.scaled_dot_product_attention on {device}, "
-          f"B=1 H=8 L={L} D=64, {torch.get_num_threads()} threads (median of 5)")
-    print(f"{'dtype':9s} {'causal':6s} {'fusedattn ms':>12s} {'torch ms':>9s} {'ratio':>6s} "
-          f"{'GFLOP/s':>8s} {'max err vs fp64 ref':>20s}")
+    print(
+        f"fusedattn.attention vs torch.nn.functional.scaled_dot_product_attention on {device}, "
+        f"B=1 H=8 L={L} D=64, {torch.get_num_threads()} threads (median of 5)"
+    )
+    print(
+        f"{'dtype':9s} {'causal':6s} {'fusedattn ms':>12s} {'torch ms':>9s} {'ratio':>6s} "
+        f"{'GFLOP/s':>8s} {'max err vs fp64 ref':>20s}"
+    )
     for dtype in (torch.float32, torch.bfloat16):
         for causal in (False, True):
             g = torch.Generator(device=device).manual_seed(0)
@@ -78,8 +88,10 @@ def demo(L: int) -> None:
             ref = fusedattn.attention_ref(q, k, v, causal=causal, compute_dtype=torch.float64)
             err = (fusedattn.attention(q, k, v, causal=causal).double() - ref.double()).abs().max().item()
             gflops = 4 * 8 * L * L * 64 * (0.5 if causal else 1.0) / ours / 1e6
-            print(f"{str(dtype).replace('torch.', ''):9s} {str(causal):6s} {ours:12.2f} {theirs:9.2f} "
-                  f"{theirs / ours:5.2f}x {gflops:8.1f} {err:20.2e}")
+            print(
+                f"{str(dtype).replace('torch.', ''):9s} {str(causal):6s} {ours:12.2f} {theirs:9.2f} "
+                f"{theirs / ours:5.2f}x {gflops:8.1f} {err:20.2e}"
+            )
 
 
 def main(argv=None) -> None:
@@ -90,8 +102,9 @@ def main(argv=None) -> None:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
-    ap = argparse.ArgumentParser(prog="python -m fusedattn", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedattn", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="versions, compiled backends and why a missing one is missing")
     d = sub.add_parser("demo", help="fusedattn vs torch SDPA on the default device")

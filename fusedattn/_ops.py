@@ -7,6 +7,7 @@ The schemas are declared once in C++ (csrc/torch_bindings.cpp); this module adds
     (the decode ops are inference-only and have none).
 torch imports this module by itself when it needs the fake impls (``set_python_module``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,8 @@ def _check_torch_matches_build() -> None:
             f"fusedattn's compiled extension was built for torch {TORCH_VERSION}, but torch {torch.__version__} "
             f"is installed. Install torch {'.'.join(built)}.x, or rebuild fusedattn against this torch: "
             f"pip install --no-build-isolation --force-reinstall fusedattn (from source: pip install -e . "
-            f"--no-build-isolation).")
+            f"--no-build-isolation)."
+        )
 
 
 _check_torch_matches_build()
@@ -58,8 +60,9 @@ def _check_one_device(op: str, **tensors) -> None:
         if first is None:
             first = (name, t.device)
         elif t.device != first[1]:
-            raise RuntimeError(f"fusedattn::{op}: all tensors must be on one device: {first[0]} is on {first[1]}, "
-                               f"{name} on {t.device}")
+            raise RuntimeError(
+                f"fusedattn::{op}: all tensors must be on one device: {first[0]} is on {first[1]}, {name} on {t.device}"
+            )
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -72,9 +75,11 @@ class _FirstOrderOnly(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(f"fusedattn::{ctx.op}: double backward is not supported (the fused backward is "
-                           f"first-order only); use backend='reference' or torch's math SDPA for higher-order "
-                           f"gradients")
+        raise RuntimeError(
+            f"fusedattn::{ctx.op}: double backward is not supported (the fused backward is "
+            f"first-order only); use backend='reference' or torch's math SDPA for higher-order "
+            f"gradients"
+        )
 
 
 def no_double_backward(op: str, grads: tuple, inputs: tuple) -> tuple:
@@ -106,10 +111,12 @@ if _C is not None:
         return out, lse
 
     @torch.library.register_fake("fusedattn::attention_bwd")
-    def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right,
-                            bottom_right, softcap, grad_lse):
-        _check_one_device("attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse,
-                          attn_mask=attn_mask, grad_lse=grad_lse)
+    def _attention_bwd_fake(
+        grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse
+    ):
+        _check_one_device(
+            "attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, attn_mask=attn_mask, grad_lse=grad_lse
+        )
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
     def _attention_fwd_setup_context(ctx, inputs, output):
@@ -128,30 +135,83 @@ if _C is not None:
         scale, window_left, window_right, bottom_right, softcap = ctx.params
         with torch.no_grad():
             dq, dk, dv = torch.ops.fusedattn.attention_bwd(
-                grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
-                softcap, grad_lse)
+                grad_out,
+                q,
+                k,
+                v,
+                out,
+                lse,
+                attn_mask,
+                scale,
+                window_left,
+                window_right,
+                bottom_right,
+                softcap,
+                grad_lse,
+            )
         dq, dk, dv = no_double_backward("attention_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
         return dq, dk, dv, None, None, None, None, None, None
 
     torch.library.register_autograd(
-        "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context)
+        "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context
+    )
 
     @torch.library.register_fake("fusedattn::varlen_fwd")
-    def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                         window_right, bottom_right, softcap):
+    def _varlen_fwd_fake(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        softcap,
+    ):
         total_q, Hq, _ = q.shape
         out = q.new_empty((total_q, Hq, v.shape[-1]))  # (total_q, Hq, Dv)
         lse = q.new_empty((Hq, total_q), dtype=torch.float32)  # FlashAttention's varlen lse layout
         return out, lse
 
     @torch.library.register_fake("fusedattn::varlen_bwd")
-    def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                         window_left, window_right, bottom_right, softcap, grad_lse):
+    def _varlen_bwd_fake(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        window_left,
+        window_right,
+        bottom_right,
+        softcap,
+        grad_lse,
+    ):
         return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
     def _varlen_fwd_setup_context(ctx, inputs, output):
-        (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
-         bottom_right, softcap) = inputs
+        (
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale,
+            window_left,
+            window_right,
+            bottom_right,
+            softcap,
+        ) = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.params = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, softcap)
@@ -165,20 +225,44 @@ if _C is not None:
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         with torch.no_grad():
-            dq, dk, dv = torch.ops.fusedattn.varlen_bwd(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                                        *ctx.params, grad_lse)
+            dq, dk, dv = torch.ops.fusedattn.varlen_bwd(
+                grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params, grad_lse
+            )
         return no_double_backward("varlen_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v)) + no_grads
 
     torch.library.register_autograd(
-        "fusedattn::varlen_fwd", _varlen_fwd_backward, setup_context=_varlen_fwd_setup_context)
+        "fusedattn::varlen_fwd", _varlen_fwd_backward, setup_context=_varlen_fwd_setup_context
+    )
 
     # Decoding is inference-only: decode_fwd and merge_attention_states have no autograd (the public
     # wrappers in fusedattn/decode.py refuse inputs that require grad).
     @torch.library.register_fake("fusedattn::decode_fwd")
-    def _decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                         window_left, window_right, softcap, num_splits):
-        _check_one_device("decode_fwd", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                          k_new=k_new, v_new=v_new, block_table=block_table, cache_batch_idx=cache_batch_idx)
+    def _decode_fwd_fake(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new,
+        v_new,
+        block_table,
+        cache_batch_idx,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        num_splits,
+    ):
+        _check_one_device(
+            "decode_fwd",
+            q=q,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            cache_seqlens=cache_seqlens,
+            k_new=k_new,
+            v_new=v_new,
+            block_table=block_table,
+            cache_batch_idx=cache_batch_idx,
+        )
         B, Lq, Hq, _ = q.shape
         out = q.new_empty((B, Lq, Hq, v_cache.shape[-1]))  # (B, Lq, Hq, Dv)
         lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)

@@ -5,6 +5,7 @@ op of the backend that fusedattn/dispatch.py resolves for the call. The fused ke
 (``torch.ops.fusedattn.attention_fwd``, with autograd and a fake impl), so everything here works under
 ``torch.compile(fullgraph=True)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,10 +23,19 @@ _torch_sdpa = dispatch.TORCH_SDPA
 # ------------------------------------------------------------------------------------------------
 # flash-style API
 # ------------------------------------------------------------------------------------------------
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
-              window: Tuple[int, int] = (-1, -1), softcap: float = 0.0, return_lse: bool = False,
-              backend: str = "auto"):
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """Fused softmax attention, FlashAttention-style.
 
     Args:
@@ -45,13 +55,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """
     left, right = checks.check_attention(q, k, v, attn_mask, scale, window, softcap)
     if attn_mask is not None and attn_mask.requires_grad:
-        raise ValueError("attn_mask must not require grad: the fused kernels give no mask gradient "
-                         "(detach it, or use torch's scaled_dot_product_attention)")
-    case = dispatch.Case(q.device, q.dtype, q.shape[-1], v.shape[-1], has_mask=attn_mask is not None,
-                         softcap=softcap)
+        raise ValueError(
+            "attn_mask must not require grad: the fused kernels give no mask gradient "
+            "(detach it, or use torch's scaled_dot_product_attention)"
+        )
+    case = dispatch.Case(q.device, q.dtype, q.shape[-1], v.shape[-1], has_mask=attn_mask is not None, softcap=softcap)
     op = dispatch.resolve("attention", backend, case).op
-    out, lse = op(q, k, v, attn_mask, checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, True,
-                  float(softcap))
+    out, lse = op(
+        q, k, v, attn_mask, checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, True, float(softcap)
+    )
     return (out, lse) if return_lse else out
 
 
@@ -63,22 +75,44 @@ def _ours_to_interpret(query, key, value, attn_mask, is_causal, scale, enable_gq
     mask that broadcasts, a finite scale); anything else goes to torch as is, to run or raise its own error."""
     tensors_ok = all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (query, key, value))
     same = tensors_ok and key.dtype == query.dtype == value.dtype and key.device == query.device == value.device
-    shapes_ok = same and key.dim() == query.dim() == value.dim() and query.shape[:-3] == key.shape[:-3] == \
-        value.shape[:-3] and key.shape[-2] == value.shape[-2] and key.shape[-1] == query.shape[-1]
-    heads_ok = shapes_ok and query.dim() >= 3 and (
-        query.shape[-3] == key.shape[-3] == value.shape[-3] or (
-            enable_gqa and query.dim() == 4 and key.shape[-3] == value.shape[-3] and key.shape[-3] > 0
-            and query.shape[-3] % key.shape[-3] == 0))
-    mask_ok = attn_mask is None or (isinstance(attn_mask, torch.Tensor) and attn_mask.device == query.device and (
-        attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype) and attn_mask.dim() <= query.dim())
+    shapes_ok = (
+        same
+        and key.dim() == query.dim() == value.dim()
+        and query.shape[:-3] == key.shape[:-3] == value.shape[:-3]
+        and key.shape[-2] == value.shape[-2]
+        and key.shape[-1] == query.shape[-1]
+    )
+    heads_ok = (
+        shapes_ok
+        and query.dim() >= 3
+        and (
+            query.shape[-3] == key.shape[-3] == value.shape[-3]
+            or (
+                enable_gqa
+                and query.dim() == 4
+                and key.shape[-3] == value.shape[-3]
+                and key.shape[-3] > 0
+                and query.shape[-3] % key.shape[-3] == 0
+            )
+        )
+    )
+    mask_ok = attn_mask is None or (
+        isinstance(attn_mask, torch.Tensor)
+        and attn_mask.device == query.device
+        and (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype)
+        and attn_mask.dim() <= query.dim()
+    )
     scale_ok = scale is None or (isinstance(scale, (int, float)) and -math.inf < scale < math.inf)
     if not (heads_ok and mask_ok and scale_ok) or (is_causal and attn_mask is not None):
         return False
     if attn_mask is not None and query.dim() in (3, 4):
         Lq, Lk = query.shape[-2], key.shape[-2]
         full = (query.shape[0], 1, Lq, Lk) if query.dim() == 3 else (query.shape[0], query.shape[1], Lq, Lk)
-        mask_shape = (attn_mask.shape[0], 1, *attn_mask.shape[1:]) if query.dim() == 3 and attn_mask.dim() == 3 \
+        mask_shape = (
+            (attn_mask.shape[0], 1, *attn_mask.shape[1:])
+            if query.dim() == 3 and attn_mask.dim() == 3
             else tuple(attn_mask.shape)
+        )
         try:
             torch.broadcast_shapes(mask_shape, full)
         except RuntimeError:
@@ -86,10 +120,16 @@ def _ours_to_interpret(query, key, value, attn_mask, is_causal, scale, enable_gq
     return True
 
 
-def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                                 is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False) -> torch.Tensor:
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
     """Drop-in replacement for ``torch.nn.functional.scaled_dot_product_attention``.
 
     Same signature and semantics (``is_causal`` is top-left aligned, as in torch). Runs the fused
@@ -99,10 +139,25 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     every key give 0 (torch may give NaN there).
     """
     if not _ours_to_interpret(query, key, value, attn_mask, is_causal, scale, enable_gqa):
-        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                           scale=scale, enable_gqa=enable_gqa)
-    case = dispatch.Case(query.device, query.dtype, query.shape[-1], value.shape[-1],
-                         has_mask=attn_mask is not None, dropout_p=dropout_p, ndim=query.dim(),
-                         mask_requires_grad=attn_mask is not None and attn_mask.requires_grad)
+        return _torch_sdpa(
+            query,
+            key,
+            value,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+        )
+    case = dispatch.Case(
+        query.device,
+        query.dtype,
+        query.shape[-1],
+        value.shape[-1],
+        has_mask=attn_mask is not None,
+        dropout_p=dropout_p,
+        ndim=query.dim(),
+        mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
+    )
     op = dispatch.resolve("sdpa", "auto", case).op
     return op(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)

@@ -11,6 +11,7 @@ finiteness is checked as ``-inf < x < inf`` (False for nan and +-inf, as ``math.
 tensor *values* (``check_cu_seqlens_values``, ``check_decode_indices``) are for eager calls only: the callers
 skip them while compiling.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,15 +54,18 @@ def check_softcap(softcap, err: Err = ValueError) -> None:
 def check_window_sizes(left, right, err: Err = ValueError) -> None:
     """The window rule of every op: each side an int in [-1, 2**63), -1 = unbounded."""
     if not all(_is_int(w) and -1 <= w < WINDOW_MAX for w in (left, right)):
-        raise err(f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
-                  f"got {(left, right)!r}")
+        raise err(
+            f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
+            f"got {(left, right)!r}"
+        )
 
 
 def check_window(window, err: Err = ValueError) -> Tuple[int, int]:
     """window: a (left, right) pair (tuple or list); returns it as two ints."""
     if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise err(f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, "
-                  f"got {window!r}")
+        raise err(
+            f"window must be a pair of ints (left, right), each in [0, 2**63) or -1 for unbounded, got {window!r}"
+        )
     check_window_sizes(window[0], window[1], err)
     return int(window[0]), int(window[1])
 
@@ -85,8 +89,9 @@ def default_scale(scale, head_dim) -> float:
 # ------------------------------------------------------------------------------------------------
 # tensors
 # ------------------------------------------------------------------------------------------------
-def check_float_tensor(name: str, t, ndim: Optional[int] = None, layout: str = "(B, H, L, D)",
-                       err: Err = ValueError) -> None:
+def check_float_tensor(
+    name: str, t, ndim: Optional[int] = None, layout: str = "(B, H, L, D)", err: Err = ValueError
+) -> None:
     if not isinstance(t, torch.Tensor):
         raise err(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
@@ -103,8 +108,9 @@ def check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "q
         raise err(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
-def check_int32(name: str, t, shape: Sequence[Optional[int]], layout: str, device: torch.device,
-                err: Err = ValueError) -> None:
+def check_int32(
+    name: str, t, shape: Sequence[Optional[int]], layout: str, device: torch.device, err: Err = ValueError
+) -> None:
     """An int32 index tensor on `device` whose shape matches `shape` (None: any size there)."""
     if not isinstance(t, torch.Tensor):
         raise err(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -119,15 +125,19 @@ def check_int32(name: str, t, shape: Sequence[Optional[int]], layout: str, devic
 def check_heads(Hq: int, Hkv: int, q_name: str, kv_name: str, err: Err = ValueError) -> None:
     """GQA / MQA: every kv head serves the same number of query heads."""
     if Hkv == 0 or Hq % Hkv != 0:
-        raise err(f"the number of query heads in {q_name} ({Hq}) must be a multiple of the number of key/value "
-                  f"heads in {kv_name} ({Hkv})")
+        raise err(
+            f"the number of query heads in {q_name} ({Hq}) must be a multiple of the number of key/value "
+            f"heads in {kv_name} ({Hkv})"
+        )
 
 
 def refuse_grad(fn: str, *tensors) -> None:
     """The decode ops are inference-only (no backward)."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise ValueError(f"{fn} is inference-only (it has no backward) but an input requires grad: call it under "
-                         f"torch.no_grad() or torch.inference_mode(), or detach the inputs")
+        raise ValueError(
+            f"{fn} is inference-only (it has no backward) but an input requires grad: call it under "
+            f"torch.no_grad() or torch.inference_mode(), or detach the inputs"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,12 +195,16 @@ def check_max_seqlen(name: str, m, err: Err = ValueError) -> None:
         raise err(f"{name} must be an int >= 0, got {m!r}")
 
 
-def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap,
-                 err: Err = ValueError) -> Tuple[int, int]:
+def check_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap, err: Err = ValueError
+) -> Tuple[int, int]:
     """q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv), the (B + 1,) cu_seqlens, the max lengths
     and the scalars; returns (left, right)."""
-    for name, t, layout in (("q", q, "(total_q, Hq, D)"), ("k", k, "(total_k, Hkv, D)"),
-                            ("v", v, "(total_k, Hkv, Dv)")):
+    for name, t, layout in (
+        ("q", q, "(total_q, Hq, D)"),
+        ("k", k, "(total_k, Hkv, D)"),
+        ("v", v, "(total_k, Hkv, Dv)"),
+    ):
         check_float_tensor(name, t, ndim=3, layout=layout, err=err)
     for name, t in (("k", k), ("v", v)):
         check_like(name, t, q, err=err)
@@ -203,15 +217,18 @@ def check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, err)
     check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, err)
     if cu_seqlens_k.shape[0] != cu_seqlens_q.shape[0]:
-        raise err(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
-                  f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
+        raise err(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
+            f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}"
+        )
     check_max_seqlen("max_seqlen_q", max_seqlen_q, err)
     check_max_seqlen("max_seqlen_k", max_seqlen_k, err)
     return check_scalars(scale, window, softcap, err)
 
 
-def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name: str, max_seqlen: int,
-                            max_name: str, err: Err = ValueError) -> None:
+def check_cu_seqlens_values(
+    name: str, cu: torch.Tensor, total: int, tensor_name: str, max_seqlen: int, max_name: str, err: Err = ValueError
+) -> None:
     """The value checks (eager only): starts at 0, non-decreasing, ends at the token count, no length above
     max_seqlen. Reads the (small) index tensor: one device sync on CUDA."""
     c = cu.to("cpu", torch.int64)  # (B + 1,)
@@ -221,11 +238,9 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name
     bad = (lens < 0).nonzero()
     if bad.numel():
         b = int(bad[0])
-        raise err(f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = "
-                  f"{int(c[b + 1])}")
+        raise err(f"{name} must be non-decreasing, got {name}[{b}] = {int(c[b])} > {name}[{b + 1}] = {int(c[b + 1])}")
     if int(c[-1]) != total:
-        raise err(f"the last entry of {name} ({int(c[-1])}) must equal the number of tokens in {tensor_name} "
-                  f"({total})")
+        raise err(f"the last entry of {name} ({int(c[-1])}) must equal the number of tokens in {tensor_name} ({total})")
     over = (lens > max_seqlen).nonzero()
     if over.numel():
         b = int(over[0])
@@ -235,8 +250,9 @@ def check_cu_seqlens_values(name: str, cu: torch.Tensor, total: int, tensor_name
 # ------------------------------------------------------------------------------------------------
 # decode and merge
 # ------------------------------------------------------------------------------------------------
-def check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
-                 err: Err = ValueError) -> None:
+def check_decode(
+    q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, err: Err = ValueError
+) -> None:
     """Shapes, dtypes and devices of a decode call (cache_seqlens already a tensor). No tensor values."""
     check_float_tensor("q", q, 4, "(B, Lq, Hq, D)", err)
     B, Lq, Hq, D = q.shape
@@ -249,8 +265,10 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
             raise err(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}")
     Hkv = k_cache.shape[2]
     if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise err(f"v_cache must match k_cache in all but the head dim: k_cache {tuple(k_cache.shape)}, "
-                  f"v_cache {tuple(v_cache.shape)}")
+        raise err(
+            f"v_cache must match k_cache in all but the head dim: k_cache {tuple(k_cache.shape)}, "
+            f"v_cache {tuple(v_cache.shape)}"
+        )
     if k_cache.shape[3] != D:
         raise err(f"k_cache head dim {k_cache.shape[3]} != q head dim {D}")
     check_heads(Hq, Hkv, "q", "k_cache", err)
@@ -264,24 +282,30 @@ def check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         for name, t, dim in (("k_new", k_new, D), ("v_new", v_new, v_cache.shape[3])):
             check_like(name, t, q, err=err)
             if tuple(t.shape) != (B, Lnew, Hkv, dim):
-                raise err(f"{name} must have shape (B, Lnew, Hkv, {'D' if name == 'k_new' else 'Dv'}) = "
-                          f"{(B, Lnew, Hkv, dim)}, got {tuple(t.shape)}")
+                raise err(
+                    f"{name} must have shape (B, Lnew, Hkv, {'D' if name == 'k_new' else 'Dv'}) = "
+                    f"{(B, Lnew, Hkv, dim)}, got {tuple(t.shape)}"
+                )
     if paged:
         check_int32("block_table", block_table, (B, None), f"(B, max_blocks) with B = {B}", q.device, err)
         if cache_batch_idx is not None:
-            raise err("cache_batch_idx cannot be combined with block_table (a paged cache addresses sequences "
-                      "through the block table)")
+            raise err(
+                "cache_batch_idx cannot be combined with block_table (a paged cache addresses sequences "
+                "through the block table)"
+            )
         if k_cache.shape[1] == 0:
             raise err(f"a paged k_cache must have PAGE_SIZE > 0, got shape {tuple(k_cache.shape)}")
     if cache_batch_idx is not None:
         check_int32("cache_batch_idx", cache_batch_idx, (B,), f"(B,) = ({B},)", q.device, err)
     elif not paged and k_cache.shape[0] < B:
-        raise err(f"k_cache holds {k_cache.shape[0]} sequences but q has batch {B} (pass cache_batch_idx to pick "
-                  f"cache rows)")
+        raise err(
+            f"k_cache holds {k_cache.shape[0]} sequences but q has batch {B} (pass cache_batch_idx to pick cache rows)"
+        )
 
 
-def check_decode_indices(k_cache, cache_seqlens, Lnew: int, block_table, cache_batch_idx,
-                         err: Err = ValueError) -> None:
+def check_decode_indices(
+    k_cache, cache_seqlens, Lnew: int, block_table, cache_batch_idx, err: Err = ValueError
+) -> None:
     """The value checks (eager only): every position and page the kernels will touch exists. Reads the small
     index tensors (one device sync on CUDA)."""
     lens = cache_seqlens.tolist()  # (B,) ints
@@ -295,8 +319,10 @@ def check_decode_indices(k_cache, cache_seqlens, Lnew: int, block_table, cache_b
     if max(lens) + Lnew > capacity:
         b = next(i for i, x in enumerate(lens) if x + Lnew > capacity)
         what = "max_blocks * PAGE_SIZE of block_table and k_cache" if paged else "L_max of k_cache"
-        raise err(f"cache_seqlens[{b}] + Lnew = {lens[b]} + {Lnew} = {lens[b] + Lnew} exceeds the cache capacity "
-                  f"{capacity} ({what})")
+        raise err(
+            f"cache_seqlens[{b}] + Lnew = {lens[b]} + {Lnew} = {lens[b] + Lnew} exceeds the cache capacity "
+            f"{capacity} ({what})"
+        )
     if paged:
         num_blocks, page_size = k_cache.shape[0], k_cache.shape[1]
         total = cache_seqlens.to(torch.int64) + Lnew  # (B,) keys after the append
@@ -305,14 +331,17 @@ def check_decode_indices(k_cache, cache_seqlens, Lnew: int, block_table, cache_b
         bad = (touched & ((block_table < 0) | (block_table >= num_blocks))).nonzero()
         if bad.numel():
             b, blk = (int(x) for x in bad[0])
-            raise err(f"block_table[{b}, {blk}] = {int(block_table[b, blk])} is out of range: sequence {b} uses "
-                      f"pages 0..{int(pages_used[b]) - 1} of its row, each must be in [0, {num_blocks})")
+            raise err(
+                f"block_table[{b}, {blk}] = {int(block_table[b, blk])} is out of range: sequence {b} uses "
+                f"pages 0..{int(pages_used[b]) - 1} of its row, each must be in [0, {num_blocks})"
+            )
     if cache_batch_idx is not None:
         idx = cache_batch_idx.tolist()
         bad = [i for i, x in enumerate(idx) if not 0 <= x < k_cache.shape[0]]
         if bad:
-            raise err(f"cache_batch_idx[{bad[0]}] = {idx[bad[0]]} is out of range for a cache of "
-                      f"{k_cache.shape[0]} sequences")
+            raise err(
+                f"cache_batch_idx[{bad[0]}] = {idx[bad[0]]} is out of range for a cache of {k_cache.shape[0]} sequences"
+            )
 
 
 def check_merge(out_a, lse_a, out_b, lse_b, err: Err = ValueError) -> None:
@@ -320,8 +349,10 @@ def check_merge(out_a, lse_a, out_b, lse_b, err: Err = ValueError) -> None:
     for name, t in (("out_a", out_a), ("out_b", out_b)):
         check_float_tensor(name, t, 4, "(B, L, H, D)", err)
     if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype or out_b.device != out_a.device:
-        raise err(f"out_b must match out_a in shape, dtype and device: out_a {out_a.dtype} {tuple(out_a.shape)} on "
-                  f"{out_a.device}, out_b {out_b.dtype} {tuple(out_b.shape)} on {out_b.device}")
+        raise err(
+            f"out_b must match out_a in shape, dtype and device: out_a {out_a.dtype} {tuple(out_a.shape)} on "
+            f"{out_a.device}, out_b {out_b.dtype} {tuple(out_b.shape)} on {out_b.device}"
+        )
     B, L, H, _ = out_a.shape
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (B, H, L):

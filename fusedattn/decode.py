@@ -18,6 +18,7 @@ outside the tensors is touched, the sequence's append is skipped and its output 
 not read the indices on the host (that would synchronize); its kernels clamp lengths to the cache capacity and read
 a page or cache row out of range as zeros: wrong numbers, but no memory it does not own is touched.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -48,12 +49,24 @@ def _cache_rows_aligned(*caches: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *,
-                     cache_seqlens: Union[torch.Tensor, int], k_new: Optional[torch.Tensor] = None,
-                     v_new: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
-                     cache_batch_idx: Optional[torch.Tensor] = None, causal: bool = True,
-                     scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     num_splits: int = 0, return_lse: bool = False, backend: str = "auto"):
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_seqlens: Union[torch.Tensor, int],
+    k_new: Optional[torch.Tensor] = None,
+    v_new: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    num_splits: int = 0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """Attention of a few new queries over a KV cache (FlashAttention's ``flash_attn_with_kvcache``).
 
     Args:
@@ -96,18 +109,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     checks.check_num_splits(num_splits)
     checks.refuse_grad("decode_attention", q, k_cache, v_cache, k_new, v_new)
     if not torch.compiler.is_compiling():
-        checks.check_decode_indices(k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table,
-                                    cache_batch_idx)
-    case = dispatch.Case(q.device, q.dtype, q.shape[-1], v_cache.shape[-1], softcap=softcap,
-                         cache_aligned=_cache_rows_aligned(k_cache, v_cache))
+        checks.check_decode_indices(
+            k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx
+        )
+    case = dispatch.Case(
+        q.device,
+        q.dtype,
+        q.shape[-1],
+        v_cache.shape[-1],
+        softcap=softcap,
+        cache_aligned=_cache_rows_aligned(k_cache, v_cache),
+    )
     op = dispatch.resolve("decode", backend, case).op
-    out, lse = op(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx,
-                  checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, float(softcap), num_splits)
+    out, lse = op(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new,
+        v_new,
+        block_table,
+        cache_batch_idx,
+        checks.default_scale(scale, q.shape[-1]),
+        left,
+        0 if causal else right,
+        float(softcap),
+        num_splits,
+    )
     return (out, lse) if return_lse else out
 
 
-def merge_attention_states(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *,
-                           backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *, backend: str = "auto"
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge two attention states over disjoint key sets into the state over their union.
 
     Args:

@@ -24,6 +24,7 @@ Availability (extension loaded, CUDA present, Triton importable) is probed once,
 torch.compile traces ``resolve`` without graph breaks. Adding a backend: its entries in ``TABLE`` (op + rule), its
 probe in ``_PROBES``, its place in ``DEVICE_PREFERENCE``, its kernel module, and one line in the test fixture.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -125,7 +126,11 @@ def _probe_triton_decode() -> Optional[str]:
 
 # backend -> its probe: None when it can run here, else why not
 _PROBES: Dict[str, Callable[[], Optional[str]]] = {
-    "cpu": _no_extension, "triton": _probe_triton, "cuda": _probe_cuda, "reference": lambda: None}
+    "cpu": _no_extension,
+    "triton": _probe_triton,
+    "cuda": _probe_cuda,
+    "reference": lambda: None,
+}
 _INTERPRETING = _interpreting()
 _REASONS: Dict[str, Optional[str]] = {name: _PROBES[name]() for name in BACKENDS}
 
@@ -207,12 +212,14 @@ def _drop_in(case: Case) -> Optional[str]:
 
 def _all(*rules: Callable[[Case], Optional[str]]) -> Callable[[Case], Optional[str]]:
     """The first reason of `rules`, in order (None: every rule covers the case)."""
+
     def rule(case: Case) -> Optional[str]:
         for r in rules:
             reason = r(case)
             if reason is not None:
                 return reason
         return None
+
     return rule
 
 
@@ -229,19 +236,29 @@ def _op(name: str):
 
 
 def _attention_reference(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
-    return attention_ref(q, k, v, attn_mask=attn_mask, causal_align="bottom_right" if bottom_right else "top_left",
-                         scale=scale, window=(window_left, window_right), softcap=softcap, return_lse=True)
+    return attention_ref(
+        q,
+        k,
+        v,
+        attn_mask=attn_mask,
+        causal_align="bottom_right" if bottom_right else "top_left",
+        scale=scale,
+        window=(window_left, window_right),
+        softcap=softcap,
+        return_lse=True,
+    )
 
 
 def _sdpa_via(attention_fwd):
     """torch's SDPA signature over an attention op (the arguments already checked by the drop-in)."""
+
     def sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
         squeeze = query.dim() == 3  # (N, L, E): one head
         q, k, v = (t.unsqueeze(1) for t in (query, key, value)) if squeeze else (query, key, value)
         mask = attn_mask.unsqueeze(1) if squeeze and attn_mask is not None and attn_mask.dim() == 3 else attn_mask
-        out, _ = attention_fwd(q, k, v, mask, default_scale(scale, q.shape[-1]), -1, 0 if is_causal else -1,
-                               False, 0.0)
+        out, _ = attention_fwd(q, k, v, mask, default_scale(scale, q.shape[-1]), -1, 0 if is_causal else -1, False, 0.0)
         return out.squeeze(1) if squeeze else out
+
     return sdpa
 
 
@@ -251,28 +268,97 @@ TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 
 
 def _torch_sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                      enable_gqa=enable_gqa)
+    return TORCH_SDPA(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
 
 
-def _triton_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                   window_right, bottom_right, softcap):
+def _triton_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+):
     # the Triton varlen op is always bottom-right aligned (varlen's only alignment): no bottom_right argument
-    return torch.ops.fusedattn.triton_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                 scale, window_left, window_right, softcap)
+    return torch.ops.fusedattn.triton_varlen_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
+    )
 
 
-def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                      window_right, bottom_right, softcap):
-    return varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=scale,
-                                window=(window_left, window_right), softcap=softcap, return_lse=True)
+def _varlen_reference(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+):
+    return varlen_attention_ref(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale=scale,
+        window=(window_left, window_right),
+        softcap=softcap,
+        return_lse=True,
+    )
 
 
-def _decode_reference(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                      window_left, window_right, softcap, num_splits):
-    return decode_attention_ref(q, k_cache, v_cache, cache_seqlens=cache_seqlens, k_new=k_new, v_new=v_new,
-                                block_table=block_table, cache_batch_idx=cache_batch_idx, causal=False, scale=scale,
-                                window=(window_left, window_right), softcap=softcap, return_lse=True)
+def _decode_reference(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+):
+    return decode_attention_ref(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=cache_seqlens,
+        k_new=k_new,
+        v_new=v_new,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+        causal=False,
+        scale=scale,
+        window=(window_left, window_right),
+        softcap=softcap,
+        return_lse=True,
+    )
 
 
 def _merge_reference(out_a, lse_a, out_b, lse_b):
@@ -327,10 +413,17 @@ _SPEC = {
         "reference": (lambda: _merge_reference, _everything),
     },
 }
-FALLBACK = {"attention": "reference", "sdpa": "torch", "varlen": "reference", "decode": "reference",
-            "merge": "reference"}
-_FALLBACK_TARGET = {"reference": "the reference implementation",
-                    "torch": "torch.nn.functional.scaled_dot_product_attention"}
+FALLBACK = {
+    "attention": "reference",
+    "sdpa": "torch",
+    "varlen": "reference",
+    "decode": "reference",
+    "merge": "reference",
+}
+_FALLBACK_TARGET = {
+    "reference": "the reference implementation",
+    "torch": "torch.nn.functional.scaled_dot_product_attention",
+}
 
 
 def _availability(name: str, spec: tuple, probed: Dict[Callable, Optional[str]]) -> Optional[str]:
@@ -347,11 +440,16 @@ _PROBED: Dict[Callable, Optional[str]] = {}
 # (family, backend) -> None (loaded) or why not: what resolve() reads (a test may monkeypatch it).
 AVAILABILITY: Dict[Tuple[str, str], Optional[str]] = {
     (family, name): _availability(name, entry, _PROBED)
-    for family, spec in _SPEC.items() for name, entry in spec.items()}
+    for family, spec in _SPEC.items()
+    for name, entry in spec.items()
+}
 TABLE: Dict[str, Dict[str, Entry]] = {
-    family: {name: Entry(family, name, entry[0]() if AVAILABILITY[(family, name)] is None else None, entry[1])
-             for name, entry in spec.items()}
-    for family, spec in _SPEC.items()}
+    family: {
+        name: Entry(family, name, entry[0]() if AVAILABILITY[(family, name)] is None else None, entry[1])
+        for name, entry in spec.items()
+    }
+    for family, spec in _SPEC.items()
+}
 
 
 # ------------------------------------------------------------------------------------------------

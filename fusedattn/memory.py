@@ -11,6 +11,7 @@ honours the advice when transparent huge pages are ``madvise`` or ``always``
 Pages are zeroed by the kernel on first touch (no memset here); where the kernel compacts memory for huge
 pages on a fault (defrag ``madvise``, the default), that first touch can take longer on a fragmented machine.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -27,8 +28,9 @@ def huge_pages_supported() -> bool:
     return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
-def zeros_kv_cache(shape: Sequence[int], *, dtype: torch.dtype, device: Union[str, torch.device, None] = None,
-                   huge_pages: bool = True) -> torch.Tensor:
+def zeros_kv_cache(
+    shape: Sequence[int], *, dtype: torch.dtype, device: Union[str, torch.device, None] = None, huge_pages: bool = True
+) -> torch.Tensor:
     """A zero-filled contiguous tensor for a KV cache.
 
     On the CPU, when ``huge_pages`` and the tensor is at least 2 MiB, its memory is an anonymous mapping
@@ -48,4 +50,4 @@ def zeros_kv_cache(shape: Sequence[int], *, dtype: torch.dtype, device: Union[st
         buf.madvise(mmap.MADV_HUGEPAGE, offset, nbytes)
     except OSError:  # the kernel refuses the advice (THP compiled out): ordinary pages, still correct
         pass
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
+    return raw[offset : offset + nbytes].view(dtype).view(shape)

@@ -34,8 +34,13 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-__all__ = ["attention_ref", "make_window_mask", "varlen_attention_ref", "decode_attention_ref",
-           "merge_attention_states_ref"]
+__all__ = [
+    "attention_ref",
+    "make_window_mask",
+    "varlen_attention_ref",
+    "decode_attention_ref",
+    "merge_attention_states_ref",
+]
 
 _ALIGNS = ("bottom_right", "top_left")
 
@@ -233,17 +238,28 @@ def varlen_attention_ref(
     cu_q = [int(x) for x in cu_seqlens_q.tolist()]
     cu_k = [int(x) for x in cu_seqlens_k.tolist()]
     if len(cu_q) != len(cu_k) or not cu_q:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1 >= 1, got {len(cu_q)} and "
-                         f"{len(cu_k)}")
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length B + 1 >= 1, got {len(cu_q)} and {len(cu_k)}"
+        )
     total_q, Hq, _ = q.shape
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     outs, lses = [], []
     for b in range(len(cu_q) - 1):
-        qb = q[cu_q[b]:cu_q[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
-        kb = k[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, D)
-        vb = v[cu_k[b]:cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, Dv)
-        out, lse = attention_ref(qb, kb, vb, causal=causal, causal_align="bottom_right", scale=scale, window=window,
-                                 softcap=softcap, return_lse=True, compute_dtype=compute_dtype)
+        qb = q[cu_q[b] : cu_q[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+        kb = k[cu_k[b] : cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, D)
+        vb = v[cu_k[b] : cu_k[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, Dv)
+        out, lse = attention_ref(
+            qb,
+            kb,
+            vb,
+            causal=causal,
+            causal_align="bottom_right",
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            return_lse=True,
+            compute_dtype=compute_dtype,
+        )
         outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse[0])  # (Hq, Lq)
     out = torch.cat(outs) if outs else q.new_empty((0, Hq, v.shape[-1]))
@@ -260,8 +276,14 @@ def varlen_attention_ref(
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def _cache_positions(cache: torch.Tensor, b: int, start: int, stop: int, block_table: Optional[torch.Tensor],
-                     cache_batch_idx: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def _cache_positions(
+    cache: torch.Tensor,
+    b: int,
+    start: int,
+    stop: int,
+    block_table: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Indices (first, second) such that cache[first, second] are positions start..stop-1 of sequence b:
     (cache row, position) for a contiguous cache, (page, slot) for a paged one."""
     pos = torch.arange(start, stop, device=cache.device)
@@ -323,9 +345,18 @@ def decode_attention_ref(
         idx = _cache_positions(k_cache, b, 0, seqlens[b] + Lnew, block_table, cache_batch_idx)
         k = k_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, D)
         v = v_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, Dv)
-        out, lse = attention_ref(q[b].transpose(0, 1).unsqueeze(0), k, v, causal=causal, causal_align="bottom_right",
-                                 scale=scale, window=window, softcap=softcap, return_lse=True,
-                                 compute_dtype=compute_dtype)  # (1, Hq, Lq, Dv), (1, Hq, Lq)
+        out, lse = attention_ref(
+            q[b].transpose(0, 1).unsqueeze(0),
+            k,
+            v,
+            causal=causal,
+            causal_align="bottom_right",
+            scale=scale,
+            window=window,
+            softcap=softcap,
+            return_lse=True,
+            compute_dtype=compute_dtype,
+        )  # (1, Hq, Lq, Dv), (1, Hq, Lq)
         outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse[0])
     out = torch.stack(outs) if B else q.new_empty((0, Lq, Hq, v_cache.shape[-1]))

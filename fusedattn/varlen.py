@@ -12,6 +12,7 @@ The value checks on ``cu_seqlens`` (start at 0, non-decreasing, end at the token
 ``torch.compile`` they are skipped, since they would break the graph; the C++ op repeats them before touching
 memory, so a bad index still raises (a RuntimeError) instead of reading out of bounds.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -23,10 +24,22 @@ from . import checks, dispatch
 __all__ = ["varlen_attention"]
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
-                     scale: Optional[float] = None, window: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     return_lse: bool = False, backend: str = "auto"):
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
     """Attention over packed variable-length sequences (FlashAttention's ``flash_attn_varlen_func``).
 
     Args:
@@ -51,13 +64,26 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         sequence has no keys, or the window hides them all) gives 0 and lse -inf (never NaN).
         Differentiable in q, k, v (and through lse).
     """
-    left, right = checks.check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window,
-                                      softcap)
+    left, right = checks.check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap
+    )
     if not torch.compiler.is_compiling():
         checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q, "max_seqlen_q")
         checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k, "max_seqlen_k")
     case = dispatch.Case(q.device, q.dtype, q.shape[-1], v.shape[-1], softcap=softcap)
     op = dispatch.resolve("varlen", backend, case).op
-    out, lse = op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, True, float(softcap))
+    out, lse = op(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        checks.default_scale(scale, q.shape[-1]),
+        left,
+        0 if causal else right,
+        True,
+        float(softcap),
+    )
     return (out, lse) if return_lse else out

@@ -5,6 +5,7 @@ Interpreter vs GPU is decided here, once: ``INTERPRET`` (``TRITON_INTERPRET=1``)
 (``register_op``), the launcher (``launch``) and, inside kernels, ``mma``'s upcast. Kernel code has no other
 interpreter branch.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,6 +80,7 @@ def pow2(n: int) -> int:
 
 
 if INTERPRET:
+
     def launch(kernel):
         return kernel
 else:

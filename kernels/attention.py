@@ -38,6 +38,7 @@ slower than bf16 on tensor-core GPUs).
 Determinism: no atomics. dK/dV are accumulated by the program that owns a key block (looping over every query
 head of its GQA group), dQ by the program that owns a query block, so gradients are bit-identical run to run.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -85,8 +86,17 @@ def _bh(ptr, off_b, off_h, stride_b, stride_h):
 
 
 @triton.jit
-def _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(
+    start_m,
+    seq_k,
+    diag,
+    window_left,
+    window_right,
+    WIN_LEFT: tl.constexpr,
+    WIN_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """[lo, hi): the keys the window lets query rows [start_m * BLOCK_M, + BLOCK_M) see; lo on a block boundary."""
     lo = 0
     hi = seq_k
@@ -98,8 +108,23 @@ def _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT: tl.con
 
 
 @triton.jit
-def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, window_left, window_right,
-            HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr):
+def _scores(
+    qk,
+    rows,
+    cols,
+    seq_q,
+    seq_k,
+    diag,
+    mask_ptrs,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WIN_LEFT: tl.constexpr,
+    WIN_RIGHT: tl.constexpr,
+):
     """Scores (natural units), -inf where not visible, and tanh(s / softcap) (for the softcap's derivative).
 
     qk: raw q.k tile, (BLOCK_M, BLOCK_N), or transposed (BLOCK_N, BLOCK_M) in the dK/dV pass; rows / cols are the
@@ -117,18 +142,59 @@ def _scores(qk, rows, cols, seq_q, seq_k, diag, mask_ptrs, scale, softcap, windo
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
-              stride_qb, stride_qh, stride_qm, stride_qd,
-              stride_kb, stride_kh, stride_kn, stride_kd,
-              stride_vb, stride_vh, stride_vn, stride_vd,
-              stride_mb, stride_mh, stride_mm, stride_mn,
-              stride_ob, stride_oh, stride_om,
-              stride_lb, stride_lh, stride_lm,
-              Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
-              HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
-              HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    Mask,
+    Out,
+    Lse,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    Lq,
+    Lk,
+    GROUP,
+    D,
+    DV,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    HEAD_DIM_KEY: tl.constexpr,
+    CAUSAL_KEY: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WIN_LEFT: tl.constexpr,
+    WIN_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program: BLOCK_M query rows of one (sequence, query head). q: (B, Hq, Lq, D) (varlen: (total_q, Hq, D)).
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -144,14 +210,26 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     offs_dv = tl.arange(0, BLOCK_DV)
     qrows = (q_start + offs_m).to(tl.int64)
     row_ok = offs_m < seq_q
-    q = tl.load(_bh(Q, off_b, off_h, stride_qb, stride_qh) + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    kT_ptrs = (_bh(K, off_b, off_hk, stride_kb, stride_kh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
-               + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    v_ptrs = (_bh(V, off_b, off_hk, stride_vb, stride_vh) + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
-              + offs_dv[None, :] * stride_vd)  # (BLOCK_N, BLOCK_DV)
-    mask_ptrs = (_bh(Mask, off_b, off_h, stride_mb, stride_mh) + offs_m[:, None].to(tl.int64) * stride_mm
-                 + offs_n[None, :] * stride_mn)
+    q = tl.load(
+        _bh(Q, off_b, off_h, stride_qb, stride_qh) + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    kT_ptrs = (
+        _bh(K, off_b, off_hk, stride_kb, stride_kh)
+        + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+        + offs_d[:, None] * stride_kd
+    )  # (BLOCK_D, BLOCK_N)
+    v_ptrs = (
+        _bh(V, off_b, off_hk, stride_vb, stride_vh)
+        + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
+        + offs_dv[None, :] * stride_vd
+    )  # (BLOCK_N, BLOCK_DV)
+    mask_ptrs = (
+        _bh(Mask, off_b, off_h, stride_mb, stride_mh)
+        + offs_m[:, None].to(tl.int64) * stride_mm
+        + offs_n[None, :] * stride_mn
+    )
     lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
 
     # Online softmax: m_i is the running row max, l_i the running sum of exp(s - m_i), acc the
@@ -162,9 +240,23 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
-        s, _ = _scores(mma(q, kT, None), offs_m[:, None], cols[None, :], seq_q, seq_k, diag,
-                       mask_ptrs + start_n * stride_mn, scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP,
-                       WIN_LEFT, WIN_RIGHT)
+        s, _ = _scores(
+            mma(q, kT, None),
+            offs_m[:, None],
+            cols[None, :],
+            seq_q,
+            seq_k,
+            diag,
+            mask_ptrs + start_n * stride_mn,
+            scale,
+            softcap,
+            window_left,
+            window_right,
+            HAS_MASK,
+            SOFTCAP,
+            WIN_LEFT,
+            WIN_RIGHT,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen only -inf so far shifts by 0, so exp2 gives 0 rather than exp2(-inf + inf) = NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -179,19 +271,42 @@ def _attn_fwd(Q, K, V, Mask, Out, Lse, CuQ, CuK,
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + log_via_log2(l_safe))
-    tl.store(_bh(Out, off_b, off_h, stride_ob, stride_oh) + qrows[:, None] * stride_om + offs_dv[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        _bh(Out, off_b, off_h, stride_ob, stride_oh) + qrows[:, None] * stride_om + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+    )
     tl.store(_bh(Lse, off_b, off_h, stride_lb, stride_lh) + qrows * stride_lm, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DO, GLse, Delta, CuQ,
-                         stride_ob, stride_oh, stride_om, stride_od,
-                         stride_gb, stride_gh, stride_gm, stride_gd,
-                         stride_glb, stride_glh, stride_glm,
-                         stride_db, stride_dh, stride_dm,
-                         Lq, DV, IS_VARLEN: tl.constexpr, HAS_GLSE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _attn_bwd_preprocess(
+    Out,
+    DO,
+    GLse,
+    Delta,
+    CuQ,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_glb,
+    stride_glh,
+    stride_glm,
+    stride_db,
+    stride_dh,
+    stride_dm,
+    Lq,
+    DV,
+    IS_VARLEN: tl.constexpr,
+    HAS_GLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     # Delta = rowsum(dO * O) - dLse: with P = softmax, dS = P * (dP - Delta) covers both the gradient through
     # out and the one through lse (d lse / d s = P).
     start_m = tl.program_id(0)
@@ -205,27 +320,41 @@ def _attn_bwd_preprocess(Out, DO, GLse, Delta, CuQ,
     rows = (q_start + offs_m).to(tl.int64)
     row_ok = offs_m < seq_q
     ld_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    o = tl.load(_bh(Out, off_b, off_h, stride_ob, stride_oh) + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=ld_mask, other=0.0).to(tl.float32)
-    do = tl.load(_bh(DO, off_b, off_h, stride_gb, stride_gh) + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                 mask=ld_mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        _bh(Out, off_b, off_h, stride_ob, stride_oh) + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        mask=ld_mask,
+        other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        _bh(DO, off_b, off_h, stride_gb, stride_gh) + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        mask=ld_mask,
+        other=0.0,
+    ).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_GLSE:
-        delta -= tl.load(_bh(GLse, off_b, off_h, stride_glb, stride_glh) + rows * stride_glm, mask=row_ok,
-                         other=0.0).to(tl.float32)
+        delta -= tl.load(
+            _bh(GLse, off_b, off_h, stride_glb, stride_glh) + rows * stride_glm, mask=row_ok, other=0.0
+        ).to(tl.float32)
     tl.store(_bh(Delta, off_b, off_h, stride_db, stride_dh) + rows * stride_dm, delta, mask=row_ok)
 
 
 @triton.jit
-def _bwd_query_rows(Q, DO, Lse, Delta, rows, qrows, seq_q, offs_d, offs_dv, D, DV,
-                    stride_qm, stride_qd, stride_gm, stride_gd, stride_lm):
+def _bwd_query_rows(
+    Q, DO, Lse, Delta, rows, qrows, seq_q, offs_d, offs_dv, D, DV, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm
+):
     """What both backward passes read per block of query rows (Q, DO, Lse, Delta already at their (batch, head)
     slice; Delta shares lse's layout): q (BLOCK_M, BLOCK_D), do (BLOCK_M, BLOCK_DV), lse and delta (BLOCK_M,)."""
     row_ok = rows < seq_q
-    q = tl.load(Q + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = tl.load(
+        Q + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        DO + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+        other=0.0,
+    )
     lse = tl.load(Lse + qrows * stride_lm, mask=row_ok, other=0.0)
     # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -243,20 +372,69 @@ def _bwd_ds(p, dp, delta, t, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
-                   stride_qb, stride_qh, stride_qm, stride_qd,
-                   stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd,
-                   stride_mb, stride_mh, stride_mm, stride_mn,
-                   stride_gb, stride_gh, stride_gm, stride_gd,
-                   stride_lb, stride_lh, stride_lm,
-                   stride_dkb, stride_dkh, stride_dkn,
-                   stride_dvb, stride_dvh, stride_dvn,
-                   Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
-                   HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                   WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DK,
+    DV_,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    Lq,
+    Lk,
+    GROUP,
+    D,
+    DV,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    HEAD_DIM_KEY: tl.constexpr,
+    CAUSAL_KEY: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WIN_LEFT: tl.constexpr,
+    WIN_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program: BLOCK_N keys of one (sequence, kv head). It owns dK/dV of those keys and sums over every query
     # head of the GQA group, so no atomics are needed. Tiles are kept transposed (keys x queries): S^T, P^T.
     start_n = tl.program_id(0)
@@ -272,10 +450,16 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
     offs_dv = tl.arange(0, BLOCK_DV)
     krows = (k_start + offs_n).to(tl.int64)
     n_ok = offs_n[:, None] < seq_k
-    k = tl.load(_bh(K, off_b, off_hk, stride_kb, stride_kh) + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=n_ok & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(_bh(V, off_b, off_hk, stride_vb, stride_vh) + krows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=n_ok & (offs_dv[None, :] < DV), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    k = tl.load(
+        _bh(K, off_b, off_hk, stride_kb, stride_kh) + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=n_ok & (offs_d[None, :] < D),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        _bh(V, off_b, off_hk, stride_vb, stride_vh) + krows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=n_ok & (offs_dv[None, :] < DV),
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
@@ -296,38 +480,119 @@ def _attn_bwd_dkdv(Q, K, V, Mask, DO, Lse, Delta, DK, DV_, CuQ, CuK,
         m_base = _bh(Mask, off_b, off_h, stride_mb, stride_mh)
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
-            q, do, lse, delta = _bwd_query_rows(q_base, do_base, l_base, d_base, rows, (q_start + rows).to(tl.int64),
-                                                seq_q, offs_d, offs_dv, D, DV, stride_qm, stride_qd, stride_gm,
-                                                stride_gd, stride_lm)
-            sT, tT = _scores(mma(k, tl.trans(q), None), rows[None, :], offs_n[:, None], seq_q, seq_k, diag,
-                             m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
-                             scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP, WIN_LEFT, WIN_RIGHT)
+            q, do, lse, delta = _bwd_query_rows(
+                q_base,
+                do_base,
+                l_base,
+                d_base,
+                rows,
+                (q_start + rows).to(tl.int64),
+                seq_q,
+                offs_d,
+                offs_dv,
+                D,
+                DV,
+                stride_qm,
+                stride_qd,
+                stride_gm,
+                stride_gd,
+                stride_lm,
+            )
+            sT, tT = _scores(
+                mma(k, tl.trans(q), None),
+                rows[None, :],
+                offs_n[:, None],
+                seq_q,
+                seq_k,
+                diag,
+                m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                scale,
+                softcap,
+                window_left,
+                window_right,
+                HAS_MASK,
+                SOFTCAP,
+                WIN_LEFT,
+                WIN_RIGHT,
+            )
             pT = exp_via_exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
             dv = mma(pT, do, dv)
             dsT = _bwd_ds(pT, mma(v, tl.trans(do), None), delta[None, :], tT, SOFTCAP)
             dk = mma(dsT, q, dk)
 
     dk *= scale
-    tl.store(_bh(DK, off_b, off_hk, stride_dkb, stride_dkh) + krows[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok & (offs_d[None, :] < D))
-    tl.store(_bh(DV_, off_b, off_hk, stride_dvb, stride_dvh) + krows[:, None] * stride_dvn + offs_dv[None, :],
-             dv.to(DV_.dtype.element_ty), mask=n_ok & (offs_dv[None, :] < DV))
+    tl.store(
+        _bh(DK, off_b, off_hk, stride_dkb, stride_dkh) + krows[:, None] * stride_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=n_ok & (offs_d[None, :] < D),
+    )
+    tl.store(
+        _bh(DV_, off_b, off_hk, stride_dvb, stride_dvh) + krows[:, None] * stride_dvn + offs_dv[None, :],
+        dv.to(DV_.dtype.element_ty),
+        mask=n_ok & (offs_dv[None, :] < DV),
+    )
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
-                 stride_qb, stride_qh, stride_qm, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_mb, stride_mh, stride_mm, stride_mn,
-                 stride_gb, stride_gh, stride_gm, stride_gd,
-                 stride_lb, stride_lh, stride_lm,
-                 stride_dqb, stride_dqh, stride_dqm,
-                 Lq, Lk, GROUP, D, DV, scale, softcap, window_left, window_right,
-                 HEAD_DIM_KEY: tl.constexpr, CAUSAL_KEY: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IS_VARLEN: tl.constexpr,
-                 BOTTOM_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
-                 WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    Mask,
+    DO,
+    Lse,
+    Delta,
+    DQ,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_mb,
+    stride_mh,
+    stride_mm,
+    stride_mn,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_lb,
+    stride_lh,
+    stride_lm,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    Lq,
+    Lk,
+    GROUP,
+    D,
+    DV,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    HEAD_DIM_KEY: tl.constexpr,
+    CAUSAL_KEY: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BOTTOM_RIGHT: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    WIN_LEFT: tl.constexpr,
+    WIN_RIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # One program: dQ of BLOCK_M query rows of one (sequence, query head); recomputes P from q, k and lse.
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
@@ -342,34 +607,72 @@ def _attn_bwd_dq(Q, K, V, Mask, DO, Lse, Delta, DQ, CuQ, CuK,
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qrows = (q_start + offs_m).to(tl.int64)
-    q, do, lse, delta = _bwd_query_rows(_bh(Q, off_b, off_h, stride_qb, stride_qh),
-                                        _bh(DO, off_b, off_h, stride_gb, stride_gh),
-                                        _bh(Lse, off_b, off_h, stride_lb, stride_lh),
-                                        _bh(Delta, off_b, off_h, stride_lb, stride_lh), offs_m, qrows, seq_q, offs_d,
-                                        offs_dv, D, DV, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm)
-    kT_ptrs = (_bh(K, off_b, off_hk, stride_kb, stride_kh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
-               + offs_d[:, None] * stride_kd)  # (BLOCK_D, BLOCK_N)
-    vT_ptrs = (_bh(V, off_b, off_hk, stride_vb, stride_vh) + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
-               + offs_dv[:, None] * stride_vd)  # (BLOCK_DV, BLOCK_N)
-    mask_ptrs = (_bh(Mask, off_b, off_h, stride_mb, stride_mh) + offs_m[:, None].to(tl.int64) * stride_mm
-                 + offs_n[None, :] * stride_mn)
+    q, do, lse, delta = _bwd_query_rows(
+        _bh(Q, off_b, off_h, stride_qb, stride_qh),
+        _bh(DO, off_b, off_h, stride_gb, stride_gh),
+        _bh(Lse, off_b, off_h, stride_lb, stride_lh),
+        _bh(Delta, off_b, off_h, stride_lb, stride_lh),
+        offs_m,
+        qrows,
+        seq_q,
+        offs_d,
+        offs_dv,
+        D,
+        DV,
+        stride_qm,
+        stride_qd,
+        stride_gm,
+        stride_gd,
+        stride_lm,
+    )
+    kT_ptrs = (
+        _bh(K, off_b, off_hk, stride_kb, stride_kh)
+        + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
+        + offs_d[:, None] * stride_kd
+    )  # (BLOCK_D, BLOCK_N)
+    vT_ptrs = (
+        _bh(V, off_b, off_hk, stride_vb, stride_vh)
+        + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
+        + offs_dv[:, None] * stride_vd
+    )  # (BLOCK_DV, BLOCK_N)
+    mask_ptrs = (
+        _bh(Mask, off_b, off_h, stride_mb, stride_mh)
+        + offs_m[:, None].to(tl.int64) * stride_mm
+        + offs_n[None, :] * stride_mn
+    )
     lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
-        vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV),
-                     other=0.0)
-        s, t = _scores(mma(q, kT, None), offs_m[:, None], cols[None, :], seq_q, seq_k, diag,
-                       mask_ptrs + start_n * stride_mn, scale, softcap, window_left, window_right, HAS_MASK, SOFTCAP,
-                       WIN_LEFT, WIN_RIGHT)
+        vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV), other=0.0)
+        s, t = _scores(
+            mma(q, kT, None),
+            offs_m[:, None],
+            cols[None, :],
+            seq_q,
+            seq_k,
+            diag,
+            mask_ptrs + start_n * stride_mn,
+            scale,
+            softcap,
+            window_left,
+            window_right,
+            HAS_MASK,
+            SOFTCAP,
+            WIN_LEFT,
+            WIN_RIGHT,
+        )
         p = exp_via_exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
         ds = _bwd_ds(p, mma(do, vT, None), delta[:, None], t, SOFTCAP)
         dq = mma(ds, tl.trans(kT), dq)
     dq *= scale
-    tl.store(_bh(DQ, off_b, off_h, stride_dqb, stride_dqh) + qrows[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D))
+    tl.store(
+        _bh(DQ, off_b, off_h, stride_dqb, stride_dqh) + qrows[:, None] * stride_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D),
+    )
 
 
 # ================================================================================================================
@@ -423,8 +726,9 @@ def _autotuned(fn, configs, smem):
             if INTERPRET:
                 kernels[bucket, elem] = fn
                 continue
-            fit = ([c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT]
-                   or [min(cfgs, key=lambda c: smem(c, bucket, elem))])
+            fit = [c for c in cfgs if smem(c, bucket, elem) <= _SMEM_LIMIT] or [
+                min(cfgs, key=lambda c: smem(c, bucket, elem))
+            ]
             kernels[bucket, elem] = triton.autotune(configs=fit, key=_KEY)(fn)
     return kernels
 
@@ -437,6 +741,7 @@ _DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS, _bwd_smem)
 # ================================================================================================================
 # launchers
 # ================================================================================================================
+
 
 def _grid(n_rows: int, heads: int, batch: int, block_key: str):
     if INTERPRET:
@@ -456,9 +761,17 @@ def _normalize_window(w: int, limit: int) -> int:
 def _flags(D, Dv, window_left, window_right, bottom_right, softcap, has_mask, is_varlen):
     block_d, block_dv = pow2(D), pow2(Dv)
     return dict(
-        HEAD_DIM_KEY=max(block_d, block_dv), CAUSAL_KEY=window_right == 0, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        IS_VARLEN=is_varlen, BOTTOM_RIGHT=bottom_right, HAS_MASK=has_mask, SOFTCAP=softcap > 0,
-        WIN_LEFT=window_left >= 0, WIN_RIGHT=window_right >= 0)
+        HEAD_DIM_KEY=max(block_d, block_dv),
+        CAUSAL_KEY=window_right == 0,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        IS_VARLEN=is_varlen,
+        BOTTOM_RIGHT=bottom_right,
+        HAS_MASK=has_mask,
+        SOFTCAP=softcap > 0,
+        WIN_LEFT=window_left >= 0,
+        WIN_RIGHT=window_right >= 0,
+    )
 
 
 def _prepare_mask(attn_mask, B, Hq, Lq, Lk):
@@ -481,8 +794,27 @@ def _varlen_strides(t):  # (total, H, D) -> (batch, head, row, dim) with batch s
     return (0, t.stride(1), t.stride(0), t.stride(2))
 
 
-def _fwdlaunch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q, scale, window_left,
-                window_right, bottom_right, softcap, is_varlen):
+def _fwdlaunch(
+    q,
+    k,
+    v,
+    mask,
+    mask_strides,
+    cu_q,
+    cu_k,
+    B,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    max_q,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+    is_varlen,
+):
     D, Dv = q.shape[-1], v.shape[-1]
     strides = _varlen_strides if is_varlen else _dense_strides
     if is_varlen:
@@ -500,15 +832,61 @@ def _fwdlaunch(q, k, v, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_
     flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"]), q.element_size()]
     launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
-        q, k, v, mask if mask is not None else q, out, lse, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(out)[:3], *lse_strides,
-        Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right,
-        **flags, **_blocks())
+        q,
+        k,
+        v,
+        mask if mask is not None else q,
+        out,
+        lse,
+        cu_q,
+        cu_k,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *mask_strides,
+        *strides(out)[:3],
+        *lse_strides,
+        Lq,
+        Lk,
+        Hq // Hkv,
+        D,
+        Dv,
+        scale,
+        softcap if softcap > 0 else 1.0,
+        window_left,
+        window_right,
+        **flags,
+        **_blocks(),
+    )
     return out, lse
 
 
-def _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, cu_k, B, Hq, Hkv, Lq, Lk, max_q,
-                max_k, scale, window_left, window_right, bottom_right, softcap, is_varlen):
+def _bwdlaunch(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_lse,
+    mask,
+    mask_strides,
+    cu_q,
+    cu_k,
+    B,
+    Hq,
+    Hkv,
+    Lq,
+    Lk,
+    max_q,
+    max_k,
+    scale,
+    window_left,
+    window_right,
+    bottom_right,
+    softcap,
+    is_varlen,
+):
     D, Dv = q.shape[-1], v.shape[-1]
     strides = _varlen_strides if is_varlen else _dense_strides
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -529,21 +907,72 @@ def _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, 
     block_dv = pow2(Dv)
     pre_block = 16 if INTERPRET else 64
     launch(_attn_bwd_preprocess)[(triton.cdiv(max_q, pre_block), Hq, B)](
-        out, grad_out, grad_lse if grad_lse is not None else lse, delta, cu_q,
-        *strides(out), *strides(grad_out), *glse_strides, *lse_strides,
-        Lq, Dv, IS_VARLEN=is_varlen, HAS_GLSE=grad_lse is not None, BLOCK_M=pre_block, BLOCK_DV=block_dv)
+        out,
+        grad_out,
+        grad_lse if grad_lse is not None else lse,
+        delta,
+        cu_q,
+        *strides(out),
+        *strides(grad_out),
+        *glse_strides,
+        *lse_strides,
+        Lq,
+        Dv,
+        IS_VARLEN=is_varlen,
+        HAS_GLSE=grad_lse is not None,
+        BLOCK_M=pre_block,
+        BLOCK_DV=block_dv,
+    )
     flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     bucket = (_bucket(flags["HEAD_DIM_KEY"]), q.element_size())
     mask_arg = mask if mask is not None else q
     common = (Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right)
     launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
-        q, k, v, mask_arg, grad_out, lse, delta, dk, dv, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
-        *strides(dk)[:3], *strides(dv)[:3], *common, **flags, **_blocks())
+        q,
+        k,
+        v,
+        mask_arg,
+        grad_out,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_q,
+        cu_k,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *mask_strides,
+        *strides(grad_out),
+        *lse_strides,
+        *strides(dk)[:3],
+        *strides(dv)[:3],
+        *common,
+        **flags,
+        **_blocks(),
+    )
     launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](
-        q, k, v, mask_arg, grad_out, lse, delta, dq, cu_q, cu_k,
-        *strides(q), *strides(k), *strides(v), *mask_strides, *strides(grad_out), *lse_strides,
-        *strides(dq)[:3], *common, **flags, **_blocks())
+        q,
+        k,
+        v,
+        mask_arg,
+        grad_out,
+        lse,
+        delta,
+        dq,
+        cu_q,
+        cu_k,
+        *strides(q),
+        *strides(k),
+        *strides(v),
+        *mask_strides,
+        *strides(grad_out),
+        *lse_strides,
+        *strides(dq)[:3],
+        *common,
+        **flags,
+        **_blocks(),
+    )
     return dq, dk, dv
 
 
@@ -552,51 +981,174 @@ def _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, cu_q, 
 # ================================================================================================================
 
 
-def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-                        scale: float, window_left: int, window_right: int, bottom_right: bool,
-                        softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
     limit = Lq + Lk
-    return _fwdlaunch(q, k, v, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, scale,
-                       _normalize_window(window_left, limit), _normalize_window(window_right, limit), bottom_right,
-                       softcap, False)
+    return _fwdlaunch(
+        q,
+        k,
+        v,
+        mask,
+        mask_strides,
+        q,
+        q,
+        B,
+        Hq,
+        Hkv,
+        Lq,
+        Lk,
+        Lq,
+        scale,
+        _normalize_window(window_left, limit),
+        _normalize_window(window_right, limit),
+        bottom_right,
+        softcap,
+        False,
+    )
 
 
-def _attention_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        out: torch.Tensor, lse: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-                        window_left: int, window_right: int, bottom_right: bool, softcap: float,
-                        grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_bwd_impl(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float,
+    grad_lse: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     mask, mask_strides = _prepare_mask(attn_mask, B, Hq, Lq, Lk)
     limit = Lq + Lk
-    return _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, mask, mask_strides, q, q, B, Hq, Hkv, Lq, Lk, Lq, Lk,
-                       scale, _normalize_window(window_left, limit), _normalize_window(window_right, limit),
-                       bottom_right, softcap, False)
+    return _bwdlaunch(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_lse,
+        mask,
+        mask_strides,
+        q,
+        q,
+        B,
+        Hq,
+        Hkv,
+        Lq,
+        Lk,
+        Lq,
+        Lk,
+        scale,
+        _normalize_window(window_left, limit),
+        _normalize_window(window_right, limit),
+        bottom_right,
+        softcap,
+        False,
+    )
 
 
-def _varlen_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
-                     window_left: int, window_right: int, softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _varlen_fwd_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     nseq = cu_seqlens_q.shape[0] - 1
     limit = max_seqlen_q + max_seqlen_k
-    return _fwdlaunch(q, k, v, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq, q.shape[1], k.shape[1], 0, 0,
-                       max_seqlen_q, scale, _normalize_window(window_left, limit),
-                       _normalize_window(window_right, limit), True, softcap, True)
+    return _fwdlaunch(
+        q,
+        k,
+        v,
+        None,
+        (0, 0, 0, 0),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        nseq,
+        q.shape[1],
+        k.shape[1],
+        0,
+        0,
+        max_seqlen_q,
+        scale,
+        _normalize_window(window_left, limit),
+        _normalize_window(window_right, limit),
+        True,
+        softcap,
+        True,
+    )
 
 
-def _varlen_bwd_impl(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                     max_seqlen_k: int, scale: float, window_left: int, window_right: int, softcap: float,
-                     grad_lse: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _varlen_bwd_impl(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    grad_lse: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     nseq = cu_seqlens_q.shape[0] - 1
     limit = max_seqlen_q + max_seqlen_k
-    return _bwdlaunch(grad_out, q, k, v, out, lse, grad_lse, None, (0, 0, 0, 0), cu_seqlens_q, cu_seqlens_k, nseq,
-                       q.shape[1], k.shape[1], 0, 0, max_seqlen_q, max_seqlen_k, scale,
-                       _normalize_window(window_left, limit), _normalize_window(window_right, limit), True, softcap,
-                       True)
+    return _bwdlaunch(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        grad_lse,
+        None,
+        (0, 0, 0, 0),
+        cu_seqlens_q,
+        cu_seqlens_k,
+        nseq,
+        q.shape[1],
+        k.shape[1],
+        0,
+        0,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        _normalize_window(window_left, limit),
+        _normalize_window(window_right, limit),
+        True,
+        softcap,
+        True,
+    )
 
 
 def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
@@ -604,19 +1156,36 @@ def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bo
     return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right,
-                        softcap, grad_lse):
+def _attention_bwd_fake(
+    grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                     window_right, softcap):
+def _varlen_fwd_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
+):
     total_q, Hq, _ = q.shape
     return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
 
 
-def _varlen_bwd_fake(grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                     window_left, window_right, softcap, grad_lse):
+def _varlen_bwd_fake(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    grad_lse,
+):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -669,21 +1238,40 @@ _varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_c
 # ================================================================================================================
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], scale: float,
-              window_left: int, window_right: int, bottom_right: bool,
-              softcap: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    bottom_right: bool,
+    softcap: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Dense attention through ``torch.ops.fusedattn.triton_attention_fwd``; differentiable in q, k, v (and
     through lse). Same arguments and semantics as ``torch.ops.fusedattn.attention_fwd``: q (B, Hq, Lq, D),
     k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv), any strides; attn_mask bool or additive, broadcastable to
     (B, Hq, Lq, Lk). Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) float32."""
-    return torch.ops.fusedattn.triton_attention_fwd(q, k, v, attn_mask, float(scale), int(window_left),
-                                                    int(window_right), bool(bottom_right), float(softcap))
+    return torch.ops.fusedattn.triton_attention_fwd(
+        q, k, v, attn_mask, float(scale), int(window_left), int(window_right), bool(bottom_right), float(softcap)
+    )
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, scale: float,
-                     causal: bool = False, window: Tuple[int, int] = (-1, -1),
-                     softcap: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float,
+    causal: bool = False,
+    window: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed variable-length attention (``flash_attn_varlen_func``'s layout) through
     ``torch.ops.fusedattn.triton_varlen_fwd``; differentiable in q, k, v (and through lse).
 
@@ -694,5 +1282,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     left, right = int(window[0]), int(window[1])
     if causal:
         right = 0
-    return torch.ops.fusedattn.triton_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                                 int(max_seqlen_k), float(scale), left, right, float(softcap))
+    return torch.ops.fusedattn.triton_varlen_fwd(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        float(scale),
+        left,
+        right,
+        float(softcap),
+    )

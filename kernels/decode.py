@@ -24,6 +24,7 @@ On a real GPU the ops are ``torch.library.triton_op`` (torch.compile sees the ke
 (TRITON_INTERPRET=1, CPU tensors) they are opaque ``torch.library.custom_op``s, since triton_op's tracing
 does not run interpreted kernels (both through ``_common.register_op``).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -70,11 +71,40 @@ def num_splits_heuristic(batch_heads: int, max_keys: int, num_sms: int) -> int:
 # kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
-def _append_kv(K, V, KN, VN, SEQLENS, BT, CBI,
-               stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh,
-               stride_knb, stride_knl, stride_knh, stride_knd, stride_vnb, stride_vnl, stride_vnh, stride_vnd,
-               stride_btb, Lnew, D, DV, page_size, num_rows, capacity,
-               PAGED: tl.constexpr, HAS_CBI: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _append_kv(
+    K,
+    V,
+    KN,
+    VN,
+    SEQLENS,
+    BT,
+    CBI,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_knb,
+    stride_knl,
+    stride_knh,
+    stride_knd,
+    stride_vnb,
+    stride_vnl,
+    stride_vnh,
+    stride_vnd,
+    stride_btb,
+    Lnew,
+    D,
+    DV,
+    page_size,
+    num_rows,
+    capacity,
+    PAGED: tl.constexpr,
+    HAS_CBI: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """k_cache[seq b, position cache_seqlens[b] + t, head h] = k_new[b, t, h] (and v). Grid (B, Lnew, Hkv)."""
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -103,20 +133,58 @@ def _append_kv(K, V, KN, VN, SEQLENS, BT, CBI,
     tl.store(K + offs_k + h.to(tl.int64) * stride_kh + d[None, :], k[None, :], mask=ok[:, None] & (d < D)[None, :])
     src = b.to(tl.int64) * stride_vnb + t.to(tl.int64) * stride_vnl + h.to(tl.int64) * stride_vnh
     v = tl.load(VN + src + dv * stride_vnd, mask=dv < DV)
-    tl.store(V + offs_v + h.to(tl.int64) * stride_vh + dv[None, :], v[None, :],
-             mask=ok[:, None] & (dv < DV)[None, :])
+    tl.store(V + offs_v + h.to(tl.int64) * stride_vh + dv[None, :], v[None, :], mask=ok[:, None] & (dv < DV)[None, :])
 
 
 @triton.jit
-def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
-                     stride_qb, stride_ql, stride_qh, stride_qd,
-                     stride_kb, stride_kl, stride_kh, stride_vb, stride_vl, stride_vh, stride_btb,
-                     stride_os, stride_ob, stride_ol, stride_oh,
-                     stride_ls, stride_lb, stride_lh,
-                     Lq, Lnew, D, DV, page_size, num_rows, capacity, scale, softcap, window_left,
-                     window_right, num_splits,
-                     GROUP: tl.constexpr, PAGED: tl.constexpr, HAS_CBI: tl.constexpr, SOFTCAP: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _decode_split_kv(
+    Q,
+    K,
+    V,
+    SEQLENS,
+    BT,
+    CBI,
+    O,
+    LSE,
+    stride_qb,
+    stride_ql,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kl,
+    stride_kh,
+    stride_vb,
+    stride_vl,
+    stride_vh,
+    stride_btb,
+    stride_os,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lh,
+    Lq,
+    Lnew,
+    D,
+    DV,
+    page_size,
+    num_rows,
+    capacity,
+    scale,
+    softcap,
+    window_left,
+    window_right,
+    num_splits,
+    GROUP: tl.constexpr,
+    PAGED: tl.constexpr,
+    HAS_CBI: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """One (sequence b, kv head h, split) program. Tile rows r < GROUP*Lq are the query rows that read kv
     head h: query head h*GROUP + r // Lq at position r % Lq. Writes O[split, b, i, head, :] (normalized over
     this split's keys; the last dim contiguous) and LSE[split, b, head, i] (natural log; -inf: no key)."""
@@ -131,8 +199,13 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
     head = h * GROUP + r // Lq  # query head
     d = tl.arange(0, BLOCK_D)
     dv = tl.arange(0, BLOCK_DV)
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + i[:, None].to(tl.int64) * stride_ql
-              + head[:, None].to(tl.int64) * stride_qh + d[None, :] * stride_qd)
+    q_ptrs = (
+        Q
+        + b.to(tl.int64) * stride_qb
+        + i[:, None].to(tl.int64) * stride_ql
+        + head[:, None].to(tl.int64) * stride_qh
+        + d[None, :] * stride_qd
+    )
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (d < D)[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
 
     # ---- the keys each row sees (bottom-right band), and this split's share of their union
@@ -183,8 +256,11 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
         offs_k = row.to(tl.int64) * stride_kb + slot.to(tl.int64) * stride_kl
         offs_v = row.to(tl.int64) * stride_vb + slot.to(tl.int64) * stride_vl
         # k: (BLOCK_N, BLOCK_D), read once for all BLOCK_M rows (GQA heads x query positions)
-        k = tl.load(K + offs_k[:, None] + h.to(tl.int64) * stride_kh + d[None, :],
-                    mask=load_ok[:, None] & (d < D)[None, :], other=0.0)
+        k = tl.load(
+            K + offs_k[:, None] + h.to(tl.int64) * stride_kh + d[None, :],
+            mask=load_ok[:, None] & (d < D)[None, :],
+            other=0.0,
+        )
         s, _ = softcap_scores(mma(q, tl.trans(k), None), scale, softcap, SOFTCAP)  # (BLOCK_M, BLOCK_N) fp32
         visible = (j[None, :] >= lo[:, None]) & (j[None, :] < hi[:, None]) & key_ok[None, :] & row_ok[:, None]
         s = tl.where(visible, s, float("-inf"))
@@ -194,8 +270,11 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
         alpha = exp_via_exp2(m - m_safe)
         p = exp_via_exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
         l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + offs_v[:, None] + h.to(tl.int64) * stride_vh + dv[None, :],
-                    mask=load_ok[:, None] & (dv < DV)[None, :], other=0.0)  # (BLOCK_N, BLOCK_DV)
+        v = tl.load(
+            V + offs_v[:, None] + h.to(tl.int64) * stride_vh + dv[None, :],
+            mask=load_ok[:, None] & (dv < DV)[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_DV)
         acc = acc * alpha[:, None] + mma(p, v, None)  # P rounded to the input dtype, as in FlashAttention
         m = m_new
 
@@ -207,19 +286,47 @@ def _decode_split_kv(Q, K, V, SEQLENS, BT, CBI, O, LSE,
     poison = bad > 0
     out = tl.where(poison[:, None], float("nan"), out)
     lse = tl.where(poison, float("nan"), lse)
-    o_ptrs = (O + split.to(tl.int64) * stride_os + b.to(tl.int64) * stride_ob + i[:, None].to(tl.int64) * stride_ol
-              + head[:, None].to(tl.int64) * stride_oh + dv[None, :])
+    o_ptrs = (
+        O
+        + split.to(tl.int64) * stride_os
+        + b.to(tl.int64) * stride_ob
+        + i[:, None].to(tl.int64) * stride_ol
+        + head[:, None].to(tl.int64) * stride_oh
+        + dv[None, :]
+    )
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (dv < DV)[None, :])
     l_ptrs = LSE + split.to(tl.int64) * stride_ls + b.to(tl.int64) * stride_lb + head.to(tl.int64) * stride_lh + i
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
-def _combine_lse(O_PART, LSE_PART, O, LSE, num_states, num_rows, L, H, DV,
-                 stride_ps, stride_pb, stride_pl, stride_ph, stride_pd,
-                 stride_qs, stride_qb, stride_qh, stride_ql,
-                 stride_ob, stride_ol, stride_oh, stride_lb, stride_lh,
-                 BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _combine_lse(
+    O_PART,
+    LSE_PART,
+    O,
+    LSE,
+    num_states,
+    num_rows,
+    L,
+    H,
+    DV,
+    stride_ps,
+    stride_pb,
+    stride_pl,
+    stride_ph,
+    stride_pd,
+    stride_qs,
+    stride_qb,
+    stride_qh,
+    stride_ql,
+    stride_ob,
+    stride_ol,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    BLOCK_R: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """For BLOCK_R rows (b, position, head): out = sum_s e^(lse_s - M) o_s / sum_s e^(lse_s - M) and
     lse = M + log(sum_s e^(lse_s - M)), M = max_s lse_s. A state with lse -inf contributes nothing and its
     o_s is never read (it may be garbage); all -inf: out 0, lse -inf. Grid (cdiv(B * L * H, BLOCK_R),)."""
@@ -244,8 +351,11 @@ def _combine_lse(O_PART, LSE_PART, O, LSE, num_states, num_rows, L, H, DV,
         lse_s = tl.load(lse_base + st * stride_qs, mask=row_ok, other=float("-inf"))
         w = exp_via_exp2(lse_s - M_safe)  # -inf: 0
         live = row_ok & (lse_s > float("-inf"))
-        o_s = tl.load(o_base[:, None] + st * stride_ps + dv[None, :] * stride_pd,
-                      mask=live[:, None] & (dv < DV)[None, :], other=0.0).to(tl.float32)
+        o_s = tl.load(
+            o_base[:, None] + st * stride_ps + dv[None, :] * stride_pd,
+            mask=live[:, None] & (dv < DV)[None, :],
+            other=0.0,
+        ).to(tl.float32)
         total += w
         acc += w[:, None] * o_s
     has = total > 0
@@ -274,8 +384,21 @@ def _is_concrete(*ts) -> bool:
     return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in ts)
 
 
-def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                       window_left, window_right, softcap, num_splits) -> None:
+def _check_decode_args(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+) -> None:
     """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's), the rules of
     fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars, then -- with concrete CPU tensors
     (the interpreter) -- every index the kernels follow."""
@@ -292,16 +415,44 @@ def _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_t
         # outside the tensors, and the affected sequence's output and lse are NaN.
         return
     # Value checks (interpreter, CPU tensors).
-    checks.check_decode_indices(k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table,
-                                cache_batch_idx, err=_err)
+    checks.check_decode_indices(
+        k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx, err=_err
+    )
 
 
-def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                 window_left, window_right, softcap, num_splits, launch) -> Tuple[torch.Tensor, torch.Tensor]:
+def _decode_impl(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+    launch,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checks, appends k_new/v_new in place, runs the split-KV kernel and, for > 1 split, the combine.
     `launch(kernel)` is the kernel itself (eager / interpreter) or wrap_triton(kernel) (triton_op)."""
-    _check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                       window_left, window_right, softcap, num_splits)
+    _check_decode_args(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new,
+        v_new,
+        block_table,
+        cache_batch_idx,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        num_splits,
+    )
     B, Lq, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     paged = block_table is not None
@@ -317,12 +468,33 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
 
     if Lnew > 0 and B > 0 and Hkv > 0:
         launch(_append_kv)[(B, Lnew, Hkv)](
-            k_cache, v_cache, k_new, v_new, cache_seqlens, bt, cbi,
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            *k_new.stride(), *v_new.stride(), bt.stride(0) if paged else 0,
-            Lnew, D, Dv, page_size, k_cache.shape[0], capacity,
-            PAGED=paged, HAS_CBI=cache_batch_idx is not None, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+            k_cache,
+            v_cache,
+            k_new,
+            v_new,
+            cache_seqlens,
+            bt,
+            cbi,
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            *k_new.stride(),
+            *v_new.stride(),
+            bt.stride(0) if paged else 0,
+            Lnew,
+            D,
+            Dv,
+            page_size,
+            k_cache.shape[0],
+            capacity,
+            PAGED=paged,
+            HAS_CBI=cache_batch_idx is not None,
+            BLOCK_D=BLOCK_D,
+            BLOCK_DV=BLOCK_DV,
+        )
     if B == 0 or Lq == 0 or Hq == 0:
         return out, lse
 
@@ -349,15 +521,45 @@ def _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, 
         o_strides = o_part.stride()[:4]
         l_strides = lse_part.stride()[:3]
     launch(_decode_split_kv)[(B, Hkv, S)](
-        q, k_cache, v_cache, cache_seqlens, bt, cbi, o_part, lse_part,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        bt,
+        cbi,
+        o_part,
+        lse_part,
         *q.stride(),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0) if paged else 0,
-        *o_strides, *l_strides,
-        Lq, Lnew, D, Dv, page_size, k_cache.shape[0], capacity, float(scale), float(softcap),
-        int(window_left), int(window_right), S,
-        GROUP=group, PAGED=paged, HAS_CBI=cache_batch_idx is not None, SOFTCAP=softcap > 0,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV)
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        bt.stride(0) if paged else 0,
+        *o_strides,
+        *l_strides,
+        Lq,
+        Lnew,
+        D,
+        Dv,
+        page_size,
+        k_cache.shape[0],
+        capacity,
+        float(scale),
+        float(softcap),
+        int(window_left),
+        int(window_right),
+        S,
+        GROUP=group,
+        PAGED=paged,
+        HAS_CBI=cache_batch_idx is not None,
+        SOFTCAP=softcap > 0,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=BLOCK_D,
+        BLOCK_DV=BLOCK_DV,
+    )
     if S > 1:
         _launch_combine(launch, o_part, lse_part, out, lse, S)
     return out, lse
@@ -373,24 +575,41 @@ def _launch_combine(launch, o_part, lse_part, out, lse, S) -> None:
     # program costs Python overhead.
     BLOCK_R = 64 if INTERPRET else 4
     launch(_combine_lse)[(triton.cdiv(rows, BLOCK_R),)](
-        o_part, lse_part, out, lse, S, rows, L, H, Dv,
-        *o_part.stride(), *lse_part.stride(), *out.stride()[:3], *lse.stride()[:2],
-        BLOCK_R=BLOCK_R, BLOCK_DV=pow2(Dv))
+        o_part,
+        lse_part,
+        out,
+        lse,
+        S,
+        rows,
+        L,
+        H,
+        Dv,
+        *o_part.stride(),
+        *lse_part.stride(),
+        *out.stride()[:3],
+        *lse.stride()[:2],
+        BLOCK_R=BLOCK_R,
+        BLOCK_DV=pow2(Dv),
+    )
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch.Tensor]:
     if out_a.dim() != 4:
         raise _err(f"out_a must be 4-D (B, L, H, D), got shape {tuple(out_a.shape)}")
     if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype or out_b.device != out_a.device:
-        raise _err(f"out_b must match out_a's shape, dtype and device, got {out_b.dtype} {tuple(out_b.shape)} "
-                   f"vs {out_a.dtype} {tuple(out_a.shape)}")
+        raise _err(
+            f"out_b must match out_a's shape, dtype and device, got {out_b.dtype} {tuple(out_b.shape)} "
+            f"vs {out_a.dtype} {tuple(out_a.shape)}"
+        )
     if out_a.dtype not in _FUSED_DTYPES:
         raise _err(f"out_a must be float32, bfloat16 or float16, got {out_a.dtype}")
     B, L, H, D = out_a.shape
     for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
         if t.dtype != torch.float32 or tuple(t.shape) != (B, H, L) or t.device != out_a.device:
-            raise _err(f"{name} must be a float32 tensor of shape (B, H, L) = {(B, H, L)} on {out_a.device}, got "
-                       f"{t.dtype} {tuple(t.shape)} on {t.device}")
+            raise _err(
+                f"{name} must be a float32 tensor of shape (B, H, L) = {(B, H, L)} on {out_a.device}, got "
+                f"{t.dtype} {tuple(t.shape)} on {t.device}"
+            )
     out = torch.empty((B, L, H, D), dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=out_a.device)
     # The two states side by side as (2, ...) so that one combine kernel serves both the splits and this merge.
@@ -407,22 +626,61 @@ def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch
 _launch = launch  # the interpreter: the kernel itself; a GPU: wrap_triton
 
 
-def _decode_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-               k_new: Optional[torch.Tensor], v_new: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
-               cache_batch_idx: Optional[torch.Tensor], scale: float, window_left: int, window_right: int,
-               softcap: float, num_splits: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _decode_impl(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                        window_left, window_right, softcap, num_splits, launch)
+def _decode_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    k_new: Optional[torch.Tensor],
+    v_new: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor],
+    scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _decode_impl(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        k_new,
+        v_new,
+        block_table,
+        cache_batch_idx,
+        scale,
+        window_left,
+        window_right,
+        softcap,
+        num_splits,
+        launch,
+    )
 
 
-def _decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
-                 window_left, window_right, softcap, num_splits):
+def _decode_fake(
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    k_new,
+    v_new,
+    block_table,
+    cache_batch_idx,
+    scale,
+    window_left,
+    window_right,
+    softcap,
+    num_splits,
+):
     B, Lq, Hq, _ = q.shape
     return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
-def _merge_op(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
-              lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def _merge_op(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
     return _merge_impl(out_a, lse_a, out_b, lse_b, launch)
 
 

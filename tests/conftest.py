@@ -149,8 +149,9 @@ def max_abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return torch.nan_to_num(diff, nan=float("inf")).max().item()
 
 
-def assert_close_2x(out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, factor: float = 2, atol: float = 1e-5,
-                    name: str = "out") -> None:
+def assert_close_2x(
+    out: torch.Tensor, ref: torch.Tensor, base: torch.Tensor, factor: float = 2, atol: float = 1e-5, name: str = "out"
+) -> None:
     """Assert max|out - ref| <= factor * max|base - ref| + atol (use factor=3 for gradients)."""
     assert out.dtype == base.dtype, f"{name}: dtype {out.dtype}, expected {base.dtype}"
     err = max_abs_err(out, ref)
@@ -173,8 +174,13 @@ def gen(request) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float32, gen: torch.Generator = None,
-          requires_grad: bool = False, device: str = "cpu") -> torch.Tensor:
+def randn(
+    *shape: int,
+    dtype: torch.dtype = torch.float32,
+    gen: torch.Generator = None,
+    requires_grad: bool = False,
+    device: str = "cpu",
+) -> torch.Tensor:
     """Standard normal drawn in float32 on the CPU (so every dtype and device sees the same values) and cast to
     `dtype` on `device`."""
     t = torch.randn(*shape, generator=gen).to(device, dtype)
@@ -220,7 +226,7 @@ def pairwise(factors: dict[str, Sequence]) -> list[dict]:
     if len(names) < 2:
         return [dict(zip(names, vals)) for vals in itertools.product(*factors.values())]
     uncovered = set()
-    for (a, b) in itertools.combinations(range(len(names)), 2):
+    for a, b in itertools.combinations(range(len(names)), 2):
         for ia, ib in itertools.product(range(len(factors[names[a]])), range(len(factors[names[b]]))):
             uncovered.add((a, ia, b, ib))
     cases = []
@@ -234,9 +240,7 @@ def pairwise(factors: dict[str, Sequence]) -> list[dict]:
                 continue
             best, best_gain = 0, -1
             for iv in range(len(factors[names[f]])):
-                gain = sum(
-                    ((g, choice[g], f, iv) if g < f else (f, iv, g, choice[g])) in uncovered for g in choice
-                )
+                gain = sum(((g, choice[g], f, iv) if g < f else (f, iv, g, choice[g])) in uncovered for g in choice)
                 if gain > best_gain:
                     best, best_gain = iv, gain
             choice[f] = best

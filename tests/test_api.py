@@ -37,12 +37,18 @@ def _sdpa_inputs(case, gen):
     B, H = 2, 4
     Hkv = 2 if shape == "4d_gqa" else H
     if shape == "3d":
-        q, k, v = (randn(B * H, Lq, 16, dtype=dt, gen=gen), randn(B * H, Lk, 16, dtype=dt, gen=gen),
-                   randn(B * H, Lk, 24, dtype=dt, gen=gen))
+        q, k, v = (
+            randn(B * H, Lq, 16, dtype=dt, gen=gen),
+            randn(B * H, Lk, 16, dtype=dt, gen=gen),
+            randn(B * H, Lk, 24, dtype=dt, gen=gen),
+        )
         keypad_shape, full_shape = (B * H, 1, Lk), (B * H, Lq, Lk)
     else:
-        q, k, v = (randn(B, H, Lq, 16, dtype=dt, gen=gen), randn(B, Hkv, Lk, 16, dtype=dt, gen=gen),
-                   randn(B, Hkv, Lk, 24, dtype=dt, gen=gen))
+        q, k, v = (
+            randn(B, H, Lq, 16, dtype=dt, gen=gen),
+            randn(B, Hkv, Lk, 16, dtype=dt, gen=gen),
+            randn(B, Hkv, Lk, 24, dtype=dt, gen=gen),
+        )
         keypad_shape, full_shape = (B, 1, 1, Lk), (B, H, Lq, Lk)
     kwargs = dict(scale=case["scale"])
     if shape == "4d_gqa":
@@ -60,13 +66,15 @@ def _sdpa_inputs(case, gen):
     return q, k, v, kwargs
 
 
-SDPA_GRID = pairwise({
-    "shape": ["3d", "4d", "4d_gqa"],
-    "mask": ["none", "causal", "bool_2d", "bool_keypad", "float_2d", "float_full"],
-    "lens": [(1, 1), (13, 13), (7, 29), (29, 7), (64, 64)],
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "scale": [None, 0.2],
-})
+SDPA_GRID = pairwise(
+    {
+        "shape": ["3d", "4d", "4d_gqa"],
+        "mask": ["none", "causal", "bool_2d", "bool_keypad", "float_2d", "float_full"],
+        "lens": [(1, 1), (13, 13), (7, 29), (29, 7), (64, 64)],
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "scale": [None, 0.2],
+    }
+)
 
 
 def _torch_ref_and_base(q, k, v, kwargs):
@@ -94,8 +102,11 @@ def test_sdpa_backward_matches_torch(case, gen):
     q, k, v, kwargs = _sdpa_inputs(case, gen)
     g = None
     results = []
-    for fn, dtype in ((fusedattn.scaled_dot_product_attention, q.dtype), (TORCH_SDPA, torch.float64),
-                      (TORCH_SDPA, q.dtype)):
+    for fn, dtype in (
+        (fusedattn.scaled_dot_product_attention, q.dtype),
+        (TORCH_SDPA, torch.float64),
+        (TORCH_SDPA, q.dtype),
+    ):
         inputs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         kw = dict(kwargs)
         if dtype == torch.float64 and "attn_mask" in kw and kw["attn_mask"].is_floating_point():
@@ -223,6 +234,7 @@ _NAME = {"q": r"(\bq\b|query)", "k": r"(\bk\b|key)", "v": r"(\bv\b|value)"}
 
 def _raises(pattern, *words):
     """pytest.raises(ValueError) whose message matches `pattern` and contains each of `words`."""
+
     class _Check:
         def __enter__(self):
             self.ctx = pytest.raises(ValueError)
@@ -238,6 +250,7 @@ def _raises(pattern, *words):
             for w in words:
                 assert w.lower() in msg.lower(), f"{msg!r} does not mention {w!r}"
             return suppress
+
     return _Check()
 
 
@@ -336,8 +349,11 @@ def test_reference_backend_equals_attention_ref(gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_auto_backend_on_cpu_is_the_cpu_kernel(gen, dtype):
-    q, k, v = (randn(2, 4, 13, 16, dtype=dtype, gen=gen), randn(2, 2, 21, 16, dtype=dtype, gen=gen),
-               randn(2, 2, 21, 16, dtype=dtype, gen=gen))
+    q, k, v = (
+        randn(2, 4, 13, 16, dtype=dtype, gen=gen),
+        randn(2, 2, 21, 16, dtype=dtype, gen=gen),
+        randn(2, 2, 21, 16, dtype=dtype, gen=gen),
+    )
     auto = fusedattn.attention(q, k, v, causal=True, backend="auto")
     cpu = fusedattn.attention(q, k, v, causal=True, backend="cpu")
     torch.testing.assert_close(auto, cpu, atol=0, rtol=0)
@@ -380,8 +396,7 @@ def no_mha_fastpath():
 
 def _encoder(gen):
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0,
-                                             batch_first=True)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
     return torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 
@@ -432,6 +447,7 @@ def test_transformer_encoder_train_backward_with_drop_in(gen, monkeypatch, no_mh
 def cuda_loaded(monkeypatch):
     """dispatch's availability table as on a GPU machine with every kernel loaded (the rules need no GPU)."""
     from fusedattn import dispatch
+
     monkeypatch.setattr(dispatch, "AVAILABILITY", {key: None for key in dispatch.AVAILABILITY})
     return dispatch
 
@@ -439,6 +455,7 @@ def cuda_loaded(monkeypatch):
 def test_cuda_case_rule_names_the_case(cuda_loaded):
     """Which cases the CUDA kernels take (dispatch.unsupported_reason on a CUDA case); api.attention falls back
     from "auto" (with a warning) and raises for backend="cuda" on the others."""
+
     def why(dtype, head_dim, value_dim, has_mask=False, softcap=0.0):
         case = cuda_loaded.Case("cuda", dtype, head_dim, value_dim, has_mask=has_mask, softcap=softcap)
         return cuda_loaded.unsupported_reason("attention", "cuda", case)
@@ -466,6 +483,7 @@ def _availability(dispatch, missing=(), reason="not installed here"):
 
 def test_dispatch_names_and_availability():
     from fusedattn import dispatch
+
     assert dispatch.BACKENDS == ("cpu", "triton", "cuda", "reference")
     assert fusedattn.BACKENDS == ("auto",) + dispatch.BACKENDS  # what backend= accepts
     assert set(dispatch.available_backends()) == set(dispatch.BACKENDS)
@@ -486,6 +504,7 @@ def test_dispatch_names_and_availability():
 def test_cuda_tensors_prefer_the_cuda_kernel_then_triton(monkeypatch, family):
     """DEVICE_PREFERENCE on CUDA: the CUDA kernel where it covers the case, Triton's for the rest, no warning."""
     from fusedattn import dispatch
+
     monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch))
     covered = dispatch.Case("cuda", torch.bfloat16, 64, 64)
     with warnings.catch_warnings():
@@ -503,9 +522,15 @@ def test_sdpa_on_cuda_without_triton_falls_back_to_torch(monkeypatch, what):
     """The drop-in with the CUDA kernels loaded and Triton missing: a case the CUDA kernels do not cover goes to
     torch's SDPA with a warning (it used to raise), and the flash-style API to the reference."""
     from fusedattn import dispatch
+
     monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch, missing=("triton",)))
-    case = dispatch.Case("cuda", torch.float32 if what == "fp32" else torch.bfloat16, 80 if what == "head_dim" else 64,
-                         128 if what == "dv" else (80 if what == "head_dim" else 64), has_mask=what == "mask")
+    case = dispatch.Case(
+        "cuda",
+        torch.float32 if what == "fp32" else torch.bfloat16,
+        80 if what == "head_dim" else 64,
+        128 if what == "dv" else (80 if what == "head_dim" else 64),
+        has_mask=what == "mask",
+    )
     cuda_reason = dispatch.unsupported_reason("sdpa", "cuda", case)
     assert cuda_reason is not None
     assert cuda_reason == dispatch.unsupported_reason("attention", "cuda", case)
@@ -523,6 +548,7 @@ def test_sdpa_on_cuda_without_triton_falls_back_to_torch(monkeypatch, what):
 
 def test_explicit_backend_raises_with_the_reason(monkeypatch):
     from fusedattn import dispatch
+
     monkeypatch.setattr(dispatch, "AVAILABILITY", _availability(dispatch, missing=("triton",)))
     fp32 = dispatch.Case("cuda", torch.float32, 64, 64)
     reason = dispatch.unsupported_reason("attention", "cuda", fp32)
@@ -546,6 +572,7 @@ def test_public_modules_compare_no_backend_names():
     import inspect
 
     from fusedattn import api, decode, varlen
+
     names = "|".join(("auto",) + fusedattn.dispatch.BACKENDS + ("torch",))
     pattern = re.compile(rf"""(==|!=|\bin|\bis)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|\bin\b)""")
     for module in (api, decode, varlen):
@@ -556,9 +583,11 @@ def test_public_modules_compare_no_backend_names():
 def test_one_max_splits(gen):
     """One bound on num_splits: the build's (C++) where it exports one, used by the public check and the Triton op."""
     from fusedattn import checks, decode
+
     assert checks.MAX_SPLITS == fusedattn._ops._BUILD_INFO.get("max_splits", 1024)
     if decode._TRITON_IMPORT_ERROR is None:
         from fusedattn.kernels import decode as kd
+
         assert kd.MAX_SPLITS is checks.MAX_SPLITS
     if fusedattn.available_backends()["cpu"] is not None:
         return
@@ -568,8 +597,9 @@ def test_one_max_splits(gen):
         with pytest.raises(ValueError, match="num_splits"):
             fusedattn.decode_attention(q, cache, cache, cache_seqlens=lens, num_splits=checks.MAX_SPLITS + 1)
         with pytest.raises(RuntimeError, match="num_splits"):  # the C++ op's own bound is the same
-            torch.ops.fusedattn.decode_fwd(q, cache, cache, lens, None, None, None, None, 0.25, -1, 0, 0.0,
-                                           checks.MAX_SPLITS + 1)
+            torch.ops.fusedattn.decode_fwd(
+                q, cache, cache, lens, None, None, None, None, 0.25, -1, 0, 0.0, checks.MAX_SPLITS + 1
+            )
 
 
 def test_one_window_rule(gen):
@@ -579,10 +609,12 @@ def test_one_window_rule(gen):
     cu = torch.tensor([0, 5], dtype=torch.int32)
     calls = {
         "attention": lambda w: fusedattn.attention(q, k, v, window=w),
-        "varlen": lambda w: fusedattn.varlen_attention(q[0].transpose(0, 1), q[0].transpose(0, 1),
-                                                       q[0].transpose(0, 1), cu, cu, 5, 5, window=w),
-        "decode": lambda w: fusedattn.decode_attention(q[:, :, :1].transpose(1, 2), cache, cache, cache_seqlens=3,
-                                                       window=w),
+        "varlen": lambda w: fusedattn.varlen_attention(
+            q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 5, 5, window=w
+        ),
+        "decode": lambda w: fusedattn.decode_attention(
+            q[:, :, :1].transpose(1, 2), cache, cache, cache_seqlens=3, window=w
+        ),
     }
     for name, call in calls.items():
         unbounded = call((-1, -1))
@@ -612,10 +644,19 @@ def test_compile_dynamic_fullgraph(gen):
             if fn is dense:
                 args = (randn(2, 4, n, 16, gen=gen), randn(2, 2, n + 2, 16, gen=gen), randn(2, 2, n + 2, 16, gen=gen))
             elif fn is packed:
-                args = (randn(2 * n, 4, 16, gen=gen), randn(2 * n, 2, 16, gen=gen), randn(2 * n, 2, 16, gen=gen),
-                        torch.tensor([0, n, 2 * n], dtype=torch.int32), n)
+                args = (
+                    randn(2 * n, 4, 16, gen=gen),
+                    randn(2 * n, 2, 16, gen=gen),
+                    randn(2 * n, 2, 16, gen=gen),
+                    torch.tensor([0, n, 2 * n], dtype=torch.int32),
+                    n,
+                )
             else:
-                args = (randn(2, 1, 4, 16, gen=gen), randn(2, n + 8, 2, 16, gen=gen), randn(2, n + 8, 2, 16, gen=gen),
-                        torch.tensor([n, n + 3], dtype=torch.int32))
+                args = (
+                    randn(2, 1, 4, 16, gen=gen),
+                    randn(2, n + 8, 2, 16, gen=gen),
+                    randn(2, n + 8, 2, 16, gen=gen),
+                    torch.tensor([n, n + 3], dtype=torch.int32),
+                )
             with torch.no_grad():
                 torch.testing.assert_close(compiled(*args, softcap), fn(*args, softcap), atol=1e-6, rtol=1e-6)

@@ -20,8 +20,21 @@ import pytest
 import torch
 
 import fusedattn
-from conftest import (FUSED_BACKENDS, assert_close_2x, backend_cases, backend_params, device_for, grads,
-                      interpreted, max_abs_err, pairwise, randn, raw_op, skip_unsupported, to_device)
+from conftest import (
+    FUSED_BACKENDS,
+    assert_close_2x,
+    backend_cases,
+    backend_params,
+    device_for,
+    grads,
+    interpreted,
+    max_abs_err,
+    pairwise,
+    randn,
+    raw_op,
+    skip_unsupported,
+    to_device,
+)
 from fusedattn.reference import attention_ref
 
 
@@ -46,41 +59,46 @@ def to_dev(backend, *tensors):
 B = 2
 HEADS = {"mha": (2, 2), "gqa": (8, 2), "mqa": (4, 1), "gqa2": (4, 2)}  # name -> (Hq, Hkv)
 LENGTHS = [(1, 1), (1, 97), (17, 17), (17, 257), (97, 17), (97, 97), (257, 1), (257, 97), (257, 257)]
-GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "causal": ["none", "top_left", "bottom_right"],
-    "head_dim": [1, 8, 64, 80, 128, 256],
-    "lens": LENGTHS,
-    "heads": ["mha", "gqa", "mqa"],
-    "mask": ["none", "bool", "additive", "fully_masked"],
-})
+GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "causal": ["none", "top_left", "bottom_right"],
+        "head_dim": [1, 8, 64, 80, 128, 256],
+        "lens": LENGTHS,
+        "heads": ["mha", "gqa", "mqa"],
+        "mask": ["none", "bool", "additive", "fully_masked"],
+    }
+)
 # The interpreter's grid: head dims from the task list (incl. non-powers of two), lengths <= 97.
-SMALL_GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "causal": ["none", "top_left", "bottom_right"],
-    "head_dim": [16, 40, 64, 128],
-    "lens": [(1, 17), (17, 17), (97, 33), (33, 97)],
-    "heads": ["mha", "gqa2", "mqa"],
-    "mask": ["none", "bool", "additive", "fully_masked"],
-})
+SMALL_GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "causal": ["none", "top_left", "bottom_right"],
+        "head_dim": [16, 40, 64, 128],
+        "lens": [(1, 17), (17, 17), (97, 33), (33, 97)],
+        "heads": ["mha", "gqa2", "mqa"],
+        "mask": ["none", "bool", "additive", "fully_masked"],
+    }
+)
 # 1025-long sequences are slow in the float64 reference: a handful, with few heads.
 LONG = [
     dict(dtype=torch.float32, causal="bottom_right", head_dim=64, lens=(1025, 1025), heads="mha", mask="none"),
     dict(dtype=torch.bfloat16, causal="none", head_dim=128, lens=(1, 1025), heads="gqa", mask="bool"),
     dict(dtype=torch.float16, causal="top_left", head_dim=64, lens=(1025, 257), heads="mqa", mask="additive"),
-    dict(dtype=torch.bfloat16, causal="bottom_right", head_dim=80, lens=(257, 1025), heads="mqa",
-         mask="fully_masked"),
+    dict(dtype=torch.bfloat16, causal="bottom_right", head_dim=80, lens=(257, 1025), heads="mqa", mask="fully_masked"),
 ]
 # Windows at the CUDA kernels' dtypes and head dims (forward and backward; through lse for odd Lq). Lengths are
 # odd and unequal so that every tile edge is crossed; not run under the interpreter.
-FLASH_GRID = pairwise({
-    "dtype": [torch.bfloat16, torch.float16],
-    "causal": ["none", "top_left", "bottom_right"],
-    "head_dim": [64, 128, 256],
-    "lens": LENGTHS + [(130, 511)],
-    "heads": ["mha", "gqa", "mqa"],
-    "window": [(-1, -1), (40, -1), (7, 21)],
-})
+FLASH_GRID = pairwise(
+    {
+        "dtype": [torch.bfloat16, torch.float16],
+        "causal": ["none", "top_left", "bottom_right"],
+        "head_dim": [64, 128, 256],
+        "lens": LENGTHS + [(130, 511)],
+        "heads": ["mha", "gqa", "mqa"],
+        "window": [(-1, -1), (40, -1), (7, 21)],
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -115,28 +133,50 @@ def additive_full(mask, shape):
 def run_kernel(q, k, v, *, causal="none", attn_mask=None, window=(-1, -1), softcap=0.0, scale=None, backend="cpu"):
     """(out, lse) from `backend`'s kernel. top_left uses the raw op (the public function is bottom-right).
     Skips the test where `backend` cannot serve the case (the dispatcher's reason)."""
-    skip_unsupported("attention", backend, dtype=q.dtype, head_dim=q.shape[-1], value_dim=v.shape[-1],
-                     has_mask=attn_mask is not None, softcap=softcap)
+    skip_unsupported(
+        "attention",
+        backend,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        value_dim=v.shape[-1],
+        has_mask=attn_mask is not None,
+        softcap=softcap,
+    )
     if causal == "top_left":
         Bq, Hq, Lq, D = q.shape
         mask = additive_full(attn_mask, (Bq, Hq, Lq, k.shape[2]))
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         return fwd_op(backend)(q, k, v, mask, scale, window[0], 0, False, softcap)
-    return fusedattn.attention(q, k, v, causal=causal == "bottom_right", attn_mask=attn_mask, window=window,
-                               softcap=softcap, scale=scale, return_lse=True, backend=backend)
+    return fusedattn.attention(
+        q,
+        k,
+        v,
+        causal=causal == "bottom_right",
+        attn_mask=attn_mask,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        return_lse=True,
+        backend=backend,
+    )
 
 
 def ref_kwargs(causal, attn_mask, **kw):
-    return dict(causal=causal != "none", causal_align="top_left" if causal == "top_left" else "bottom_right",
-                attn_mask=attn_mask, **kw)
+    return dict(
+        causal=causal != "none",
+        causal_align="top_left" if causal == "top_left" else "bottom_right",
+        attn_mask=attn_mask,
+        **kw,
+    )
 
 
 def reference_pair(q, k, v, **kwargs):
     """(ref, base): float64 ground truth from float64 inputs, and the same math in the input dtype."""
     mask = kwargs.pop("attn_mask", None)
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
-    ref = attention_ref(q.double(), k.double(), v.double(), attn_mask=mask64, return_lse=True,
-                        compute_dtype=torch.float64, **kwargs)
+    ref = attention_ref(
+        q.double(), k.double(), v.double(), attn_mask=mask64, return_lse=True, compute_dtype=torch.float64, **kwargs
+    )
     base = attention_ref(q, k, v, attn_mask=mask, return_lse=True, compute_dtype=q.dtype, **kwargs)
     return ref, base
 
@@ -153,8 +193,9 @@ def check_forward(q, k, v, causal="none", attn_mask=None, backend="cpu", **kw):
     return out, lse
 
 
-def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, backend="cpu", per_grad_floor=False,
-                   **kw):
+def check_backward(
+    q, k, v, gen, causal="none", attn_mask=None, use_lse=False, backend="cpu", per_grad_floor=False, **kw
+):
     """per_grad_floor: the absolute floor relative to each gradient's own largest value (FLASH_GRID's rule)
     instead of the largest of the three."""
     Bq, Hq, Lq, _ = q.shape
@@ -174,8 +215,7 @@ def check_backward(q, k, v, gen, causal="none", attn_mask=None, use_lse=False, b
     def kernel_fn(*x):
         return run_kernel(*x, causal=causal, attn_mask=attn_mask, backend=backend, **kw)
 
-    ref = grads(ref_fn, [q.double(), k.double(), v.double()], g_out.double(),
-                None if g_lse is None else g_lse.double())
+    ref = grads(ref_fn, [q.double(), k.double(), v.double()], g_out.double(), None if g_lse is None else g_lse.double())
     base = grads(base_fn, [q, k, v], g_out, g_lse)
     got = grads(kernel_fn, [q, k, v], g_out, g_lse)
     # Absolute floor: 1e-5 relative to the largest gradient. The baseline can be exactly right where the kernel
@@ -226,8 +266,17 @@ def test_forward_flash_grid(backend, case, gen):
 @pytest.mark.parametrize("backend,case", backend_cases(FLASH_GRID, small_cases=[]))
 def test_backward_flash_grid(backend, case, gen):
     q, k, v, _ = make_qkv(case, gen)
-    check_backward(q, k, v, gen, causal=case["causal"], window=case["window"], use_lse=case["lens"][0] % 2 == 1,
-                   per_grad_floor=True, backend=backend)
+    check_backward(
+        q,
+        k,
+        v,
+        gen,
+        causal=case["causal"],
+        window=case["window"],
+        use_lse=case["lens"][0] % 2 == 1,
+        per_grad_floor=True,
+        backend=backend,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -240,8 +289,9 @@ def test_fully_masked_rows_are_zero(gen, dtype, backend):
     assert (out[:, :, :130] == 0).all() and (lse[:, :, :130] == -math.inf).all()
     assert (lse[:, :, 130:] > -math.inf).all()
     g = randn(1, 4, 150, 64, dtype=dtype, gen=gen)
-    dq, dk, dv = grads(lambda *x: run_kernel(*x, causal="bottom_right", backend=backend), to_dev(backend, q, k, v),
-                       to_dev(backend, g))
+    dq, dk, dv = grads(
+        lambda *x: run_kernel(*x, causal="bottom_right", backend=backend), to_dev(backend, q, k, v), to_dev(backend, g)
+    )
     assert (dq[:, :, :130] == 0).all() and not dq.isnan().any()
     check_backward(q, k, v, gen, causal="bottom_right", per_grad_floor=True, backend=backend)
 
@@ -253,8 +303,14 @@ def test_window_that_hides_some_rows(gen, backend):
     k, v = (randn(2, 2, 70, 128, dtype=torch.bfloat16, gen=gen) for _ in range(2))
     q, k, v = to_dev(backend, q, k, v)
     out, lse = run_kernel(q, k, v, causal="none", window=(0, 0), scale=0.3, backend=backend)
-    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), return_lse=True, compute_dtype=torch.float64,
-                                 **ref_kwargs("none", None, window=(0, 0), scale=0.3))
+    ref, ref_lse = attention_ref(
+        q.double(),
+        k.double(),
+        v.double(),
+        return_lse=True,
+        compute_dtype=torch.float64,
+        **ref_kwargs("none", None, window=(0, 0), scale=0.3),
+    )
     assert (lse == -math.inf).any() and not out.isnan().any()
     assert max_abs_err(lse, ref_lse) < 1e-2
     check_forward(q, k, v, causal="none", window=(3, 2), scale=0.3, backend=backend)
@@ -265,35 +321,44 @@ def test_window_that_hides_some_rows(gen, backend):
 
 
 WINDOWS = [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1), (0, -1), (-1, 0)]
-WINDOW_GRID = pairwise({
-    "window": WINDOWS,
-    "causal": ["none", "top_left", "bottom_right"],
-    "lens": [(97, 97), (33, 129), (129, 33)],
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-})
-SMALL_WINDOW_GRID = pairwise({
-    "window": [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1)],
-    "causal": ["none", "top_left", "bottom_right"],
-    "lens": [(70, 70), (20, 70), (70, 20)],
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-})
+WINDOW_GRID = pairwise(
+    {
+        "window": WINDOWS,
+        "causal": ["none", "top_left", "bottom_right"],
+        "lens": [(97, 97), (33, 129), (129, 33)],
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    }
+)
+SMALL_WINDOW_GRID = pairwise(
+    {
+        "window": [(0, 0), (16, 0), (8, 8), (-1, 4), (4, -1)],
+        "causal": ["none", "top_left", "bottom_right"],
+        "lens": [(70, 70), (20, 70), (70, 20)],
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    }
+)
 
 
 @pytest.mark.parametrize("backend,case", backend_cases(WINDOW_GRID, SMALL_WINDOW_GRID))
 def test_window(backend, case, gen):
     Lq, Lk = case["lens"]
-    q, k, v = (randn(B, 4, Lq, 32, dtype=case["dtype"], gen=gen), randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen),
-               randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen))
+    q, k, v = (
+        randn(B, 4, Lq, 32, dtype=case["dtype"], gen=gen),
+        randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen),
+        randn(B, 2, Lk, 32, dtype=case["dtype"], gen=gen),
+    )
     check_forward(q, k, v, causal=case["causal"], window=case["window"], backend=backend)
     check_backward(q, k, v, gen, causal=case["causal"], window=case["window"], backend=backend)
 
 
-SOFTCAP_GRID = pairwise({
-    "softcap": [1.0, 5.0, 30.0],
-    "causal": ["none", "top_left", "bottom_right"],
-    "mask": ["none", "additive", "fully_masked"],
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-})
+SOFTCAP_GRID = pairwise(
+    {
+        "softcap": [1.0, 5.0, 30.0],
+        "causal": ["none", "top_left", "bottom_right"],
+        "mask": ["none", "additive", "fully_masked"],
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+    }
+)
 
 
 @pytest.mark.parametrize("backend,case", backend_cases(SOFTCAP_GRID))
@@ -309,8 +374,11 @@ def test_softcap(backend, case, gen):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_softcap_scale_combined(gen, dtype, backend):
     reduced(backend, dtype == torch.bfloat16)
-    q, k, v = (randn(B, 6, 45, 48, dtype=dtype, gen=gen), randn(B, 2, 70, 48, dtype=dtype, gen=gen),
-               randn(B, 2, 70, 48, dtype=dtype, gen=gen))
+    q, k, v = (
+        randn(B, 6, 45, 48, dtype=dtype, gen=gen),
+        randn(B, 2, 70, 48, dtype=dtype, gen=gen),
+        randn(B, 2, 70, 48, dtype=dtype, gen=gen),
+    )
     mask = make_mask("additive", 6, 45, 70, dtype, gen)
     kw = dict(window=(12, 3), softcap=8.0, scale=0.3, attn_mask=mask, backend=backend)
     check_forward(q, k, v, causal="bottom_right", **kw)
@@ -326,8 +394,11 @@ def test_window_softcap_scale_combined(gen, dtype, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_value_head_dim_differs(gen, D, Dv, dtype, backend):
     reduced(backend, (D, Dv, dtype) in ((64, 32, torch.bfloat16), (32, 80, torch.float32)))
-    q, k, v = (randn(B, 4, 29, D, dtype=dtype, gen=gen), randn(B, 2, 41, D, dtype=dtype, gen=gen),
-               randn(B, 2, 41, Dv, dtype=dtype, gen=gen))
+    q, k, v = (
+        randn(B, 4, 29, D, dtype=dtype, gen=gen),
+        randn(B, 2, 41, D, dtype=dtype, gen=gen),
+        randn(B, 2, 41, Dv, dtype=dtype, gen=gen),
+    )
     check_forward(q, k, v, causal="bottom_right", backend=backend)
     check_backward(q, k, v, gen, causal="bottom_right", backend=backend)
     check_forward(q, k, v, causal="top_left", backend=backend)
@@ -350,16 +421,21 @@ def test_non_contiguous_inputs(gen, dtype, causal, backend):
     q, k, v, mask = to_dev(backend, q, k, v, mask)
     assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
     out = run_kernel(q, k, v, causal=causal, attn_mask=mask, backend=backend)[0]
-    out_c = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, attn_mask=mask,
-                       backend=backend)[0]
+    out_c = run_kernel(q.contiguous(), k.contiguous(), v.contiguous(), causal=causal, attn_mask=mask, backend=backend)[
+        0
+    ]
     torch.testing.assert_close(out, out_c, atol=0, rtol=0)
 
 
 def test_expanded_mask_strides(gen, backend):
     """Masks broadcast with stride 0 along batch, head and query rows."""
     q, k, v = randn(B, 4, 19, 32, gen=gen), randn(B, 4, 23, 32, gen=gen), randn(B, 4, 23, 32, gen=gen)
-    for mask in (torch.randn(23, generator=gen), torch.randn(B, 1, 1, 23, generator=gen),
-                 torch.randn(1, 4, 19, 1, generator=gen), torch.randn(19, 23, generator=gen)):
+    for mask in (
+        torch.randn(23, generator=gen),
+        torch.randn(B, 1, 1, 23, generator=gen),
+        torch.randn(1, 4, 19, 1, generator=gen),
+        torch.randn(19, 23, generator=gen),
+    ):
         check_forward(q, k, v, attn_mask=mask, backend=backend)
         check_forward(q, k, v, causal="top_left", attn_mask=mask, backend=backend)
 
@@ -371,8 +447,11 @@ def test_expanded_mask_strides(gen, backend):
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
 def test_backward_through_lse(gen, dtype, causal, backend):
     reduced(backend, dtype == torch.float32 or causal == "bottom_right")
-    q, k, v = (randn(B, 4, 31, 64, dtype=dtype, gen=gen), randn(B, 2, 31, 64, dtype=dtype, gen=gen),
-               randn(B, 2, 31, 64, dtype=dtype, gen=gen))
+    q, k, v = (
+        randn(B, 4, 31, 64, dtype=dtype, gen=gen),
+        randn(B, 2, 31, 64, dtype=dtype, gen=gen),
+        randn(B, 2, 31, 64, dtype=dtype, gen=gen),
+    )
     mask = make_mask("additive", 4, 31, 31, dtype, gen).clamp_min(-1e4)  # finite: every row keeps a key
     check_backward(q, k, v, gen, causal=causal, attn_mask=mask, use_lse=True, backend=backend)
 
@@ -397,10 +476,15 @@ def test_backward_through_lse_only_raw_op(gen, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
 def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal, backend):
-    reduced(backend, (dtype, causal) in ((torch.float32, "none"), (torch.bfloat16, "top_left"),
-                                         (torch.float16, "bottom_right")))
-    q, k, v = (randn(B, 4, 21, 32, dtype=dtype, gen=gen), randn(B, 2, 21, 32, dtype=dtype, gen=gen),
-               randn(B, 2, 21, 32, dtype=dtype, gen=gen))
+    reduced(
+        backend,
+        (dtype, causal) in ((torch.float32, "none"), (torch.bfloat16, "top_left"), (torch.float16, "bottom_right")),
+    )
+    q, k, v = (
+        randn(B, 4, 21, 32, dtype=dtype, gen=gen),
+        randn(B, 2, 21, 32, dtype=dtype, gen=gen),
+        randn(B, 2, 21, 32, dtype=dtype, gen=gen),
+    )
     q[1, 3, 7, 5] = math.nan
     q, k, v = to_dev(backend, q, k, v)
     out, lse = run_kernel(q, k, v, causal=causal, backend=backend)
@@ -468,9 +552,18 @@ def test_opcheck_bwd(gen, with_mask, with_grad_lse, backend):
     # and the op's numbers: the reference's autograd
     dq, dk, dv = bwd_op(backend)(*args)
     ref_dq, ref_dk, ref_dv = grads(
-        lambda *x: attention_ref(*x, attn_mask=None if mask is None else mask.double(), causal=True, scale=scale,
-                                 return_lse=True, compute_dtype=torch.float64),
-        [q.double(), k.double(), v.double()], grad_out.double(), None if grad_lse is None else grad_lse.double())
+        lambda *x: attention_ref(
+            *x,
+            attn_mask=None if mask is None else mask.double(),
+            causal=True,
+            scale=scale,
+            return_lse=True,
+            compute_dtype=torch.float64,
+        ),
+        [q.double(), k.double(), v.double()],
+        grad_out.double(),
+        None if grad_lse is None else grad_lse.double(),
+    )
     for got, ref in ((dq, ref_dq), (dk, ref_dk), (dv, ref_dv)):
         torch.testing.assert_close(got.double(), ref, atol=2e-5, rtol=1e-4)
 
@@ -481,8 +574,9 @@ def test_opcheck_head_dim_64(gen, backend):
     q, k, v = (randn(1, 2, 37, 64, dtype=torch.bfloat16, gen=gen, device=device_for(backend)) for _ in range(3))
     torch.library.opcheck(fwd_op(backend), (q, k, v, None, 0.125, -1, 0, True, 0.0))
     out, lse = fwd_op(backend)(q, k, v, None, 0.125, -1, 0, True, 0.0)
-    torch.library.opcheck(bwd_op(backend),
-                          (torch.randn_like(out), q, k, v, out, lse, None, 0.125, -1, 0, True, 0.0, None))
+    torch.library.opcheck(
+        bwd_op(backend), (torch.randn_like(out), q, k, v, out, lse, None, 0.125, -1, 0, True, 0.0, None)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- torch.compile

@@ -37,12 +37,15 @@ bwd_op = torch.ops.fusedattn.attention_bwd
 def run_isolated(code: str, timeout: float = 300) -> str:
     """Runs `code` (after `import torch, fusedattn`) in a fresh interpreter; fails the test on a crash (signal),
     a non-zero exit or a timeout. Returns stdout."""
-    script = "import math, torch, fusedattn\nop = torch.ops.fusedattn.attention_fwd\n" \
-             "bwd = torch.ops.fusedattn.attention_bwd\n" + textwrap.dedent(code)
+    script = (
+        "import math, torch, fusedattn\nop = torch.ops.fusedattn.attention_fwd\n"
+        "bwd = torch.ops.fusedattn.attention_bwd\n" + textwrap.dedent(code)
+    )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (
         f"subprocess {'crashed with signal ' + str(-proc.returncode) if proc.returncode < 0 else 'failed'} "
-        f"(rc {proc.returncode})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+        f"(rc {proc.returncode})\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return proc.stdout
 
 
@@ -92,8 +95,7 @@ def test_element_offsets_beyond_int32(gen, dtype):
 
 _HUGE = {
     # Lk = 2^62 keys, all one element: B*Hkv*Lk*Dv_pad wrapped around int64 to a 64-byte buffer (segfault).
-    "Lk_2^62": "q = torch.zeros(1, 1, 1, 1); k = torch.zeros(1, 1, 1, 1).expand(1, 1, 2**62, 1)\n"
-               "args = (q, k, k)",
+    "Lk_2^62": "q = torch.zeros(1, 1, 1, 1); k = torch.zeros(1, 1, 1, 1).expand(1, 1, 2**62, 1)\nargs = (q, k, k)",
     # head dim 2^61: per-thread tiles of D x 64 floats would wrap.
     "D_2^61": "q = torch.zeros(1, 1, 1, 1).expand(1, 1, 1, 2**61); args = (q, q, q[..., :1])",
     # B * Hq * Lq = 2^62: the output itself is beyond int64 bytes (torch's allocator check).
@@ -105,7 +107,10 @@ _HUGE = {
 def test_absurd_expanded_dims_raise(name):
     """Dimensions no memory can hold, made of one stride-0 element: a clear RuntimeError from the public function,
     the raw forward and the raw backward, never a wrap-around (the process must survive)."""
-    out = run_isolated(_HUGE[name] + "\n" + textwrap.dedent("""
+    out = run_isolated(
+        _HUGE[name]
+        + "\n"
+        + textwrap.dedent("""
     q, k, v = args
     def call(name, f):
         try:
@@ -120,14 +125,17 @@ def test_absurd_expanded_dims_raise(name):
     o = torch.zeros(1, 1, 1, 1).expand(B, Hq, Lq, v.shape[-1])
     lse = torch.zeros(1, 1, 1).expand(B, Hq, Lq)
     call("bwd", lambda: bwd(o, q, k, v, o, lse, None, 1.0, -1, -1, True, 0.0, None))
-    """))
+    """)
+    )
     lines = out.strip().splitlines()
     assert len(lines) == 3 and all(" raised " in line for line in lines), out
     assert all("too large" in line or "memory" in line.lower() or "overflow" in line.lower() for line in lines), out
 
 
-@pytest.mark.skipif(not _overcommit_refuses_absurd_allocations(), reason="vm.overcommit_memory=1: the allocation "
-                    "of tens of TiB could succeed and then be paged in")
+@pytest.mark.skipif(
+    not _overcommit_refuses_absurd_allocations(),
+    reason="vm.overcommit_memory=1: the allocation of tens of TiB could succeed and then be paged in",
+)
 @pytest.mark.parametrize("which", ["Lk_2^40", "Lq_2^40"])
 def test_unallocatable_expanded_dims_raise(which):
     """Within int64 but beyond any memory: the kernel's scratch (Lk) or the output (Lq) cannot be allocated,
@@ -241,8 +249,12 @@ def test_negative_window_raw_op(gen, left, right):
 
 @pytest.mark.parametrize("which", ["q", "k", "v", "attn_mask"])
 def test_mismatched_devices_public(gen, which):
-    t = dict(q=randn(1, 2, 5, 8, gen=gen), k=randn(1, 2, 7, 8, gen=gen), v=randn(1, 2, 7, 8, gen=gen),
-             attn_mask=torch.zeros(5, 7))
+    t = dict(
+        q=randn(1, 2, 5, 8, gen=gen),
+        k=randn(1, 2, 7, 8, gen=gen),
+        v=randn(1, 2, 7, 8, gen=gen),
+        attn_mask=torch.zeros(5, 7),
+    )
     t[which] = t[which].to("meta")
     with pytest.raises(ValueError, match="device|on cpu|on meta"):
         fusedattn.attention(t["q"], t["k"], t["v"], attn_mask=t["attn_mask"])
@@ -250,17 +262,24 @@ def test_mismatched_devices_public(gen, which):
 
 def test_all_meta_raw_op_gives_shapes(gen):
     """All inputs on "meta": the fake implementation answers with shapes (what torch.compile relies on)."""
-    q, k, v = (t.to("meta") for t in (randn(2, 4, 5, 8, gen=gen), randn(2, 2, 7, 8, gen=gen), randn(2, 2, 7, 12, gen=gen)))
+    q, k, v = (
+        t.to("meta") for t in (randn(2, 4, 5, 8, gen=gen), randn(2, 2, 7, 8, gen=gen), randn(2, 2, 7, 12, gen=gen))
+    )
     out, lse = fwd_op(q, k, v, None, 1.0, -1, -1, True, 0.0)
     assert out.device.type == "meta" and out.shape == (2, 4, 5, 12) and lse.shape == (2, 4, 5)
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("op,which", [("fwd", "k"), ("fwd", "v"), ("fwd", "attn_mask"), ("bwd", "grad_out"),
-                                      ("bwd", "lse")])
+@pytest.mark.parametrize(
+    "op,which", [("fwd", "k"), ("fwd", "v"), ("fwd", "attn_mask"), ("bwd", "grad_out"), ("bwd", "lse")]
+)
 def test_mismatched_devices_raw_op(gen, op, which):
-    t = dict(q=randn(1, 2, 5, 8, gen=gen), k=randn(1, 2, 7, 8, gen=gen), v=randn(1, 2, 7, 8, gen=gen),
-             attn_mask=torch.zeros(5, 7))
+    t = dict(
+        q=randn(1, 2, 5, 8, gen=gen),
+        k=randn(1, 2, 7, 8, gen=gen),
+        v=randn(1, 2, 7, 8, gen=gen),
+        attn_mask=torch.zeros(5, 7),
+    )
     if op == "fwd":
         t[which] = t[which].to("meta")
         with pytest.raises(RuntimeError, match="device"):
@@ -282,33 +301,44 @@ def _layouts(gen, dtype):
     base = randn(4096, dtype=dtype, gen=gen)
     return {
         # (B, L, H, D) storage seen as (B, H, L, D)
-        "transposed": (randn(B, Lq, Hq, D, dtype=dtype, gen=gen).transpose(1, 2),
-                       randn(B, Lk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2),
-                       randn(B, Lk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2)),
+        "transposed": (
+            randn(B, Lq, Hq, D, dtype=dtype, gen=gen).transpose(1, 2),
+            randn(B, Lk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2),
+            randn(B, Lk, Hkv, D, dtype=dtype, gen=gen).transpose(1, 2),
+        ),
         # every other (third) element of the head dim, every other key
-        "strided_head_dim": (randn(B, Hq, Lq, 2 * D, dtype=dtype, gen=gen)[..., ::2],
-                             randn(B, Hkv, Lk, 3 * D, dtype=dtype, gen=gen)[..., ::3],
-                             randn(B, Hkv, 2 * Lk, D, dtype=dtype, gen=gen)[:, :, ::2]),
+        "strided_head_dim": (
+            randn(B, Hq, Lq, 2 * D, dtype=dtype, gen=gen)[..., ::2],
+            randn(B, Hkv, Lk, 3 * D, dtype=dtype, gen=gen)[..., ::3],
+            randn(B, Hkv, 2 * Lk, D, dtype=dtype, gen=gen)[:, :, ::2],
+        ),
         # stride 0: one query row for every position, one key/value row for every key, a shared batch
-        "expanded": (randn(1, Hq, 1, D, dtype=dtype, gen=gen).expand(B, Hq, Lq, D),
-                     randn(B, Hkv, 1, D, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D),
-                     randn(1, 1, Lk, D, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D)),
+        "expanded": (
+            randn(1, Hq, 1, D, dtype=dtype, gen=gen).expand(B, Hq, Lq, D),
+            randn(B, Hkv, 1, D, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D),
+            randn(1, 1, Lk, D, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D),
+        ),
         # head dim of stride 0 (all D entries of a row equal)
-        "expanded_head_dim": (randn(B, Hq, Lq, 1, dtype=dtype, gen=gen).expand(B, Hq, Lq, D),
-                              randn(B, Hkv, Lk, 1, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D),
-                              randn(B, Hkv, Lk, D, dtype=dtype, gen=gen)),
+        "expanded_head_dim": (
+            randn(B, Hq, Lq, 1, dtype=dtype, gen=gen).expand(B, Hq, Lq, D),
+            randn(B, Hkv, Lk, 1, dtype=dtype, gen=gen).expand(B, Hkv, Lk, D),
+            randn(B, Hkv, Lk, D, dtype=dtype, gen=gen),
+        ),
         # overlapping sliding windows over one buffer: row i is base[i : i + D] (rows share elements)
-        "overlapping_rows": (base.as_strided((B, Hq, Lq, D), (7, 3, 1, 1)),
-                             base.as_strided((B, Hkv, Lk, D), (5, 2, 1, 1), 100),
-                             base.as_strided((B, Hkv, Lk, D), (1, 1, 1, 1), 200)),
+        "overlapping_rows": (
+            base.as_strided((B, Hq, Lq, D), (7, 3, 1, 1)),
+            base.as_strided((B, Hkv, Lk, D), (5, 2, 1, 1), 100),
+            base.as_strided((B, Hkv, Lk, D), (1, 1, 1, 1), 200),
+        ),
         # q, k and v are the same tensor (self-attention without projections)
         "aliased_qkv": (lambda x: (x, x, x))(randn(B, Hkv, Lk, D, dtype=dtype, gen=gen)),
     }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", ["transposed", "strided_head_dim", "expanded", "expanded_head_dim",
-                                    "overlapping_rows", "aliased_qkv"])
+@pytest.mark.parametrize(
+    "layout", ["transposed", "strided_head_dim", "expanded", "expanded_head_dim", "overlapping_rows", "aliased_qkv"]
+)
 def test_odd_strides_match_reference(gen, dtype, layout):
     q, k, v = _layouts(gen, dtype)[layout]
     for causal in ("none", "bottom_right", "top_left"):
@@ -316,8 +346,9 @@ def test_odd_strides_match_reference(gen, dtype, layout):
     check_backward(q, k, v, gen, causal="bottom_right")
     # and the same numbers as contiguous copies
     out = fusedattn.attention(q, k, v, causal=True)
-    torch.testing.assert_close(out, fusedattn.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        out, fusedattn.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True), atol=0, rtol=0
+    )
 
 
 def test_gradient_flows_through_expanded_leaves(gen):
@@ -329,8 +360,9 @@ def test_gradient_flows_through_expanded_leaves(gen):
     out = fusedattn.attention(q, k1.expand(2, -1, -1, -1), v1.expand(2, -1, -1, -1), causal=True)
     got = torch.autograd.grad(out, (q, k1, v1), g)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k1, v1))
-    ref = attention_ref(q64, k64.expand(2, -1, -1, -1), v64.expand(2, -1, -1, -1), causal=True,
-                        compute_dtype=torch.float64)
+    ref = attention_ref(
+        q64, k64.expand(2, -1, -1, -1), v64.expand(2, -1, -1, -1), causal=True, compute_dtype=torch.float64
+    )
     want = torch.autograd.grad(ref, (q64, k64, v64), g.double())
     for a, b in zip(got, want):
         assert a.shape == b.shape
@@ -422,8 +454,14 @@ def test_mask_of_other_float_dtype(gen):
 def test_empty_and_degenerate(gen, shape, causal):
     B, Hq, Hkv, Lq, Lk, D, Dv = 2, 4, 2, 5, 7, 8, 6
     B, Lq, Lk, D, Dv = {
-        "B0": (0, Lq, Lk, D, Dv), "Lq0": (B, 0, Lk, D, Dv), "Lk0": (B, Lq, 0, D, Dv), "D0": (B, Lq, Lk, 0, Dv),
-        "Dv0": (B, Lq, Lk, D, 0), "D0_Dv0": (B, Lq, Lk, 0, 0), "all0": (0, 0, 0, 0, 0)}[shape]
+        "B0": (0, Lq, Lk, D, Dv),
+        "Lq0": (B, 0, Lk, D, Dv),
+        "Lk0": (B, Lq, 0, D, Dv),
+        "D0": (B, Lq, Lk, 0, Dv),
+        "Dv0": (B, Lq, Lk, D, 0),
+        "D0_Dv0": (B, Lq, Lk, 0, 0),
+        "all0": (0, 0, 0, 0, 0),
+    }[shape]
     q = randn(B, Hq, Lq, D, gen=gen)
     k, v = randn(B, Hkv, Lk, D, gen=gen), randn(B, Hkv, Lk, Dv, gen=gen)
     # D = 0: the default scale 1/sqrt(D) is undefined; every score is 0 (a uniform softmax) whatever the scale
@@ -553,9 +591,15 @@ def test_raw_fwd_bad_arguments(gen, name):
         fwd_op(*args)
 
 
-@pytest.mark.parametrize("args", [
-    ("not a tensor",), (None, None, None, None, 1.0, -1, -1, True, 0.0), ("q", "k", "v", None, 1.0, -1, -1, True, 0.0),
-], ids=["too_few", "none_tensors", "strings"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("not a tensor",),
+        (None, None, None, None, 1.0, -1, -1, True, 0.0),
+        ("q", "k", "v", None, 1.0, -1, -1, True, 0.0),
+    ],
+    ids=["too_few", "none_tensors", "strings"],
+)
 def test_raw_fwd_wrong_types(gen, args):
     with pytest.raises((RuntimeError, TypeError)):
         fwd_op(*args)
@@ -564,8 +608,9 @@ def test_raw_fwd_wrong_types(gen, args):
 def test_raw_fwd_wrong_scalar_types(gen):
     q, k, v = randn(1, 2, 5, 8, gen=gen), randn(1, 2, 7, 8, gen=gen), randn(1, 2, 7, 8, gen=gen)
     for bad in [("scale", "x"), ("window_left", 1.5), ("window_right", None), ("bottom_right", "yes")]:
-        args = dict(q=q, k=k, v=v, attn_mask=None, scale=1.0, window_left=-1, window_right=-1, bottom_right=True,
-                    softcap=0.0)
+        args = dict(
+            q=q, k=k, v=v, attn_mask=None, scale=1.0, window_left=-1, window_right=-1, bottom_right=True, softcap=0.0
+        )
         args[bad[0]] = bad[1]
         with pytest.raises((RuntimeError, TypeError)):
             fwd_op(*args.values())
@@ -574,8 +619,21 @@ def test_raw_fwd_wrong_scalar_types(gen):
 def _raw_bwd_cases(gen):
     q, k, v = randn(2, 4, 5, 8, gen=gen), randn(2, 2, 7, 8, gen=gen), randn(2, 2, 7, 12, gen=gen)
     out, lse = fwd_op(q, k, v, None, 1.0, -1, -1, True, 0.0)
-    names = ("grad_out", "q", "k", "v", "out", "lse", "attn_mask", "scale", "window_left", "window_right",
-             "bottom_right", "softcap", "grad_lse")
+    names = (
+        "grad_out",
+        "q",
+        "k",
+        "v",
+        "out",
+        "lse",
+        "attn_mask",
+        "scale",
+        "window_left",
+        "window_right",
+        "bottom_right",
+        "softcap",
+        "grad_lse",
+    )
     ok = dict(zip(names, (out, q, k, v, out, lse, None, 1.0, -1, -1, True, 0.0, None)))
 
     def with_(**kw):
@@ -668,16 +726,25 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize("knob,op", [("FUSEDATTN_CPU_BLOCK_N", "attention"), ("FUSEDATTN_CPU_DECODE_BLOCK_N", "decode")])
+@pytest.mark.parametrize(
+    "knob,op", [("FUSEDATTN_CPU_BLOCK_N", "attention"), ("FUSEDATTN_CPU_DECODE_BLOCK_N", "decode")]
+)
 def test_block_size_knobs_refuse_bad_values(knob, op):
     import os
 
     env = {n: val for n, val in os.environ.items() if not n.startswith("FUSEDATTN_CPU_")}
-    proc = subprocess.run([sys.executable, "-c", _KNOB_SCRIPT, knob, op], capture_output=True, text=True,
-                          check=False, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KNOB_SCRIPT, knob, op],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, (
         f"rc {proc.returncode} ({'signal ' + str(-proc.returncode) if proc.returncode < 0 else 'exit'})\n"
-        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+        f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
 
 
 def test_raw_varlen_refuses_v_with_other_tokens_than_k(gen):

@@ -1,5 +1,6 @@
 """The benchmark CLI end to end on a tiny case: tables, CSV/JSON, plot, correctness gate, info; the session's
 --where / --time-cap / --bundle, and benchmarks/gpu_check.py's output budget and pairwise grid."""
+
 import csv
 import importlib.util
 import json
@@ -27,8 +28,12 @@ def _gpu_check():
 
 @pytest.fixture
 def tiny_cases(monkeypatch):
-    tiny = [{"B": 1, "H": 2, "L": 64, "D": 16, "dtype": dt, "causal": c, "mode": m}
-            for dt in ("fp32", "bf16") for c in (False, True) for m in ("fwd", "fwd+bwd")]
+    tiny = [
+        {"B": 1, "H": 2, "L": 64, "D": 16, "dtype": dt, "causal": c, "mode": m}
+        for dt in ("fp32", "bf16")
+        for c in (False, True)
+        for m in ("fwd", "fwd+bwd")
+    ]
     monkeypatch.setattr(fam, "cases", lambda **kw: tiny)
     return tiny
 
@@ -90,8 +95,9 @@ def test_where_filters_by_family_and_key():
 def test_time_cap_lists_the_cases_it_did_not_run(tiny_cases, tmp_path):
     """A deadline already past: no case is measured, each is listed as skipped, the tables are still written
     (bundled: one md/json/csv for both families)."""
-    bench.main(["attention", "--quick", "--repeats", "1", "--time-cap", "0", "--out", str(tmp_path),
-                "--bundle", "bench"])
+    bench.main(
+        ["attention", "--quick", "--repeats", "1", "--time-cap", "0", "--out", str(tmp_path), "--bundle", "bench"]
+    )
     data = json.loads((tmp_path / "bench.json").read_text())
     rows = data["families"]["attention"]["rows"]
     run = [r for r in rows if not r["status"].startswith("absent")]
@@ -114,8 +120,23 @@ def test_bundle_holds_every_family_in_few_files(tiny_cases, tmp_path, monkeypatc
     monkeypatch.setattr(decode, "cases", lambda **kw: [decode._case(1, 2, 64, "fp32", "contiguous", Hq=4, D=16)])
     monkeypatch.setattr(decode, "COPY_MIB", 4)
     monkeypatch.setattr(decode, "_copy_buf", None)
-    bench.main(["decode", "attention", "--quick", "--repeats", "1", "--where", "attention:causal=True",
-                "--where", "attention:mode=fwd", "--out", str(tmp_path), "--bundle", "bench"])
+    bench.main(
+        [
+            "decode",
+            "attention",
+            "--quick",
+            "--repeats",
+            "1",
+            "--where",
+            "attention:causal=True",
+            "--where",
+            "attention:mode=fwd",
+            "--out",
+            str(tmp_path),
+            "--bundle",
+            "bench",
+        ]
+    )
     names = sorted(p.name for p in tmp_path.iterdir())
     pngs = ["cpu_attention.png", "cpu_decode.png"] if HAVE_MPL else []
     assert names == sorted(["bench.csv", "bench.json", "bench.md"] + pngs)
@@ -161,19 +182,34 @@ def test_grid_runs_a_few_cpu_cases(tmp_path):
     """The GPU grid's code on the cpu backend: one case per family, all within the 2x rule."""
     gc = _gpu_check()
     out = tmp_path / "grid.json"
-    rc = gc.main(["grid", "--device", "cpu", "--backends", "cpu", "--small", "--max-cases", "1", "--time-cap",
-                  "120", "--out", str(out)])
+    rc = gc.main(
+        [
+            "grid",
+            "--device",
+            "cpu",
+            "--backends",
+            "cpu",
+            "--small",
+            "--max-cases",
+            "1",
+            "--time-cap",
+            "120",
+            "--out",
+            str(out),
+        ]
+    )
     doc = json.loads(out.read_text())
     assert rc == 0 and {c["family"] for c in doc["cases"]} == set(gc.FAMILIES)
     assert all(c["status"] == "pass" for c in doc["cases"]), doc["cases"]
 
 
 def test_cuda_attention_run_order_covers_every_kind_at_a_length_first():
-    cases = select_cases(fam.cases(quick=False, device="cuda", dtypes=None), "attention",
-                         parse_where(["D=64,128", "L=1024,4096,16384"]))
+    cases = select_cases(
+        fam.cases(quick=False, device="cuda", dtypes=None), "attention", parse_where(["D=64,128", "L=1024,4096,16384"])
+    )
     order = fam.run_order(cases, "cuda")
     assert sorted(map(str, order)) == sorted(map(str, cases))
     kinds = {(c["mode"], c["D"], c["causal"]) for c in cases if c["dtype"] == "bf16"}
-    assert {(c["mode"], c["D"], c["causal"]) for c in order[:len(kinds)]} == kinds
-    assert {(c["dtype"], c["L"]) for c in order[:len(kinds)]} == {("bf16", 4096)}
+    assert {(c["mode"], c["D"], c["causal"]) for c in order[: len(kinds)]} == kinds
+    assert {(c["dtype"], c["L"]) for c in order[: len(kinds)]} == {("bf16", 4096)}
     assert fam.run_order(cases, "cpu") == cases

@@ -1,4 +1,5 @@
 """What the build reports, and the import-time refusal of a binary built for another torch."""
+
 import sys
 import types
 

@@ -8,6 +8,7 @@ edge cases; unused cache slots hold NaN and block-table entries past a sequence'
 read past the end shows up as NaN or a crash, run under compute-sanitizer by benchmarks/gpu_session.sh).
 The reference runs in float64 on the same device; the baseline is the same math in the input dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -62,15 +63,18 @@ def run_kernel(q, k, v, *, causal="none", window=(-1, -1), scale=None):
 
 
 def ref_kwargs(causal, window, scale=None):
-    return dict(causal=causal != "none", causal_align="top_left" if causal == "top_left" else "bottom_right",
-                window=window, scale=scale)
+    return dict(
+        causal=causal != "none",
+        causal_align="top_left" if causal == "top_left" else "bottom_right",
+        window=window,
+        scale=scale,
+    )
 
 
 def check_forward(q, k, v, causal="none", window=(-1, -1), scale=None):
     out, lse = run_kernel(q, k, v, causal=causal, window=window, scale=scale)
     kw = ref_kwargs(causal, window, scale)
-    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), return_lse=True, compute_dtype=torch.float64,
-                                 **kw)
+    ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), return_lse=True, compute_dtype=torch.float64, **kw)
     base, base_lse = attention_ref(q, k, v, return_lse=True, compute_dtype=q.dtype, **kw)
     assert out.shape == ref.shape and out.dtype == q.dtype and out.device == q.device
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
@@ -85,8 +89,12 @@ def check_backward(q, k, v, gen, causal="none", window=(-1, -1), use_lse=False, 
     g_out = randn(Bq, Hq, Lq, D, dtype=q.dtype, gen=gen).to(DEV)
     g_lse = randn(Bq, Hq, Lq, gen=gen).to(DEV) if use_lse else None
     kw = ref_kwargs(causal, window, scale)
-    ref = grads(lambda *x: attention_ref(*x, return_lse=True, compute_dtype=torch.float64, **kw),
-                [q.double(), k.double(), v.double()], g_out.double(), None if g_lse is None else g_lse.double())
+    ref = grads(
+        lambda *x: attention_ref(*x, return_lse=True, compute_dtype=torch.float64, **kw),
+        [q.double(), k.double(), v.double()],
+        g_out.double(),
+        None if g_lse is None else g_lse.double(),
+    )
     base = grads(lambda *x: attention_ref(*x, return_lse=True, compute_dtype=q.dtype, **kw), [q, k, v], g_out, g_lse)
     got = grads(lambda *x: run_kernel(*x, causal=causal, window=window, scale=scale), [q, k, v], g_out, g_lse)
     for name, g, r, b in zip(("dq", "dk", "dv"), got, ref, base):
@@ -124,14 +132,16 @@ def test_strided_and_misaligned_inputs(gen, causal):
 def test_public_api_routes_to_cuda(gen):
     q, k, v = (randn(1, 4, 33, 64, dtype=torch.bfloat16, gen=gen).to(DEV) for _ in range(3))
     import fusedattn
+
     out = fusedattn.attention(q, k, v, causal=True, backend="cuda")
     torch.testing.assert_close(out, run_kernel(q, k, v, causal="bottom_right")[0], atol=0, rtol=0)
 
 
 def test_deterministic_backward(gen):
     """No atomics: two backward passes give bit-identical gradients."""
-    case = dict(dtype=torch.bfloat16, causal="bottom_right", head_dim=128, lens=(300, 400), heads="gqa",
-                window=(-1, -1))
+    case = dict(
+        dtype=torch.bfloat16, causal="bottom_right", head_dim=128, lens=(300, 400), heads="gqa", window=(-1, -1)
+    )
     q, k, v = make_qkv(gen, case)
     g = randn(B, 8, 300, 128, dtype=torch.bfloat16, gen=gen).to(DEV)
     a = grads(lambda *x: run_kernel(*x, causal="bottom_right"), [q, k, v], g)
@@ -148,8 +158,13 @@ def test_unsupported_cases_name_the_case(gen, what):
     v = randn(1, 2, 9, 128 if what == "dv" else D, dtype=dt, gen=gen).to(DEV)
     mask = torch.zeros(9, 9, device=DEV).expand(1, 2, 9, 9) if what == "mask" else None
     softcap = 5.0 if what == "softcap" else 0.0
-    match = {"fp32": "float16 and bfloat16", "head_dim": "head dims 64, 128 and 256", "dv": "value head dim",
-             "mask": "attn_mask", "softcap": "softcap"}[what]
+    match = {
+        "fp32": "float16 and bfloat16",
+        "head_dim": "head dims 64, 128 and 256",
+        "dv": "value head dim",
+        "mask": "attn_mask",
+        "softcap": "softcap",
+    }[what]
     with pytest.raises(RuntimeError, match=match):
         fwd_op(q, k, v, mask, 0.125, -1, -1, True, softcap)
 
@@ -159,6 +174,7 @@ def test_unsupported_cases_name_the_case(gen, what):
 
 def _decode_batch(gen, lengths, **kw):
     from test_decode import make_batch  # NaN-filled unused slots, out-of-range unused block-table entries
+
     return make_batch(gen, lengths, **kw)
 
 
@@ -169,6 +185,7 @@ def _to(inputs, device):
 def test_auto_falls_back_for_cases_the_cuda_kernels_do_not_cover(gen):
     """float32 / head dim 80 / a mask: "auto" warns and uses another backend; backend="cuda" raises naming the case."""
     import fusedattn
+
     q, k, v = (randn(1, 2, 20, 80, gen=gen).to(DEV) for _ in range(3))
     with pytest.warns(UserWarning, match="cuda: dtype torch.float32"):
         out = fusedattn.attention(q, k, v, causal=True)
@@ -180,16 +197,39 @@ def test_auto_falls_back_for_cases_the_cuda_kernels_do_not_cover(gen):
 
 def test_decode_public_api_routes_to_cuda_and_falls_back(gen):
     import fusedattn
+
     inputs = _decode_batch(gen, [5, 300], Lq=1, Hq=4, Hkv=2, D=64, dtype=torch.bfloat16, page=16, Lnew=1)
     x = _to(inputs, DEV)
     with torch.no_grad():
-        out = fusedattn.decode_attention(x["q"], x["k_cache"].clone(), x["v_cache"].clone(),
-                                         cache_seqlens=x["cache_seqlens"], k_new=x["k_new"], v_new=x["v_new"],
-                                         block_table=x["block_table"], num_splits=2, backend="cuda")
-        raw, _ = decode_op(x["q"], x["k_cache"].clone(), x["v_cache"].clone(), x["cache_seqlens"], x["k_new"],
-                           x["v_new"], x["block_table"], None, 64 ** -0.5, -1, 0, 0.0, 2)
+        out = fusedattn.decode_attention(
+            x["q"],
+            x["k_cache"].clone(),
+            x["v_cache"].clone(),
+            cache_seqlens=x["cache_seqlens"],
+            k_new=x["k_new"],
+            v_new=x["v_new"],
+            block_table=x["block_table"],
+            num_splits=2,
+            backend="cuda",
+        )
+        raw, _ = decode_op(
+            x["q"],
+            x["k_cache"].clone(),
+            x["v_cache"].clone(),
+            x["cache_seqlens"],
+            x["k_new"],
+            x["v_new"],
+            x["block_table"],
+            None,
+            64**-0.5,
+            -1,
+            0,
+            0.0,
+            2,
+        )
         torch.testing.assert_close(out, raw, atol=0, rtol=0)
         y = _to(_decode_batch(gen, [5, 30], Lq=1, Hq=4, Hkv=2, D=32, dtype=torch.float32, page=16), DEV)
         with pytest.warns(UserWarning, match="cuda: dtype torch.float32"):
-            fusedattn.decode_attention(y["q"], y["k_cache"], y["v_cache"], cache_seqlens=y["cache_seqlens"],
-                                       block_table=y["block_table"])
+            fusedattn.decode_attention(
+                y["q"], y["k_cache"], y["v_cache"], cache_seqlens=y["cache_seqlens"], block_table=y["block_table"]
+            )

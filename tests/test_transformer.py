@@ -6,6 +6,7 @@ running torch's sdpa; out = the block in the test dtype running our kernels. The
 uncached, contiguous == paged, padding on either side == each prompt alone), and the encoder-decoder learning a
 toy copy task. transformers is not needed here (tests/test_hf.py covers the Hugging Face side).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,18 @@ import torch
 
 from conftest import assert_close_2x, case_id, pairwise, randn
 from fusedattn.transformer import kv_cache
-from fusedattn.transformer.model import (GPT, Block, FeedForward, GPTConfig, MultiHeadAttention, RotaryEmbedding,
-                                         SinusoidalPositions, attend, linear, set_attention_backend)
+from fusedattn.transformer.model import (
+    GPT,
+    Block,
+    FeedForward,
+    GPTConfig,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    attend,
+    linear,
+    set_attention_backend,
+)
 from fusedattn.transformer.seq2seq import Transformer, TransformerConfig
 
 BACKEND = "cpu"
@@ -29,8 +40,11 @@ def _three_runs(module: torch.nn.Module, dtype: torch.dtype, run):
     ref = set_attention_backend(copy.deepcopy(module), "torch").double()
     base = set_attention_backend(copy.deepcopy(module), "torch").to(dtype)
     with torch.no_grad():
-        return (run(ours, lambda t: t.to(dtype)), run(ref, lambda t: t.double()).float(),
-                run(base, lambda t: t.to(dtype)))
+        return (
+            run(ours, lambda t: t.to(dtype)),
+            run(ref, lambda t: t.double()).float(),
+            run(base, lambda t: t.to(dtype)),
+        )
 
 
 def _padding_mask(B: int, L: int, gen, left: bool = False) -> torch.Tensor:
@@ -44,14 +58,16 @@ def _padding_mask(B: int, L: int, gen, left: bool = False) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # attention core and MultiHeadAttention
 # ------------------------------------------------------------------------------------------------
-ATTEND_CASES = pairwise({
-    "dtype": [torch.float32, torch.bfloat16],
-    "lens": [(1, 1), (17, 17), (5, 97), (97, 33)],
-    "heads": [(4, 4), (4, 2), (4, 1)],
-    "causal": [False, True],
-    "padded": [False, True],
-    "D": [32, 64],
-})
+ATTEND_CASES = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16],
+        "lens": [(1, 1), (17, 17), (5, 97), (97, 33)],
+        "heads": [(4, 4), (4, 2), (4, 1)],
+        "causal": [False, True],
+        "padded": [False, True],
+        "D": [32, 64],
+    }
+)
 
 
 @pytest.mark.parametrize("case", ATTEND_CASES, ids=case_id)
@@ -68,15 +84,17 @@ def test_attend_matches_torch(case, gen):
     assert_close_2x(out, ref, base)
 
 
-MHA_CASES = pairwise({
-    "dtype": [torch.float32, torch.bfloat16],
-    "kind": ["self", "cross"],
-    "heads": [(4, 4), (4, 2), (4, 1)],
-    "T": [1, 17, 33],
-    "causal": [False, True],
-    "padded": [False, True],
-    "rotary": [False, True],
-})
+MHA_CASES = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16],
+        "kind": ["self", "cross"],
+        "heads": [(4, 4), (4, 2), (4, 1)],
+        "T": [1, 17, 33],
+        "causal": [False, True],
+        "padded": [False, True],
+        "rotary": [False, True],
+    }
+)
 
 
 @pytest.mark.parametrize("case", MHA_CASES, ids=case_id)
@@ -89,9 +107,17 @@ def test_multihead_attention_matches_torch(case, gen):
     x, ctx = randn(B, T, C, gen=gen), randn(B, S, C, gen=gen)
     mask = _padding_mask(B, S if cross else T, gen, left=True) if case["padded"] else None
     positions = torch.arange(T).expand(B, T)
-    out, ref, base = _three_runs(mha, dtype, lambda m, c: m(c(x), c(ctx) if cross else None,
-                                                             causal=case["causal"] and not cross,
-                                                             key_padding_mask=mask, positions=positions))
+    out, ref, base = _three_runs(
+        mha,
+        dtype,
+        lambda m, c: m(
+            c(x),
+            c(ctx) if cross else None,
+            causal=case["causal"] and not cross,
+            key_padding_mask=mask,
+            positions=positions,
+        ),
+    )
     assert out.shape == (B, T, C)
     assert_close_2x(out, ref, base)
 
@@ -104,11 +130,14 @@ def test_multihead_attention_fused_projection_layout(gen):
     x = randn(B, T, C, gen=gen)
     w, b = mha.qkv_proj.weight, mha.qkv_proj.bias
     q = (x @ w[: H * D].T + b[: H * D]).view(B, T, H, D).transpose(1, 2)
-    k = (x @ w[H * D: (H + Hkv) * D].T + b[H * D: (H + Hkv) * D]).view(B, T, Hkv, D).transpose(1, 2)
-    v = (x @ w[(H + Hkv) * D:].T + b[(H + Hkv) * D:]).view(B, T, Hkv, D).transpose(1, 2)
+    k = (x @ w[H * D : (H + Hkv) * D].T + b[H * D : (H + Hkv) * D]).view(B, T, Hkv, D).transpose(1, 2)
+    v = (x @ w[(H + Hkv) * D :].T + b[(H + Hkv) * D :]).view(B, T, Hkv, D).transpose(1, 2)
     k, v = k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1)
-    att = ((q @ k.transpose(-1, -2)) / math.sqrt(D)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(),
-                                                                  float("-inf")).softmax(-1)
+    att = (
+        ((q @ k.transpose(-1, -2)) / math.sqrt(D))
+        .masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        .softmax(-1)
+    )
     expect = mha.out_proj((att @ v).transpose(1, 2).reshape(B, T, C))
     with torch.no_grad():
         torch.testing.assert_close(mha(x, causal=True), expect, atol=1e-5, rtol=1e-5)
@@ -123,8 +152,12 @@ def test_feed_forward(activation, gen):
     x = randn(2, 5, 48, gen=gen)
     h = ffn.fc(x)
     F = torch.nn.functional
-    act = {"gelu": lambda: F.gelu(h), "gelu_tanh": lambda: F.gelu(h, approximate="tanh"), "relu": h.relu,
-           "swiglu": lambda: F.silu(ffn.gate(x)) * h}[activation]
+    act = {
+        "gelu": lambda: F.gelu(h),
+        "gelu_tanh": lambda: F.gelu(h, approximate="tanh"),
+        "relu": h.relu,
+        "swiglu": lambda: F.silu(ffn.gate(x)) * h,
+    }[activation]
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), ffn.proj(act()))
     assert ffn.fc.out_features == (4 * 48 if activation != "swiglu" else 128)
@@ -167,14 +200,16 @@ def test_rotary_scores_depend_on_offset_only(gen):
     torch.testing.assert_close(rope(q, pos(0)), q)
 
 
-BLOCK_CASES = pairwise({
-    "dtype": [torch.float32, torch.bfloat16],
-    "prenorm": [True, False],
-    "norm": ["layernorm", "rmsnorm"],
-    "ffn": ["gelu", "relu", "swiglu"],
-    "cross": [False, True],
-    "heads": [(4, 4), (4, 1)],
-})
+BLOCK_CASES = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16],
+        "prenorm": [True, False],
+        "norm": ["layernorm", "rmsnorm"],
+        "ffn": ["gelu", "relu", "swiglu"],
+        "cross": [False, True],
+        "heads": [(4, 4), (4, 1)],
+    }
+)
 
 
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=case_id)
@@ -184,8 +219,16 @@ def test_block_matches_torch(case, gen):
     block = Block(C, H, Hkv, cross=case["cross"], ffn=case["ffn"], norm=case["norm"], prenorm=case["prenorm"])
     x, mem = randn(B, T, C, gen=gen), randn(B, S, C, gen=gen)
     tgt_mask, mem_mask = _padding_mask(B, T, gen), _padding_mask(B, S, gen)
-    run = lambda m, c: m(c(x), causal=True, key_padding_mask=tgt_mask,  # noqa: E731
-                         memory=c(mem) if case["cross"] else None, memory_mask=mem_mask)
+
+    def run(m, c):
+        return m(
+            c(x),
+            causal=True,
+            key_padding_mask=tgt_mask,
+            memory=c(mem) if case["cross"] else None,
+            memory_mask=mem_mask,
+        )
+
     out, ref, base = _three_runs(block, case["dtype"], run)
     assert_close_2x(out, ref, base)
 
@@ -193,11 +236,14 @@ def test_block_matches_torch(case, gen):
 # ------------------------------------------------------------------------------------------------
 # Encoder, Decoder, encoder-decoder, GPT forward
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pos,prenorm,dtype", [("sinusoidal", False, torch.float32), ("learned", True, torch.float32),
-                                               ("rotary", True, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "pos,prenorm,dtype",
+    [("sinusoidal", False, torch.float32), ("learned", True, torch.float32), ("rotary", True, torch.bfloat16)],
+)
 def test_encoder_decoder_matches_torch(pos, prenorm, dtype, gen):
-    cfg = TransformerConfig(src_vocab_size=50, tgt_vocab_size=40, max_len=64, d_model=64, n_head=4, n_kv_head=2,
-                            pos=pos, prenorm=prenorm)
+    cfg = TransformerConfig(
+        src_vocab_size=50, tgt_vocab_size=40, max_len=64, d_model=64, n_head=4, n_kv_head=2, pos=pos, prenorm=prenorm
+    )
     model = Transformer(cfg).eval()
     src, tgt = torch.randint(0, 50, (3, 19), generator=gen), torch.randint(0, 40, (3, 11), generator=gen)
     src_mask, tgt_mask = _padding_mask(3, 19, gen), _padding_mask(3, 11, gen)
@@ -236,16 +282,20 @@ def test_gpt_loss_and_backward_match_torch(gen):
     model = _tiny_gpt(**GPT_VARIANTS["llama"]).train()
     idx = torch.randint(0, 97, (2, 23), generator=gen)
     results = {}
-    for name, backend, dtype in (("out", BACKEND, torch.float32), ("ref", "torch", torch.float64),
-                                 ("base", "torch", torch.float32)):
+    for name, backend, dtype in (
+        ("out", BACKEND, torch.float32),
+        ("ref", "torch", torch.float64),
+        ("base", "torch", torch.float32),
+    ):
         m = set_attention_backend(copy.deepcopy(model), backend).to(dtype)
         _, loss = m(idx[:, :-1], targets=idx[:, 1:])
         loss.backward()
         results[name] = (loss.detach(), {n: p.grad for n, p in m.named_parameters()})
     assert_close_2x(results["out"][0], results["ref"][0].float(), results["base"][0], name="loss")
     for n in results["out"][1]:
-        assert_close_2x(results["out"][1][n], results["ref"][1][n].float(), results["base"][1][n], factor=3,
-                        name=f"grad {n}")
+        assert_close_2x(
+            results["out"][1][n], results["ref"][1][n].float(), results["base"][1][n], factor=3, name=f"grad {n}"
+        )
 
 
 def test_block_compiles_fullgraph(gen):
@@ -253,8 +303,9 @@ def test_block_compiles_fullgraph(gen):
     x, mask = randn(2, 9, 32, gen=gen), _padding_mask(2, 9, gen)
     compiled = torch.compile(block, fullgraph=True, backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, causal=True, key_padding_mask=mask),
-                                   block(x, causal=True, key_padding_mask=mask))
+        torch.testing.assert_close(
+            compiled(x, causal=True, key_padding_mask=mask), block(x, causal=True, key_padding_mask=mask)
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,8 +325,12 @@ def test_generate_sampling_cached_equals_uncached(gen):
     """Same generator seed: top-k + top-p sampling draws the same tokens with and without the cache."""
     model = _tiny_gpt(**GPT_VARIANTS["llama"])
     idx = torch.randint(0, 97, (2, 5), generator=gen)
-    outs = [model.generate(idx, 15, temperature=0.8, top_k=20, top_p=0.9, use_cache=c,
-                           generator=torch.Generator().manual_seed(7)) for c in (True, False)]
+    outs = [
+        model.generate(
+            idx, 15, temperature=0.8, top_k=20, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(7)
+        )
+        for c in (True, False)
+    ]
     assert torch.equal(outs[0], outs[1])
 
 
@@ -288,20 +343,20 @@ def test_generate_batched_padding_equals_each_prompt_alone(side, paged, gen):
     mask = _padding_mask(B, T, gen, left=side == "left")
     idx = idx.masked_fill(~mask, 0)
     out = model.generate(idx, N, temperature=0, attention_mask=mask, paged=paged, page_size=4, pad_token_id=0)
-    assert torch.equal(out, model.generate(idx, N, temperature=0, attention_mask=mask, use_cache=False,
-                                           pad_token_id=0))
+    assert torch.equal(out, model.generate(idx, N, temperature=0, attention_mask=mask, use_cache=False, pad_token_id=0))
     for b in range(B):
         L = int(mask[b].sum())
-        alone = model.generate(idx[b:b + 1][mask[b:b + 1]].view(1, L), N, temperature=0)[0]  # (L + N,)
+        alone = model.generate(idx[b : b + 1][mask[b : b + 1]].view(1, L), N, temperature=0)[0]  # (L + N,)
         row = out[b]
         if side == "left":
-            assert torch.equal(row[T - L:], alone)
+            assert torch.equal(row[T - L :], alone)
         else:
-            assert torch.equal(row[: L + N], alone) and bool((row[L + N:] == 0).all())
+            assert torch.equal(row[: L + N], alone) and bool((row[L + N :] == 0).all())
 
 
-@pytest.mark.parametrize("backend, expected", [("reference", "reference"), ("cpu", "cpu"), ("auto", "auto"),
-                                               ("torch", "reference")])
+@pytest.mark.parametrize(
+    "backend, expected", [("reference", "reference"), ("cpu", "cpu"), ("auto", "auto"), ("torch", "reference")]
+)
 def test_cached_decode_uses_the_requested_backend(backend, expected, gen, monkeypatch):
     """The KV-cache path hands decode_attention the model's backend (it used to turn "cpu" etc. into "auto");
     "torch" (sdpa has no cached decode) runs the reference."""
@@ -329,7 +384,7 @@ def test_generate_stops_at_eos(gen):
     out = model.generate(idx, 10, temperature=0, eos=eos, pad_token_id=-1)
     first = (free[0, 6:] == eos).nonzero()[0].item()
     assert torch.equal(out[0, : 6 + first + 1], free[0, : 6 + first + 1])
-    assert bool((out[0, 6 + first + 1:] == -1).all())
+    assert bool((out[0, 6 + first + 1 :] == -1).all())
 
 
 def test_generate_bad_inputs():
@@ -359,8 +414,18 @@ def test_generate_bad_inputs():
 def test_encoder_decoder_learns_copy_task():
     torch.manual_seed(0)
     V, BOS, L = 12, 1, 8  # tokens 2..11 are data
-    cfg = TransformerConfig(src_vocab_size=V, tgt_vocab_size=V, max_len=16, d_model=64, n_head=4, n_kv_head=2,
-                            n_encoder_layers=2, n_decoder_layers=2, prenorm=True, backend=BACKEND)
+    cfg = TransformerConfig(
+        src_vocab_size=V,
+        tgt_vocab_size=V,
+        max_len=16,
+        d_model=64,
+        n_head=4,
+        n_kv_head=2,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        prenorm=True,
+        backend=BACKEND,
+    )
     model = Transformer(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
@@ -392,8 +457,9 @@ def test_example_generate_script(tmp_path, capsys):
     torch.manual_seed(1)
     model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=1, n_head=2, n_embd=32))
     torch.save(model.state_dict(), tmp_path / "w.pt")
-    example.main(dims + ["--weights", str(tmp_path / "w.pt"), "--prompt", "hi", "--max-new-tokens", "6",
-                         "--temperature", "0"])
+    example.main(
+        dims + ["--weights", str(tmp_path / "w.pt"), "--prompt", "hi", "--max-new-tokens", "6", "--temperature", "0"]
+    )
     out = capsys.readouterr().out
     expect = model.generate(torch.tensor([list(b"hi")]), 6, temperature=0)[0].tolist()
     assert repr(bytes(expect).decode(errors="replace")) in out and "tokens/s" in out

@@ -6,6 +6,7 @@ kernel the interpreter accepts but the compiler rejects fails the tool. The full
 is the CI step ``<venv>/bin/python tools/triton_compile_check.py``. Skips when triton < 3 or its CUDA backend
 (compiler and ptxas) is unavailable.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,9 @@ pytestmark = [pytest.mark.skipif(REASON is not None, reason=str(REASON)), pytest
 
 def _run(*args, timeout=900):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, check=False)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
 
 
 def test_quick_grid_compiles():

@@ -26,15 +26,17 @@ SEQLENS = {
     "empty": ([0, 12, 7], [6, 0, 20]),
     "one": ([23], [23]),
 }
-GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "causal": [False, True],
-    "window": [(-1, -1), (4, 2), (-1, 3)],
-    "seqlens": list(SEQLENS),
-    "heads": [(2, 2), (4, 2), (4, 1)],
-    "head_dim": [(16, 16), (40, 40), (64, 24)],
-    "softcap": [0.0, 5.0],
-})
+GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "causal": [False, True],
+        "window": [(-1, -1), (4, 2), (-1, 3)],
+        "seqlens": list(SEQLENS),
+        "heads": [(2, 2), (4, 2), (4, 1)],
+        "head_dim": [(16, 16), (40, 40), (64, 24)],
+        "softcap": [0.0, 5.0],
+    }
+)
 
 
 def cu(lens):
@@ -57,11 +59,21 @@ def varlen_ref(q, k, v, lq, lk, *, causal, window, softcap, scale, compute_dtype
     outs, lses = [], []
     cq, ck = cu(lq).tolist(), cu(lk).tolist()
     for b in range(len(lq)):
-        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
-        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
-        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
-        out, lse = attention_ref(qb, kb, vb, causal=causal, causal_align="bottom_right", window=window,
-                                 softcap=softcap, scale=scale, return_lse=True, compute_dtype=compute_dtype)
+        qb = q[cq[b] : cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+        kb = k[ck[b] : ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[ck[b] : ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        out, lse = attention_ref(
+            qb,
+            kb,
+            vb,
+            causal=causal,
+            causal_align="bottom_right",
+            window=window,
+            softcap=softcap,
+            scale=scale,
+            return_lse=True,
+            compute_dtype=compute_dtype,
+        )
         outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse[0])  # (Hq, Lq)
     return torch.cat(outs), torch.cat(lses, dim=1)
@@ -88,10 +100,16 @@ def test_varlen_forward_backward(case, gen):
 
     # rows with no key: lse -inf, no gradient through it
     got = grads(lambda *x: run(*x, lq, lk, **kw), [qd, kd, vd], god, gld, finite_lse_only=True)
-    ref_g = grads(lambda *x: varlen_ref(*x, lq, lk, compute_dtype=torch.float64, **kw),
-                  [q.double(), k.double(), v.double()], g_out.double(), g_lse.double(), finite_lse_only=True)
-    base_g = grads(lambda *x: varlen_ref(*x, lq, lk, compute_dtype=q.dtype, **kw), [q, k, v], g_out, g_lse,
-                   finite_lse_only=True)
+    ref_g = grads(
+        lambda *x: varlen_ref(*x, lq, lk, compute_dtype=torch.float64, **kw),
+        [q.double(), k.double(), v.double()],
+        g_out.double(),
+        g_lse.double(),
+        finite_lse_only=True,
+    )
+    base_g = grads(
+        lambda *x: varlen_ref(*x, lq, lk, compute_dtype=q.dtype, **kw), [q, k, v], g_out, g_lse, finite_lse_only=True
+    )
     atol = 1e-5 * max([1.0] + [r.abs().max().item() for r in ref_g if r.numel()])
     for name, g, r, b in zip(("dq", "dk", "dv"), got, ref_g, base_g):
         assert_close_2x(g.cpu(), r, b, factor=3, atol=atol, name=name)
@@ -105,10 +123,19 @@ def test_varlen_matches_dense_per_sequence(gen):
     out, lse = run(q, k, v, lq, lk, scale=0.2, causal=True, window=(5, -1))
     cq, ck = cu(lq).tolist(), cu(lk).tolist()
     for b in range(2):
-        o, l_ = ka.attention(q[cq[b]:cq[b + 1]].transpose(0, 1)[None], k[ck[b]:ck[b + 1]].transpose(0, 1)[None],
-                             v[ck[b]:ck[b + 1]].transpose(0, 1)[None], None, 0.2, 5, 0, True, 0.0)
-        torch.testing.assert_close(out[cq[b]:cq[b + 1]], o[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(lse[:, cq[b]:cq[b + 1]], l_[0], atol=1e-6, rtol=1e-6)
+        o, l_ = ka.attention(
+            q[cq[b] : cq[b + 1]].transpose(0, 1)[None],
+            k[ck[b] : ck[b + 1]].transpose(0, 1)[None],
+            v[ck[b] : ck[b + 1]].transpose(0, 1)[None],
+            None,
+            0.2,
+            5,
+            0,
+            True,
+            0.0,
+        )
+        torch.testing.assert_close(out[cq[b] : cq[b + 1]], o[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(lse[:, cq[b] : cq[b + 1]], l_[0], atol=1e-6, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- ops
@@ -150,8 +177,10 @@ def test_varlen_torch_compile_fullgraph(gen, backend):
     torch.testing.assert_close(out_c, out_e, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse_c, lse_e, atol=1e-6, rtol=1e-6)
     g = randn(*out_e.shape, gen=gen).to(DEVICE)
-    for gc, ge in zip(torch.autograd.grad((out_c * g).sum() + lse_c.sum(), (q, k, v)),
-                      torch.autograd.grad((out_e * g).sum() + lse_e.sum(), (q, k, v))):
+    for gc, ge in zip(
+        torch.autograd.grad((out_c * g).sum() + lse_c.sum(), (q, k, v)),
+        torch.autograd.grad((out_e * g).sum() + lse_e.sum(), (q, k, v)),
+    ):
         torch.testing.assert_close(gc, ge, atol=1e-6, rtol=1e-6)
 
 
@@ -160,9 +189,11 @@ def test_varlen_torch_compile_fullgraph(gen, backend):
 
 def test_backward_is_deterministic(gen):
     """No atomics: two backward passes give bit-identical gradients (GQA: dK/dV summed over a group)."""
-    q, k, v = (randn(2, 4, 45, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE),
-               randn(2, 1, 50, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE),
-               randn(2, 1, 50, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE))
+    q, k, v = (
+        randn(2, 4, 45, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE),
+        randn(2, 1, 50, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE),
+        randn(2, 1, 50, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE),
+    )
     g = randn(2, 4, 45, 32, dtype=torch.bfloat16, gen=gen).to(DEVICE)
     results = []
     for _ in range(2):
@@ -186,8 +217,14 @@ def test_small_blocks_skip_the_right_tiles(gen, monkeypatch, window, bottom_righ
     out, lse = ka.attention(*x, None, 0.25, window[0], window[1], bottom_right, 0.0)
     dq, dk, dv = torch.autograd.grad(out, x, g)
     x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref, ref_lse = attention_ref(*x64, window=window, causal_align="bottom_right" if bottom_right else "top_left",
-                                 scale=0.25, return_lse=True, compute_dtype=torch.float64)
+    ref, ref_lse = attention_ref(
+        *x64,
+        window=window,
+        causal_align="bottom_right" if bottom_right else "top_left",
+        scale=0.25,
+        return_lse=True,
+        compute_dtype=torch.float64,
+    )
     rq, rk, rv = torch.autograd.grad(ref, x64, g.double())
     # the window-aligned cases are nonzero only thanks to the offset: a wrong bound drops visible pairs
     for got, want in ((out, ref), (lse, ref_lse), (dq, rq), (dk, rk), (dv, rv)):

@@ -28,19 +28,36 @@ bwd_op = torch.ops.fusedattn.varlen_bwd
 
 # (Lq, Lk) of the sequences packed into one batch: empty sides, single tokens, odd lengths, Lq != Lk both ways,
 # and neighbours of equal lengths (the CPU op runs those as one batched kernel call).
-SEQS = [(17, 17), (17, 17), (0, 13), (1, 97), (97, 1), (97, 1), (257, 257), (13, 0), (13, 0), (97, 257), (257, 17),
-        (0, 0), (1, 1), (1, 1), (1, 1)]
+SEQS = [
+    (17, 17),
+    (17, 17),
+    (0, 13),
+    (1, 97),
+    (97, 1),
+    (97, 1),
+    (257, 257),
+    (13, 0),
+    (13, 0),
+    (97, 257),
+    (257, 17),
+    (0, 0),
+    (1, 1),
+    (1, 1),
+    (1, 1),
+]
 SEQS_TINY = [(5, 5), (5, 5), (0, 3), (1, 9), (9, 1), (3, 0), (17, 6), (0, 0)]  # Triton interpreter
 HEADS = {"mha": (2, 2), "gqa": (6, 2), "mqa": (4, 1)}  # name -> (Hq, Hkv)
 HEADS_TINY = {"mha": (1, 1), "gqa": (4, 2), "mqa": (3, 1)}  # Triton interpreter
-GRID = pairwise({
-    "dtype": [torch.float32, torch.bfloat16, torch.float16],
-    "causal": [False, True],
-    "D": [32, 64, 128, 256, 80],
-    "heads": ["mha", "gqa", "mqa"],
-    "window": [(-1, -1), (16, 0), (5, 40)],
-    "softcap": [0.0, 5.0],
-})
+GRID = pairwise(
+    {
+        "dtype": [torch.float32, torch.bfloat16, torch.float16],
+        "causal": [False, True],
+        "D": [32, 64, 128, 256, 80],
+        "heads": ["mha", "gqa", "mqa"],
+        "window": [(-1, -1), (16, 0), (5, 40)],
+        "softcap": [0.0, 5.0],
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -64,22 +81,53 @@ def make_packed(gen, seqs, *, Hq=4, Hkv=2, D=32, Dv=None, dtype=torch.float32, d
     lq, lk = [a for a, _ in seqs], [b for _, b in seqs]
     q = (randn(sum(lq), Hq, D, gen=gen) * q_mult).to(dtype)
     k, v = randn(sum(lk), Hkv, D, dtype=dtype, gen=gen), randn(sum(lk), Hkv, Dv, dtype=dtype, gen=gen)
-    return dict(q=q.to(device), k=k.to(device), v=v.to(device), cu_seqlens_q=cu(lq, device),
-                cu_seqlens_k=cu(lk, device), max_seqlen_q=max(lq, default=0), max_seqlen_k=max(lk, default=0))
+    return dict(
+        q=q.to(device),
+        k=k.to(device),
+        v=v.to(device),
+        cu_seqlens_q=cu(lq, device),
+        cu_seqlens_k=cu(lk, device),
+        max_seqlen_q=max(lq, default=0),
+        max_seqlen_k=max(lk, default=0),
+    )
 
 
 def run(backend, x, **kw):
     """varlen_attention on `backend`; skips the test where it cannot serve the case (the dispatcher's reason)."""
-    skip_unsupported("varlen", backend, dtype=x["q"].dtype, head_dim=x["q"].shape[-1], value_dim=x["v"].shape[-1],
-                     softcap=kw.get("softcap", 0.0))
-    return fusedattn.varlen_attention(x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"],
-                                      x["max_seqlen_q"], x["max_seqlen_k"], return_lse=True, backend=backend, **kw)
+    skip_unsupported(
+        "varlen",
+        backend,
+        dtype=x["q"].dtype,
+        head_dim=x["q"].shape[-1],
+        value_dim=x["v"].shape[-1],
+        softcap=kw.get("softcap", 0.0),
+    )
+    return fusedattn.varlen_attention(
+        x["q"],
+        x["k"],
+        x["v"],
+        x["cu_seqlens_q"],
+        x["cu_seqlens_k"],
+        x["max_seqlen_q"],
+        x["max_seqlen_k"],
+        return_lse=True,
+        backend=backend,
+        **kw,
+    )
 
 
 def ref_call(x, compute_dtype, **kw):
     cast = (lambda t: t.double()) if compute_dtype == torch.float64 else (lambda t: t)
-    return varlen_attention_ref(cast(x["q"]).cpu(), cast(x["k"]).cpu(), cast(x["v"]).cpu(), x["cu_seqlens_q"].cpu(),
-                                x["cu_seqlens_k"].cpu(), return_lse=True, compute_dtype=compute_dtype, **kw)
+    return varlen_attention_ref(
+        cast(x["q"]).cpu(),
+        cast(x["k"]).cpu(),
+        cast(x["v"]).cpu(),
+        x["cu_seqlens_q"].cpu(),
+        x["cu_seqlens_k"].cpu(),
+        return_lse=True,
+        compute_dtype=compute_dtype,
+        **kw,
+    )
 
 
 def check_forward(backend, x, **kw):
@@ -104,8 +152,12 @@ def check_backward(backend, x, gen, use_lse=False, **kw):
         return dict(x, q=q, k=k, v=v)
 
     got = grads(lambda *t: run(backend, with_qkv(*t), **kw), qkv, g_out, g_lse)
-    ref = grads(lambda *t: ref_call(with_qkv(*t), torch.float64, **kw), [t.cpu().double() for t in qkv],
-                g_out.double(), None if g_lse is None else g_lse.double())
+    ref = grads(
+        lambda *t: ref_call(with_qkv(*t), torch.float64, **kw),
+        [t.cpu().double() for t in qkv],
+        g_out.double(),
+        None if g_lse is None else g_lse.double(),
+    )
     base = grads(lambda *t: ref_call(with_qkv(*t), dt, **kw), [t.cpu() for t in qkv], g_out, g_lse)
     # Absolute floor relative to the largest gradient (see tests/test_attention.py: the baseline's softmax backward
     # can be exact where a flash backward's dP - rowsum(dO * O) leaves rounding noise).
@@ -121,8 +173,16 @@ def check_backward(backend, x, gen, use_lse=False, **kw):
 @pytest.mark.parametrize("case", GRID, ids=case_id)
 def test_forward_backward_vs_reference(backend, case, gen):
     Hq, Hkv = heads_for(backend, case["heads"])
-    x = make_packed(gen, seqs_for(backend), Hq=Hq, Hkv=Hkv, D=case["D"], dtype=case["dtype"],
-                    device=device_for(backend), q_mult=3.0 if case["softcap"] else 1.0)  # large scores: the cap bites
+    x = make_packed(
+        gen,
+        seqs_for(backend),
+        Hq=Hq,
+        Hkv=Hkv,
+        D=case["D"],
+        dtype=case["dtype"],
+        device=device_for(backend),
+        q_mult=3.0 if case["softcap"] else 1.0,
+    )  # large scores: the cap bites
     kw = dict(causal=case["causal"], window=case["window"], softcap=case["softcap"])
     check_forward(backend, x, **kw)
     check_backward(backend, x, gen, use_lse=case["D"] in (64, 80), **kw)
@@ -143,13 +203,14 @@ def _left_padded(t, lengths, L):
     out = t.new_zeros(len(lengths), t.shape[1], L, t.shape[2])
     start = 0
     for b, n in enumerate(lengths):
-        out[b, :, L - n:] = t[start:start + n].transpose(0, 1)
+        out[b, :, L - n :] = t[start : start + n].transpose(0, 1)
         start += n
     return out
 
 
-@pytest.mark.parametrize("causal,window,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0),
-                                                   (True, (20, 0), 4.0), (False, (7, 9), 0.0)])
+@pytest.mark.parametrize(
+    "causal,window,softcap", [(False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (True, (20, 0), 4.0), (False, (7, 9), 0.0)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_equals_dense_attention(backend, causal, window, softcap, dtype, gen):
     """varlen == fusedattn.attention run on each sequence alone, and == one left-padded dense batch whose padded
@@ -163,20 +224,19 @@ def test_equals_dense_attention(backend, causal, window, softcap, dtype, gen):
 
     cq, ck = x["cu_seqlens_q"].tolist(), x["cu_seqlens_k"].tolist()
     for b in range(len(seqs)):
-        qb = x["q"][cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
-        kb = x["k"][ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
-        vb = x["v"][ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        qb = x["q"][cq[b] : cq[b + 1]].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+        kb = x["k"][ck[b] : ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = x["v"][ck[b] : ck[b + 1]].transpose(0, 1).unsqueeze(0)
         ob, lb = fusedattn.attention(qb, kb, vb, return_lse=True, backend=backend, **kw)
-        torch.testing.assert_close(out[cq[b]:cq[b + 1]], ob[0].transpose(0, 1), **tol)
-        torch.testing.assert_close(lse[:, cq[b]:cq[b + 1]], lb[0], **tol)
+        torch.testing.assert_close(out[cq[b] : cq[b + 1]], ob[0].transpose(0, 1), **tol)
+        torch.testing.assert_close(lse[:, cq[b] : cq[b + 1]], lb[0], **tol)
 
     Lq, Lk = max(lq), max(lk)
     qp, kp, vp = (_left_padded(x[n], lens, L) for n, lens, L in (("q", lq, Lq), ("k", lk, Lk), ("v", lk, Lk)))
     keep = torch.arange(Lk, device=qp.device) >= Lk - torch.tensor(lk, device=qp.device)[:, None]  # (B, Lk)
-    op, lp = fusedattn.attention(qp, kp, vp, attn_mask=keep[:, None, None, :], return_lse=True, backend=backend,
-                                 **kw)
-    torch.testing.assert_close(out, torch.cat([op[b, :, Lq - n:].transpose(0, 1) for b, n in enumerate(lq)]), **tol)
-    torch.testing.assert_close(lse, torch.cat([lp[b, :, Lq - n:] for b, n in enumerate(lq)], dim=1), **tol)
+    op, lp = fusedattn.attention(qp, kp, vp, attn_mask=keep[:, None, None, :], return_lse=True, backend=backend, **kw)
+    torch.testing.assert_close(out, torch.cat([op[b, :, Lq - n :].transpose(0, 1) for b, n in enumerate(lq)]), **tol)
+    torch.testing.assert_close(lse, torch.cat([lp[b, :, Lq - n :] for b, n in enumerate(lq)], dim=1), **tol)
 
 
 # ---------------------------------------------------------------------------------------------- layout, edges
@@ -233,8 +293,8 @@ def test_nan_stays_in_its_sequence(backend, gen):
     b = next(i for i, (a, c) in enumerate(seqs) if a > 0 and c > 0)
     x["k"][ck[b]] = math.nan  # first key of sequence b
     out, _ = run(backend, x)
-    assert out[cq[b]:cq[b + 1]].isnan().all()
-    rest = torch.cat([out[:cq[b]], out[cq[b + 1]:]])
+    assert out[cq[b] : cq[b + 1]].isnan().all()
+    rest = torch.cat([out[: cq[b]], out[cq[b + 1] :]])
     assert not rest.isnan().any()
 
 
@@ -244,8 +304,7 @@ def test_nan_stays_in_its_sequence(backend, gen):
 def _op_args(gen, requires_grad=False, dtype=torch.float32):
     x = make_packed(gen, [(3, 5), (0, 2), (4, 1), (2, 0)], Hq=4, Hkv=2, D=8, Dv=12, dtype=dtype)
     q, k, v = (x[n].requires_grad_(requires_grad) for n in ("q", "k", "v"))
-    return (q, k, v, x["cu_seqlens_q"], x["cu_seqlens_k"], x["max_seqlen_q"], x["max_seqlen_k"], 0.35, 3, 0, True,
-            2.0)
+    return (q, k, v, x["cu_seqlens_q"], x["cu_seqlens_k"], x["max_seqlen_q"], x["max_seqlen_k"], 0.35, 3, 0, True, 2.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -265,8 +324,9 @@ def test_opcheck_bwd(gen, with_grad_lse):
 
 class _Packed(torch.nn.Module):
     def forward(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int):
-        out, lse = fusedattn.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window=(40, -1),
-                                              return_lse=True)
+        out, lse = fusedattn.varlen_attention(
+            q, k, v, cu_q, cu_k, max_q, max_k, causal=True, window=(40, -1), return_lse=True
+        )
         return out, lse
 
 
@@ -345,8 +405,20 @@ def test_bad_inputs_raise_naming_the_argument(gen, case):
     with pytest.raises(ValueError, match=name):
         run("cpu", x)
     if raw_op_checks:  # the op itself (what compiled code calls) refuses it too, before any access
-        args = (x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"], x["max_seqlen_q"], x["max_seqlen_k"],
-                0.25, -1, -1, True, 0.0)
+        args = (
+            x["q"],
+            x["k"],
+            x["v"],
+            x["cu_seqlens_q"],
+            x["cu_seqlens_k"],
+            x["max_seqlen_q"],
+            x["max_seqlen_k"],
+            0.25,
+            -1,
+            -1,
+            True,
+            0.0,
+        )
         with pytest.raises(RuntimeError, match=name):
             fwd_op(*args)
         total_q, Hq = x["q"].shape[:2]
@@ -356,20 +428,31 @@ def test_bad_inputs_raise_naming_the_argument(gen, case):
             bwd_op(g, *args[:3], g, lse, *args[3:], None)
 
 
-@pytest.mark.parametrize("kw,name", [(dict(window=(-2, 0)), "window"), (dict(softcap=-1.0), "softcap"),
-                                     (dict(scale=math.inf), "scale"), (dict(backend="nope"), "backend")])
+@pytest.mark.parametrize(
+    "kw,name",
+    [
+        (dict(window=(-2, 0)), "window"),
+        (dict(softcap=-1.0), "softcap"),
+        (dict(scale=math.inf), "scale"),
+        (dict(backend="nope"), "backend"),
+    ],
+)
 def test_bad_scalars(gen, kw, name):
     x = _valid(gen)
     with pytest.raises(ValueError, match=name):
-        fusedattn.varlen_attention(x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"], x["max_seqlen_q"],
-                                   x["max_seqlen_k"], **kw)
+        fusedattn.varlen_attention(
+            x["q"], x["k"], x["v"], x["cu_seqlens_q"], x["cu_seqlens_k"], x["max_seqlen_q"], x["max_seqlen_k"], **kw
+        )
 
 
 def test_raw_bwd_checks_its_own_tensors(gen):
     args = _op_args(gen)
     out, lse = fwd_op(*args)
-    for bad_out, bad_lse, name in ((out[:-1], lse, "out"), (out, lse.t().contiguous(), "lse"),
-                                   (out, lse.double(), "lse")):
+    for bad_out, bad_lse, name in (
+        (out[:-1], lse, "out"),
+        (out, lse.t().contiguous(), "lse"),
+        (out, lse.double(), "lse"),
+    ):
         with pytest.raises(RuntimeError, match=name):
             bwd_op(out, *args[:3], bad_out, bad_lse, *args[3:], None)
     with pytest.raises(RuntimeError, match="grad_out"):

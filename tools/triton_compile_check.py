@@ -65,6 +65,7 @@ is 416 compiles, ~650 CPU-s: ~5.5 min with --jobs 2 on 2 idle cores (the summary
 estimate). fp32 attention is a fifth of the compiles and two thirds of the time. CI can keep ``--cache-dir``
 between runs (key it on the triton version): kernels whose source did not change are then cache hits.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,15 +97,18 @@ class _SourceTreeFinder(importlib.abc.MetaPathFinder):
     package_dir); their submodules are then found through the package's __path__ as usual."""
 
     def __init__(self, root):
-        self.map = {"fusedattn.kernels": os.path.join(root, "kernels"),
-                    "fusedattn.transformer": os.path.join(root, "transformer")}
+        self.map = {
+            "fusedattn.kernels": os.path.join(root, "kernels"),
+            "fusedattn.transformer": os.path.join(root, "transformer"),
+        }
 
     def find_spec(self, name, path=None, target=None):
         d = self.map.get(name)
         if d is None:
             return None
-        return importlib.util.spec_from_file_location(name, os.path.join(d, "__init__.py"),
-                                                      submodule_search_locations=[d])
+        return importlib.util.spec_from_file_location(
+            name, os.path.join(d, "__init__.py"), submodule_search_locations=[d]
+        )
 
 
 def import_kernels(root):
@@ -115,6 +119,7 @@ def import_kernels(root):
         sys.meta_path.insert(0, _SourceTreeFinder(root))
     import fusedattn  # noqa: F401
     from fusedattn import kernels
+
     mods = {}
     for name in ("attention", "decode"):
         mods[name] = importlib.import_module(f"fusedattn.kernels.{name}")
@@ -143,6 +148,7 @@ class Capture:
     def __init__(self, archs):
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
+
         self.targets = {a: GPUTarget("cuda", a, 32) for a in archs}
         self.backends = {a: make_backend(t) for a, t in self.targets.items()}
         self.binders = {}
@@ -161,6 +167,7 @@ class Capture:
     def jit_run(self, fn, args, kwargs):
         from triton import knobs
         from triton.runtime.jit import create_function_from_signature
+
         kwargs = dict(kwargs)
         kwargs.pop("grid", None)
         kwargs.pop("warmup", None)
@@ -174,11 +181,16 @@ class Capture:
             if bkey not in self.binders:
                 self.binders[bkey] = create_function_from_signature(fn.signature, fn.params, backend)
             bound_args, specialization, options = self.binders[bkey](*args, **kwargs)
-            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization,
-                                                                  options)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
             name = f"{fn.module.rsplit('.', 1)[-1]}:{fn.__name__}"
-            key = (arch, name, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
-                   repr(sorted(attrs.items(), key=str)), repr(options))
+            key = (
+                arch,
+                name,
+                repr(sorted(signature.items())),
+                repr(sorted(constexprs.items(), key=str)),
+                repr(sorted(attrs.items(), key=str)),
+                repr(options),
+            )
             job = self.jobs.get(key)
             if job is None:
                 cfg = self.config[1] if self.config else "-"
@@ -217,6 +229,7 @@ class Capture:
     def install(self):
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
+
         cap = self
 
         def jit_run(self, *args, **kwargs):
@@ -239,21 +252,37 @@ def _cfg_label(cfg):
 # ------------------------------------------------------------------------------------------------
 def _dtypes():
     import torch
+
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def attention_case(dt, D, Dv, causal=True, window=None, bottom_right=True, softcap=0.0, mask=None, group=2,
-                   Lq=33, Lk=47, varlen=False, grad_lse=False, bwd=True):
+def attention_case(
+    dt,
+    D,
+    Dv,
+    causal=True,
+    window=None,
+    bottom_right=True,
+    softcap=0.0,
+    mask=None,
+    group=2,
+    Lq=33,
+    Lk=47,
+    varlen=False,
+    grad_lse=False,
+    bwd=True,
+):
     """Dense (B, H, L, D) or varlen (total, H, D) attention forward (+ backward) through the torch ops.
     mask: None, "bool" or "add" (additive, q's dtype); window: (left, right) or None (causal sets right = 0)."""
     import torch
+
     dtype = _dtypes()[dt]
     Hkv = 2
     Hq = Hkv * group
     left, right = window if window is not None else (-1, -1)
     if causal:
         right = 0
-    scale = D ** -0.5
+    scale = D**-0.5
     ops = torch.ops.fusedattn
     if varlen:
         lens_q, lens_k = [Lq, 5, 1], [Lk, 9, 3]
@@ -262,13 +291,27 @@ def attention_case(dt, D, Dv, causal=True, window=None, bottom_right=True, softc
         q = torch.randn(sum(lens_q), Hq, D, dtype=dtype)
         k = torch.randn(sum(lens_k), Hkv, D, dtype=dtype)
         v = torch.randn(sum(lens_k), Hkv, Dv, dtype=dtype)
-        out, lse = ops.triton_varlen_fwd(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, left, right,
-                                         softcap)
+        out, lse = ops.triton_varlen_fwd(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), scale, left, right, softcap)
         if bwd:
             out, lse = torch.randn(out.shape, dtype=dtype), torch.randn(lse.shape)
             glse = torch.randn(lse.shape) if grad_lse else None
-            ops.triton_varlen_bwd(torch.randn(out.shape, dtype=dtype), q, k, v, out, lse, cu_q, cu_k, max(lens_q),
-                                  max(lens_k), scale, left, right, softcap, glse)
+            ops.triton_varlen_bwd(
+                torch.randn(out.shape, dtype=dtype),
+                q,
+                k,
+                v,
+                out,
+                lse,
+                cu_q,
+                cu_k,
+                max(lens_q),
+                max(lens_k),
+                scale,
+                left,
+                right,
+                softcap,
+                glse,
+            )
         return
     B = 2
     q = torch.randn(B, Hq, Lq, D, dtype=dtype)
@@ -283,15 +326,16 @@ def attention_case(dt, D, Dv, causal=True, window=None, bottom_right=True, softc
     if bwd:
         out, lse = torch.randn(out.shape, dtype=dtype), torch.randn(lse.shape)
         glse = torch.randn(lse.shape) if grad_lse else None
-        ops.triton_attention_bwd(torch.randn(out.shape, dtype=dtype), q, k, v, out, lse, m, scale, left, right,
-                                 bottom_right, softcap, glse)
+        ops.triton_attention_bwd(
+            torch.randn(out.shape, dtype=dtype), q, k, v, out, lse, m, scale, left, right, bottom_right, softcap, glse
+        )
 
 
-def decode_case(dt, D, Dv, group=4, Lq=1, paged=False, cbi=False, Lnew=0, softcap=0.0, window=(-1, -1),
-                splits=1):
+def decode_case(dt, D, Dv, group=4, Lq=1, paged=False, cbi=False, Lnew=0, softcap=0.0, window=(-1, -1), splits=1):
     """Decode through torch.ops.fusedattn.triton_decode_fwd: cache (B_cache, L_max, Hkv, D) or paged
     (num_blocks, PAGE_SIZE, Hkv, D); splits > 1 adds the combine kernel."""
     import torch
+
     dtype = _dtypes()[dt]
     B, Hkv = 2, 2
     Hq = Hkv * group
@@ -312,12 +356,14 @@ def decode_case(dt, D, Dv, group=4, Lq=1, paged=False, cbi=False, Lnew=0, softca
     if Lnew:
         kn = torch.randn(B, Lnew, Hkv, D, dtype=dtype)
         vn = torch.randn(B, Lnew, Hkv, Dv, dtype=dtype)
-    torch.ops.fusedattn.triton_decode_fwd(q, kc, vc, seqlens, kn, vn, bt, cbi_t, D ** -0.5, window[0], window[1],
-                                          softcap, splits)
+    torch.ops.fusedattn.triton_decode_fwd(
+        q, kc, vc, seqlens, kn, vn, bt, cbi_t, D**-0.5, window[0], window[1], softcap, splits
+    )
 
 
 def merge_case(dt, D, L=3, H=4):
     import torch
+
     dtype = _dtypes()[dt]
     B = 2
     oa, ob = torch.randn(B, L, H, D, dtype=dtype), torch.randn(B, L, H, D, dtype=dtype)
@@ -369,15 +415,22 @@ def cases(quick=False):
             every = dt != "bf16" and (D, Dv) in HEAD_DIMS_ALL_CONFIGS and not quick
             if every and dt == "fp32":
                 every = "fp32"  # every config on sm_80 only (see the module docstring)
-            out.append((f"attn {dt} D={D} Dv={Dv} causal gqa", lambda dt=dt, D=D, Dv=Dv: attention_case(dt, D, Dv),
-                        every))
+            out.append(
+                (f"attn {dt} D={D} Dv={Dv} causal gqa", lambda dt=dt, D=D, Dv=Dv: attention_case(dt, D, Dv), every)
+            )
     # 2. the flags, pairwise (each pair of values of two factors appears in some case), one config per launch.
     #    fp16 / bf16 only: they are where mixed-type code (masks, P and dS casts) can fail; fp32 compiles are ~10x
     #    slower (no tensor cores: ieee dots unroll into FMAs), so fp32 gets the two all-flags cases below.
     factors = {
-        "dt": [d for d in dts if d != "fp32"], "hd": [(64, 64), (128, 128)],
-        "mode": ["causal", "window", "full", "local"], "bottom_right": [True, False], "softcap": [0.0, 30.0],
-        "mask": [None, "bool", "add"], "group": [1, 3], "varlen": [False, True], "grad_lse": [False, True],
+        "dt": [d for d in dts if d != "fp32"],
+        "hd": [(64, 64), (128, 128)],
+        "mode": ["causal", "window", "full", "local"],
+        "bottom_right": [True, False],
+        "softcap": [0.0, 30.0],
+        "mask": [None, "bool", "add"],
+        "group": [1, 3],
+        "varlen": [False, True],
+        "grad_lse": [False, True],
     }
     for row in _pairwise(factors):
         if row["varlen"] and (row["mask"] is not None or not row["bottom_right"]):
@@ -385,35 +438,97 @@ def cases(quick=False):
         causal = row["mode"] == "causal"
         window = {"causal": None, "window": (5, 3), "full": None, "local": (7, 0)}[row["mode"]]
         D, Dv = row["hd"]
-        label = (f"attn {row['dt']} D={D} Dv={Dv} {row['mode']} br={row['bottom_right']} softcap={row['softcap']} "
-                 f"mask={row['mask']} group={row['group']} varlen={row['varlen']} grad_lse={row['grad_lse']}")
-        out.append((label, lambda row=row, causal=causal, window=window, D=D, Dv=Dv: attention_case(
-            row["dt"], D, Dv, causal=causal, window=window, bottom_right=row["bottom_right"],
-            softcap=row["softcap"], mask=row["mask"], group=row["group"], varlen=row["varlen"],
-            grad_lse=row["grad_lse"]), False))
+        label = (
+            f"attn {row['dt']} D={D} Dv={Dv} {row['mode']} br={row['bottom_right']} softcap={row['softcap']} "
+            f"mask={row['mask']} group={row['group']} varlen={row['varlen']} grad_lse={row['grad_lse']}"
+        )
+        out.append(
+            (
+                label,
+                lambda row=row, causal=causal, window=window, D=D, Dv=Dv: attention_case(
+                    row["dt"],
+                    D,
+                    Dv,
+                    causal=causal,
+                    window=window,
+                    bottom_right=row["bottom_right"],
+                    softcap=row["softcap"],
+                    mask=row["mask"],
+                    group=row["group"],
+                    varlen=row["varlen"],
+                    grad_lse=row["grad_lse"],
+                ),
+                False,
+            )
+        )
     if "fp32" in dts:
-        out.append(("attn fp32 D=64 Dv=64 window br=False softcap=30 mask=add group=1 grad_lse", lambda: attention_case(
-            "fp32", 64, 64, causal=False, window=(5, 3), bottom_right=False, softcap=30.0, mask="add", group=1,
-            grad_lse=True), False))
-        out.append(("attn fp32 D=64 Dv=64 local softcap=30 group=3 varlen grad_lse", lambda: attention_case(
-            "fp32", 64, 64, causal=False, window=(7, 0), softcap=30.0, group=3, varlen=True, grad_lse=True), False))
+        out.append(
+            (
+                "attn fp32 D=64 Dv=64 window br=False softcap=30 mask=add group=1 grad_lse",
+                lambda: attention_case(
+                    "fp32",
+                    64,
+                    64,
+                    causal=False,
+                    window=(5, 3),
+                    bottom_right=False,
+                    softcap=30.0,
+                    mask="add",
+                    group=1,
+                    grad_lse=True,
+                ),
+                False,
+            )
+        )
+        out.append(
+            (
+                "attn fp32 D=64 Dv=64 local softcap=30 group=3 varlen grad_lse",
+                lambda: attention_case(
+                    "fp32", 64, 64, causal=False, window=(7, 0), softcap=30.0, group=3, varlen=True, grad_lse=True
+                ),
+                False,
+            )
+        )
     # Lq = 1 (an int equal to 1 is a constexpr after specialization: a variant of its own)
     out.append(("attn fp16 D=128 Lq=1", lambda: attention_case("fp16", 128, 128, causal=True, Lq=1), False))
     # 3. decode (no autotuning): contiguous / paged / cache_batch_idx x append x splits (+ combine) x softcap x
     #    GQA x Lq x window, pairwise
     dfactors = {
-        "dt": dts, "hd": [(64, 64), (128, 128), (256, 256), (72, 72), (192, 128)] if not quick else [(128, 128)],
-        "layout": ["contig", "paged", "cbi"], "Lnew": [0, 1, 3], "splits": [1, 4], "softcap": [0.0, 30.0],
-        "group": [1, 4, 8], "Lq": [1, 4], "window": [(-1, -1), (64, 0)],
+        "dt": dts,
+        "hd": [(64, 64), (128, 128), (256, 256), (72, 72), (192, 128)] if not quick else [(128, 128)],
+        "layout": ["contig", "paged", "cbi"],
+        "Lnew": [0, 1, 3],
+        "splits": [1, 4],
+        "softcap": [0.0, 30.0],
+        "group": [1, 4, 8],
+        "Lq": [1, 4],
+        "window": [(-1, -1), (64, 0)],
     }
     for row in _pairwise(dfactors):
         D, Dv = row["hd"]
-        label = (f"decode {row['dt']} D={D} Dv={Dv} {row['layout']} Lnew={row['Lnew']} splits={row['splits']} "
-                 f"softcap={row['softcap']} group={row['group']} Lq={row['Lq']} window={row['window']}")
-        out.append((label, lambda row=row, D=D, Dv=Dv: decode_case(
-            row["dt"], D, Dv, group=row["group"], Lq=row["Lq"], paged=row["layout"] == "paged",
-            cbi=row["layout"] == "cbi", Lnew=row["Lnew"], softcap=row["softcap"], window=row["window"],
-            splits=row["splits"]), True))
+        label = (
+            f"decode {row['dt']} D={D} Dv={Dv} {row['layout']} Lnew={row['Lnew']} splits={row['splits']} "
+            f"softcap={row['softcap']} group={row['group']} Lq={row['Lq']} window={row['window']}"
+        )
+        out.append(
+            (
+                label,
+                lambda row=row, D=D, Dv=Dv: decode_case(
+                    row["dt"],
+                    D,
+                    Dv,
+                    group=row["group"],
+                    Lq=row["Lq"],
+                    paged=row["layout"] == "paged",
+                    cbi=row["layout"] == "cbi",
+                    Lnew=row["Lnew"],
+                    softcap=row["softcap"],
+                    window=row["window"],
+                    splits=row["splits"],
+                ),
+                True,
+            )
+        )
     # 4. merge_attention_states (the combine kernel on two states)
     for dt in dts:
         for D in (64, 128, 256, 72):
@@ -432,13 +547,20 @@ def _resources(cubin):
     when cuobjdump is unavailable."""
     import re
     import subprocess
+
     try:
         from triton import knobs
+
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(cubin)
             f.flush()
-            text = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                                  capture_output=True, text=True, timeout=60, check=False).stdout
+            text = subprocess.run(
+                [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            ).stdout
         m = re.search(r"REG:(\d+) STACK:(\d+)", text)
         return (int(m.group(1)), int(m.group(2))) if m else (None, None)
     except Exception:  # noqa: BLE001  (resource usage is a note: never fail the check over it)
@@ -450,6 +572,7 @@ def _compile(i):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+
     job = _JOBS[i]
     t0 = time.time()
     c0 = _cpu()
@@ -470,6 +593,7 @@ def _compile(i):
 
 def _cpu():
     import resource
+
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -479,13 +603,16 @@ def main(argv=None):
     ap.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compute capabilities (default 90 80)")
     ap.add_argument("--jobs", type=int, default=2, help="compile processes (default 2)")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--source", default=DEFAULT_ROOT, help="repository root whose kernels/ to compile (default: "
-                     "this checkout)")
+    src.add_argument(
+        "--source", default=DEFAULT_ROOT, help="repository root whose kernels/ to compile (default: this checkout)"
+    )
     src.add_argument("--installed", action="store_true", help="compile the installed fusedattn.kernels instead")
     ap.add_argument("--quick", action="store_true", help="fp16 only, a few head dims (a smoke test)")
     ap.add_argument("--list", action="store_true", help="list the compile jobs, compile nothing")
-    ap.add_argument("--cache-dir", help="Triton cache dir to reuse (default: a fresh temporary one, so every "
-                    "kernel is really compiled)")
+    ap.add_argument(
+        "--cache-dir",
+        help="Triton cache dir to reuse (default: a fresh temporary one, so every kernel is really compiled)",
+    )
     ap.add_argument("--filter", help="only cases whose label contains this string")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per compiled job")
     ap.add_argument("--spills", action="store_true", help="list the variants that spill registers")
@@ -502,16 +629,21 @@ def main(argv=None):
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
+
     try:  # the CUDA backend must be there (it needs no GPU, only its compiler and ptxas)
         from triton.compiler import make_backend
+
         make_backend(GPUTarget("cuda", args.arch[0], 32))
     except Exception as e:  # noqa: BLE001
         print(f"triton {triton.__version__}: no CUDA backend ({type(e).__name__}: {e})", file=sys.stderr)
         return 2
 
     _, where = import_kernels(None if args.installed else args.source)
-    print(f"triton {triton.__version__}, torch {torch.__version__}; kernels from {where}; targets "
-          f"{', '.join(f'sm_{a}' for a in args.arch)}; cache {os.environ['TRITON_CACHE_DIR']}", flush=True)
+    print(
+        f"triton {triton.__version__}, torch {torch.__version__}; kernels from {where}; targets "
+        f"{', '.join(f'sm_{a}' for a in args.arch)}; cache {os.environ['TRITON_CACHE_DIR']}",
+        flush=True,
+    )
 
     cap = Capture(args.arch)
     cap.install()
@@ -531,11 +663,15 @@ def main(argv=None):
     # a fixed pseudo-random order: the slow fp32 compiles spread over the run (progress lines are representative)
     jobs.sort(key=lambda j: (j.kernel, j.arch, repr(j.signature), j.config))
     import random
+
     random.Random(0).shuffle(jobs)
     _JOBS[:] = jobs
     t_capture, cpu_capture = time.time() - t_start, _cpu()
-    print(f"{len(all_cases)} cases -> {cap.n_launches} launches -> {len(jobs)} distinct compile jobs "
-          f"({t_capture:.1f}s to capture)", flush=True)
+    print(
+        f"{len(all_cases)} cases -> {cap.n_launches} launches -> {len(jobs)} distinct compile jobs "
+        f"({t_capture:.1f}s to capture)",
+        flush=True,
+    )
     if args.list:
         for j in jobs:
             print(f"  sm_{j.arch} {j.kernel} [{j.config}] {_short(j)}  <- {j.cases[0]}")
@@ -545,6 +681,7 @@ def main(argv=None):
     results = {}
     if args.jobs > 1 and len(jobs) > 1:
         import multiprocessing as mp
+
         ctx = mp.get_context("fork")  # workers inherit the captured jobs (JITFunctions do not pickle)
         with ctx.Pool(args.jobs) as pool:
             for r in pool.imap_unordered(_compile, range(len(jobs))):
@@ -573,18 +710,21 @@ def main(argv=None):
         g[6] += 1 if (results[i][7] or 0) > 0 else 0
     print()
     for (kernel, arch), (n, nf, secs, smem, cfgs, regs, spill) in sorted(by_group.items()):
-        print(f"  {kernel:32s} sm_{arch}: {n:4d} variants ({len(cfgs)} configs), {nf} failed, {secs:6.1f}s "
-              f"CPU, max shared {smem / 1024:.0f} KiB, max {regs} regs, {spill} with a stack frame (spills)")
+        print(
+            f"  {kernel:32s} sm_{arch}: {n:4d} variants ({len(cfgs)} configs), {nf} failed, {secs:6.1f}s "
+            f"CPU, max shared {smem / 1024:.0f} KiB, max {regs} regs, {spill} with a stack frame (spills)"
+        )
     if args.spills:
         print("\nvariants with a stack frame (register spills; a performance note, not a failure):")
         for i, j in enumerate(jobs):
             if (results[i][7] or 0) > 0:
-                print(f"  sm_{j.arch} {j.kernel} [{j.config}] stack {results[i][7]} B, {results[i][6]} regs, "
-                      f"cubin {results[i][4] // 1024} KiB  <- {j.cases[0]}")
+                print(
+                    f"  sm_{j.arch} {j.kernel} [{j.config}] stack {results[i][7]} B, {results[i][6]} regs, "
+                    f"cubin {results[i][4] // 1024} KiB  <- {j.cases[0]}"
+                )
 
     # shared memory against the target's limit
-    over_all = [(i, j) for i, j in enumerate(jobs)
-                if results[i][1] and results[i][5] > SMEM_LIMIT.get(j.arch, 1 << 30)]
+    over_all = [(i, j) for i, j in enumerate(jobs) if results[i][1] and results[i][5] > SMEM_LIMIT.get(j.arch, 1 << 30)]
     over = [(i, j) for i, j in over_all if j.groups]  # autotuned: the autotuner skips the config on that GPU
     unloadable = [(j.arch, None, [i]) for i, j in over_all if not j.groups]  # not autotuned: cannot launch
     for (arch, gid), keys in cap.groups.items():
@@ -595,39 +735,49 @@ def main(argv=None):
         if ok and all(results[i][5] > SMEM_LIMIT.get(arch, 1 << 30) for i in ok):
             unloadable.append((arch, gid, idx))
     if over:
-        print(f"\n{len(over)} compiled variants need more shared memory than their target allows (the autotuner "
-              f"skips them there):")
+        print(
+            f"\n{len(over)} compiled variants need more shared memory than their target allows (the autotuner "
+            f"skips them there):"
+        )
         seen = set()
         for i, j in over:
             k = (j.kernel, j.arch, j.config)
             if k in seen:
                 continue
             seen.add(k)
-            print(f"  sm_{j.arch} {j.kernel} [{j.config}]: {results[i][5] / 1024:.0f} KiB > "
-                  f"{SMEM_LIMIT[j.arch] / 1024:.0f} KiB  (e.g. {j.cases[0]})")
+            print(
+                f"  sm_{j.arch} {j.kernel} [{j.config}]: {results[i][5] / 1024:.0f} KiB > "
+                f"{SMEM_LIMIT[j.arch] / 1024:.0f} KiB  (e.g. {j.cases[0]})"
+            )
 
     for label, msg, tb in case_errors:
         print(f"\nCASE FAILED (launcher raised before compiling): {label}\n  {msg}\n{tb}")
     for i, ok, msg, secs, size, smem, _, _, _ in failed:
         j = jobs[i]
-        print(f"\nCOMPILE FAILED: sm_{j.arch} {j.kernel} config [{j.config}]\n  case: {j.cases[0]}"
-              f"{f' (+{len(j.cases) - 1} more)' if len(j.cases) > 1 else ''}\n  {_short(j)}\n  {msg.strip()}")
+        print(
+            f"\nCOMPILE FAILED: sm_{j.arch} {j.kernel} config [{j.config}]\n  case: {j.cases[0]}"
+            f"{f' (+{len(j.cases) - 1} more)' if len(j.cases) > 1 else ''}\n  {_short(j)}\n  {msg.strip()}"
+        )
     for arch, gid, idx in unloadable:
         j = jobs[idx[0]]
         what = "every config needs" if gid is not None else "the kernel (not autotuned) needs"
-        print(f"\nNO CONFIG FITS: sm_{arch} {j.kernel}: {what} more than "
-              f"{SMEM_LIMIT[arch] / 1024:.0f} KiB of shared memory ({', '.join(f'{results[i][5] // 1024} KiB' for i in idx)})"
-              f"\n  case: {j.cases[0]}")
+        print(
+            f"\nNO CONFIG FITS: sm_{arch} {j.kernel}: {what} more than "
+            f"{SMEM_LIMIT[arch] / 1024:.0f} KiB of shared memory ({', '.join(f'{results[i][5] // 1024} KiB' for i in idx)})"
+            f"\n  case: {j.cases[0]}"
+        )
 
     wall = time.time() - t_start
     n_kernels = len({j.kernel for j in jobs})
     n_fail = len(failed) + len(case_errors) + len(unloadable)
-    print(f"\nSUMMARY: {len(jobs)} compiles ({n_kernels} kernels x configs x specializations x "
-          f"{len(args.arch)} targets), {len(failed)} failed, {len(case_errors)} cases failed to launch, "
-          f"{len(unloadable)} launches with no loadable config; {len(over)} variants over the shared-memory limit "
-          f"(skipped by the autotuner); wall {wall:.0f}s with --jobs {args.jobs} (capture {t_capture:.0f}s, "
-          f"compile {t_compile:.0f}s; {cpu:.0f} CPU-s in all, "
-          f"{cpu_jobs:.0f} of them compiling: ~{cpu_capture + cpu_jobs / max(args.jobs, 1):.0f}s on {args.jobs} idle cores)")
+    print(
+        f"\nSUMMARY: {len(jobs)} compiles ({n_kernels} kernels x configs x specializations x "
+        f"{len(args.arch)} targets), {len(failed)} failed, {len(case_errors)} cases failed to launch, "
+        f"{len(unloadable)} launches with no loadable config; {len(over)} variants over the shared-memory limit "
+        f"(skipped by the autotuner); wall {wall:.0f}s with --jobs {args.jobs} (capture {t_capture:.0f}s, "
+        f"compile {t_compile:.0f}s; {cpu:.0f} CPU-s in all, "
+        f"{cpu_jobs:.0f} of them compiling: ~{cpu_capture + cpu_jobs / max(args.jobs, 1):.0f}s on {args.jobs} idle cores)"
+    )
     if tmp is not None:
         tmp.cleanup()
     return 1 if n_fail else 0
@@ -638,17 +788,26 @@ def _short(j):
     names = [p.name for p in j.fn.params]
     cx = ", ".join(f"{names[k] if isinstance(k, int) else k}={v}" for k, v in cx.items())
     ptr = sorted({v for v in j.signature.values() if isinstance(v, str) and v.startswith("*")})
-    return f"ptrs {'/'.join(ptr)}; constexprs {cx}; num_warps={j.options.get('num_warps')} " \
-           f"num_stages={j.options.get('num_stages')}"
+    return (
+        f"ptrs {'/'.join(ptr)}; constexprs {cx}; num_warps={j.options.get('num_warps')} "
+        f"num_stages={j.options.get('num_stages')}"
+    )
 
 
 def _progress(r, jobs, verbose, n):
     i, ok, msg, secs, size, smem, regs, stack, cpu = r
     j = jobs[i]
     if verbose or not ok:
-        status = f"ok  cubin {size}B shared {smem}B regs {regs} stack {stack}B" if ok else "FAILED " + msg.strip().splitlines()[-1][:160]
-        print(f"[{n}/{len(jobs)}] sm_{j.arch} {j.kernel} [{j.config}] {secs:.1f}s ({cpu:.1f} CPU-s) {status}"
-              f"  <- {j.cases[0]}", flush=True)
+        status = (
+            f"ok  cubin {size}B shared {smem}B regs {regs} stack {stack}B"
+            if ok
+            else "FAILED " + msg.strip().splitlines()[-1][:160]
+        )
+        print(
+            f"[{n}/{len(jobs)}] sm_{j.arch} {j.kernel} [{j.config}] {secs:.1f}s ({cpu:.1f} CPU-s) {status}"
+            f"  <- {j.cases[0]}",
+            flush=True,
+        )
     elif n % 25 == 0 or n == len(jobs):
         print(f"[{n}/{len(jobs)}] compiled", flush=True)
 

@@ -5,6 +5,7 @@ working binary for this torch, not the kernels' accuracy (the test suite does th
 
     python tools/wheel_smoke.py [--source-tree DIR]    # DIR: refuse to test a fusedattn imported from there
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def main() -> None:
     assert bi["torch_version"].split("+")[0] == torch.__version__.split("+")[0], (bi, torch.__version__)
     assert fusedattn.available_backends()["cpu"] is None, fusedattn.available_backends()
     from fusedattn._build_torch import TORCH_VERSION
+
     print(f"built for torch {TORCH_VERSION}, running torch {torch.__version__}, CPU kernel {bi['cpu_isa_selected']}")
 
     g = torch.Generator().manual_seed(0)
@@ -70,10 +72,14 @@ def main() -> None:
     q, k, v = randn(2, 4, 33, 32), randn(2, 4, 33, 32), randn(2, 4, 33, 32)
     mask = torch.randn(33, 33, generator=g)
     for kw in (dict(is_causal=True), dict(attn_mask=mask), dict(scale=0.3)):
-        close(fusedattn.scaled_dot_product_attention(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw),
-              1e-5)
-    close(fusedattn.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True),
-          F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True), 1e-5)
+        close(
+            fusedattn.scaled_dot_product_attention(q, k, v, **kw), F.scaled_dot_product_attention(q, k, v, **kw), 1e-5
+        )
+    close(
+        fusedattn.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True),
+        F.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True),
+        1e-5,
+    )
     checks += 1
     print("fusedattn.scaled_dot_product_attention: ok")
 
@@ -86,8 +92,9 @@ def main() -> None:
     # the raw op and torch.compile see the fake impl and autograd registrations
     out, lse = torch.ops.fusedattn.attention_fwd(q, k, v, None, 0.25, -1, 0, True, 0.0)
     close(out, fusedattn.attention_ref(q, k, v, causal=True, scale=0.25), 1e-5)
-    compiled = torch.compile(lambda a, b, c: fusedattn.attention(a, b, c, causal=True, scale=0.25), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(
+        lambda a, b, c: fusedattn.attention(a, b, c, causal=True, scale=0.25), fullgraph=True, backend="aot_eager"
+    )
     close(compiled(q, k, v), out, 1e-6)
     checks += 1
     print("torch.ops.fusedattn.attention_fwd, torch.compile(fullgraph=True): ok")
@@ -99,8 +106,9 @@ def main() -> None:
         k_cache, v_cache = randn(B, Lmax, Hkv, D), randn(B, Lmax, Hkv, D)
         with torch.no_grad():
             out = fusedattn.decode_attention(qd, k_cache, v_cache, cache_seqlens=n)
-        ref = fusedattn.attention(qd.transpose(1, 2), k_cache[:, :n].transpose(1, 2), v_cache[:, :n].transpose(1, 2),
-                                  causal=True).transpose(1, 2)
+        ref = fusedattn.attention(
+            qd.transpose(1, 2), k_cache[:, :n].transpose(1, 2), v_cache[:, :n].transpose(1, 2), causal=True
+        ).transpose(1, 2)
         close(out, ref, 1e-5)
         checks += 1
         print("fusedattn.decode_attention: ok")
@@ -131,6 +139,7 @@ def main() -> None:
 
     # a model block on the kernels
     from fusedattn.transformer import GPT, GPTConfig
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
     idx = torch.randint(0, 64, (2, 5), generator=g)

@@ -11,14 +11,43 @@ seq2seq.py: Encoder, Decoder, Transformer (encoder-decoder); kv_cache.py: KVCach
 hf_gpt2.py: GPT-2 weights into GPT; hf.py: the Hugging Face transformers hook (imports transformers only when
 register() is called).
 """
+
 from .generate import generate, sample
 from .hf_gpt2 import from_hf_gpt2, load_hf_gpt2_state_dict
 from .kv_cache import KVCache, PagedKVCache
-from .model import (GPT, Block, FeedForward, GPTConfig, MultiHeadAttention, RotaryEmbedding, SinusoidalPositions,
-                    attend, make_norm, set_attention_backend)
+from .model import (
+    GPT,
+    Block,
+    FeedForward,
+    GPTConfig,
+    MultiHeadAttention,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    attend,
+    make_norm,
+    set_attention_backend,
+)
 from .seq2seq import Decoder, Encoder, Transformer, TransformerConfig
 
-__all__ = ["KVCache", "PagedKVCache", "GPT", "GPTConfig", "Block", "Decoder", "Encoder", "FeedForward",
-           "MultiHeadAttention", "RotaryEmbedding", "SinusoidalPositions", "Transformer", "TransformerConfig",
-           "attend", "generate", "sample", "from_hf_gpt2", "load_hf_gpt2_state_dict", "make_norm",
-           "set_attention_backend"]
+__all__ = [
+    "KVCache",
+    "PagedKVCache",
+    "GPT",
+    "GPTConfig",
+    "Block",
+    "Decoder",
+    "Encoder",
+    "FeedForward",
+    "MultiHeadAttention",
+    "RotaryEmbedding",
+    "SinusoidalPositions",
+    "Transformer",
+    "TransformerConfig",
+    "attend",
+    "generate",
+    "sample",
+    "from_hf_gpt2",
+    "load_hf_gpt2_state_dict",
+    "make_norm",
+    "set_attention_backend",
+]

@@ -2,6 +2,7 @@
 cache per layer (fusedattn.decode_attention), or the whole sequence recomputed each step (use_cache=False, the
 reference for the cached path). GPT.generate() calls generate() here.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -14,8 +15,13 @@ if TYPE_CHECKING:
 __all__ = ["generate", "sample"]
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """logits (B, V) -> tokens (B,): greedy at temperature 0, else top-k / top-p (nucleus) sampling."""
     if temperature == 0:
         return logits.argmax(-1)
@@ -33,11 +39,23 @@ def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p
 
 
 @torch.no_grad()
-def generate(model: "GPT", idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: Optional[float] = None, eos: Optional[int] = None, *,
-             attention_mask: Optional[torch.Tensor] = None, use_cache: bool = True, paged: bool = False,
-             page_size: int = 16, pad_token_id: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, callback=None) -> torch.Tensor:
+def generate(
+    model: "GPT",
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos: Optional[int] = None,
+    *,
+    attention_mask: Optional[torch.Tensor] = None,
+    use_cache: bool = True,
+    paged: bool = False,
+    page_size: int = 16,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    callback=None,
+) -> torch.Tensor:
     """Sample max_new_tokens after each prompt.
 
     idx: (B, T) prompts; attention_mask: (B, T), 1 on each row's real tokens, which must be contiguous
@@ -57,17 +75,27 @@ def generate(model: "GPT", idx: torch.Tensor, max_new_tokens: int, temperature: 
     if int(lengths.min()) < 1:
         raise ValueError("every prompt needs at least one real token (attention_mask row of zeros)")
     start = mask.long().argmax(1)  # first real token
-    if not bool((mask == ((torch.arange(T, device=dev) >= start[:, None]) &
-                          (torch.arange(T, device=dev) < (start + lengths)[:, None]))).all()):
+    if not bool(
+        (
+            mask
+            == (
+                (torch.arange(T, device=dev) >= start[:, None])
+                & (torch.arange(T, device=dev) < (start + lengths)[:, None])
+            )
+        ).all()
+    ):
         raise ValueError("each row's real tokens (attention_mask == 1) must be contiguous")
     if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
-                         f"top_k={top_k}, top_p={top_p}")
+        raise ValueError(
+            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
+            f"top_k={top_k}, top_p={top_p}"
+        )
     if T + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
-                         f"{model.config.block_size}")
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}"
+        )
     pad = pad_token_id if pad_token_id is not None else eos if eos is not None else 0
     # Move each row's real tokens to the front (right padding), so row b's token t sits at position t and its
     # cache holds exactly lengths[b] tokens after the prefill. Pads inside the model are token 0 (never

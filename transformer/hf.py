@@ -12,6 +12,7 @@ None when the mask is plain causal or plain full attention (we then pass ``causa
 which our kernel takes as ``attn_mask``. transformers stays an optional dependency: nothing here imports it
 until ``register()`` is called.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -27,18 +28,32 @@ NAME = "fusedattn"
 _backend = "auto"
 
 
-def fusedattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                                value: torch.Tensor, attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
-                                scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+def fusedattn_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    is_causal: Optional[bool] = None,
+    **kwargs,
+):
     """transformers' attention-function signature: query (B, Hq, Lq, D), key / value (B, Hkv, Lk, D) (already
     concatenated with the cache), attention_mask (B or 1, 1, Lq, Lk) bool / additive float or None.
     Returns (attn_output (B, Lq, Hq, D), None)."""
     if dropout > 0.0 or kwargs.get("output_attentions", False) or kwargs.get("position_bias") is not None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        warnings.warn("fusedattn: falling back to transformers' sdpa attention (dropout > 0, output_attentions "
-                      "or a position bias: the fused kernels have none of these)", UserWarning, stacklevel=2)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+
+        warnings.warn(
+            "fusedattn: falling back to transformers' sdpa attention (dropout > 0, output_attentions "
+            "or a position bias: the fused kernels have none of these)",
+            UserWarning,
+            stacklevel=2,
+        )
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
     if mask is not None:
@@ -52,8 +67,17 @@ def fusedattn_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     window = (-1, -1)
     if kwargs.get("sliding_window") is not None and mask is None:
         window = (int(kwargs["sliding_window"]) - 1, 0 if causal else -1)
-    out = fusedattn.attention(query, key, value, causal=causal, scale=scaling, attn_mask=mask, softcap=softcap,
-                              window=window, backend=_backend)  # (B, Hq, Lq, D)
+    out = fusedattn.attention(
+        query,
+        key,
+        value,
+        causal=causal,
+        scale=scaling,
+        attn_mask=mask,
+        softcap=softcap,
+        window=window,
+        backend=_backend,
+    )  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -65,8 +89,9 @@ def register(name: str = NAME, backend: str = "auto") -> str:
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
     except ImportError as e:  # pragma: no cover - exercised only without transformers
-        raise ImportError("fusedattn.transformer.hf.register() needs the `transformers` package "
-                          "(pip install transformers)") from e
+        raise ImportError(
+            "fusedattn.transformer.hf.register() needs the `transformers` package (pip install transformers)"
+        ) from e
     if backend not in fusedattn.BACKENDS:
         raise ValueError(f"backend must be one of {fusedattn.BACKENDS}, got {backend!r}")
     _backend = backend

@@ -1,6 +1,7 @@
 """GPT-2 weights into our GPT: a transformers GPT2LMHeadModel (or its state dict) -> GPT. Nothing is downloaded and
 transformers is not imported here: the caller hands over the model or state dict.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -27,10 +28,20 @@ def load_hf_gpt2_state_dict(model: "GPT", sd: dict) -> None:
     they are transposed into nn.Linear's (out, in); c_attn's columns are [q | k | v], heads contiguous, which is
     our fused qkv_proj layout."""
     sd = {k.removeprefix("transformer."): v for k, v in sd.items()}
-    ours = {"wte.weight": "embed.tok.weight", "wpe.weight": "embed.pos.weight",
-            "ln_f.weight": "norm.weight", "ln_f.bias": "norm.bias"}
-    per_layer = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_attn": "attn.qkv_proj", "attn.c_proj": "attn.out_proj",
-                 "mlp.c_fc": "ffn.fc", "mlp.c_proj": "ffn.proj"}
+    ours = {
+        "wte.weight": "embed.tok.weight",
+        "wpe.weight": "embed.pos.weight",
+        "ln_f.weight": "norm.weight",
+        "ln_f.bias": "norm.bias",
+    }
+    per_layer = {
+        "ln_1": "norm1",
+        "ln_2": "norm2",
+        "attn.c_attn": "attn.qkv_proj",
+        "attn.c_proj": "attn.out_proj",
+        "mlp.c_fc": "ffn.fc",
+        "mlp.c_proj": "ffn.proj",
+    }
     target = model.state_dict()
     loaded = set()
     with torch.no_grad():

@@ -14,6 +14,7 @@
 subset of their sequences through ``seq_ids`` (a list or int32 tensor of sequence slots). On the CPU their
 K/V buffers come from ``fusedattn.zeros_kv_cache``: backed by transparent huge pages, which decode reads faster.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
@@ -32,8 +33,9 @@ SeqIds = Optional[Union[Sequence[int], torch.Tensor]]
 
 def _attention_bhld(q, k, v, **kwargs):
     """fusedattn.attention on the caches' (B, L, H, D) layout; returns (B, L, Hq, Dv) (and lse (B, Hq, L))."""
-    res = fusedattn.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                              causal=kwargs.pop("causal", True), **kwargs)
+    res = fusedattn.attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=kwargs.pop("causal", True), **kwargs
+    )
     if isinstance(res, tuple):
         return res[0].transpose(1, 2), res[1]
     return res.transpose(1, 2)
@@ -66,8 +68,14 @@ class _CacheBase(nn.Module):
         """Make room for sequences `ids` to hold new_lengths tokens (raises if they cannot)."""
         raise NotImplementedError
 
-    def attend(self, q: torch.Tensor, k_new: Optional[torch.Tensor] = None, v_new: Optional[torch.Tensor] = None,
-               seq_ids: SeqIds = None, **kwargs):
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_new: Optional[torch.Tensor] = None,
+        v_new: Optional[torch.Tensor] = None,
+        seq_ids: SeqIds = None,
+        **kwargs,
+    ):
         """Append k_new / v_new (B, Lnew, Hkv, D) to sequences `seq_ids` (default 0 .. B-1), attend with
         q (B, Lq, Hq, D) over everything cached (``fusedattn.decode_attention``; ``kwargs`` go to it, e.g.
         causal, window, return_lse), then advance their seqlens by Lnew. A prompt into empty sequences
@@ -82,8 +90,16 @@ class _CacheBase(nn.Module):
             self.update(0, k_new, v_new, seq_ids=ids)
             return _attention_bhld(q, k_new, v_new, **kwargs)
         self._reserve(ids, lens + lnew)
-        out = decode_attention(q, self.k, self.v, cache_seqlens=lens, k_new=k_new, v_new=v_new,
-                               **self._decode_kwargs(None if whole else ids), **kwargs)
+        out = decode_attention(
+            q,
+            self.k,
+            self.v,
+            cache_seqlens=lens,
+            k_new=k_new,
+            v_new=v_new,
+            **self._decode_kwargs(None if whole else ids),
+            **kwargs,
+        )
         if whole:
             self.seqlens += lnew
         else:
@@ -95,9 +111,16 @@ class _CacheBase(nn.Module):
     def _prefill_from_empty(self, q, k_new, v_new, lens, kwargs) -> bool:
         """True when attend() can use fusedattn.attention: several new tokens, one query per new token, every
         named sequence empty, matching dtypes, and only options the dense op shares with decode_attention."""
-        return (k_new is not None and v_new is not None and q.shape[1] > 1 and q.shape[1] == k_new.shape[1]
-                and q.shape[0] > 0 and q.dtype == k_new.dtype == v_new.dtype == self.k.dtype
-                and set(kwargs) <= self._DENSE_KWARGS and int(lens.max()) == 0)
+        return (
+            k_new is not None
+            and v_new is not None
+            and q.shape[1] > 1
+            and q.shape[1] == k_new.shape[1]
+            and q.shape[0] > 0
+            and q.dtype == k_new.dtype == v_new.dtype == self.k.dtype
+            and set(kwargs) <= self._DENSE_KWARGS
+            and int(lens.max()) == 0
+        )
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, seq_ids: SeqIds = None) -> None:
         """Write k_new / v_new (B, Lnew, Hkv, D) after the tokens cached in sequences `seq_ids` and advance
@@ -105,16 +128,18 @@ class _CacheBase(nn.Module):
         ids = self._ids(seq_ids, k_new.shape[0])
         self.update(self.seqlens[ids], k_new, v_new, seq_ids=ids)
 
-    def update(self, pos: Union[int, torch.Tensor], k_new: torch.Tensor, v_new: torch.Tensor,
-               seq_ids: SeqIds = None) -> None:
+    def update(
+        self, pos: Union[int, torch.Tensor], k_new: torch.Tensor, v_new: torch.Tensor, seq_ids: SeqIds = None
+    ) -> None:
         """Write k_new / v_new (B, Lnew, Hkv, D) at positions pos .. pos+Lnew-1 (an int for all sequences
         or a (B,) tensor) of sequences `seq_ids`, and set their seqlens to pos + Lnew (gpt-fast's
         ``update(input_pos, k, v)``)."""
         ids = self._ids(seq_ids, k_new.shape[0])
         B, lnew = k_new.shape[0], k_new.shape[1]
         if tuple(v_new.shape[:3]) != tuple(k_new.shape[:3]):
-            raise ValueError(f"k_new and v_new must agree in (B, Lnew, Hkv): {tuple(k_new.shape)} vs "
-                             f"{tuple(v_new.shape)}")
+            raise ValueError(
+                f"k_new and v_new must agree in (B, Lnew, Hkv): {tuple(k_new.shape)} vs {tuple(v_new.shape)}"
+            )
         if ids.numel() != B:
             raise ValueError(f"k_new holds {B} sequences but seq_ids names {ids.numel()}")
         start = torch.as_tensor(pos, device=self.seqlens.device).to(torch.int64).expand(B)
@@ -135,14 +160,22 @@ class _CacheBase(nn.Module):
 class KVCache(_CacheBase):
     """Contiguous cache: k, v (max_batch, max_seq_len, Hkv, D) and seqlens (max_batch,) int32."""
 
-    def __init__(self, max_batch: int, max_seq_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
-                 head_dim_v: Optional[int] = None):
+    def __init__(
+        self,
+        max_batch: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+        head_dim_v: Optional[int] = None,
+    ):
         super().__init__()
         shape = (max_batch, max_seq_len, num_kv_heads)
         self.register_buffer("k", zeros_kv_cache((*shape, head_dim), dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device), persistent=False
+        )
         self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
 
     @property
@@ -155,8 +188,10 @@ class KVCache(_CacheBase):
 
     def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
         if new_lengths.numel() and int(new_lengths.max()) > self.max_seq_len:
-            raise RuntimeError(f"KVCache is full: a sequence would hold {int(new_lengths.max())} tokens, "
-                               f"max_seq_len is {self.max_seq_len}")
+            raise RuntimeError(
+                f"KVCache is full: a sequence would hold {int(new_lengths.max())} tokens, "
+                f"max_seq_len is {self.max_seq_len}"
+            )
 
     def _decode_kwargs(self, ids: Optional[torch.Tensor]) -> dict:
         return {} if ids is None else {"cache_batch_idx": ids.to(torch.int32)}
@@ -174,23 +209,34 @@ class PagedKVCache(_CacheBase):
     kernel can be pointed outside the pool; decode_attention only reads the pages a sequence uses).
     """
 
-    def __init__(self, num_pages: int, page_size: int, max_batch: int, max_seq_len: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None,
-                 head_dim_v: Optional[int] = None):
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        max_batch: int,
+        max_seq_len: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: Union[str, torch.device, None] = None,
+        head_dim_v: Optional[int] = None,
+    ):
         super().__init__()
         if page_size < 1 or num_pages < 1:
             raise ValueError(f"page_size and num_pages must be >= 1, got {page_size} and {num_pages}")
         shape = (num_pages, page_size, num_kv_heads)
         self.page_size = page_size
         self.register_buffer("k", zeros_kv_cache((*shape, head_dim), dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device), persistent=False
+        )
         max_blocks = -(-max_seq_len // page_size)
-        self.register_buffer("block_table", torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "block_table", torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device), persistent=False
+        )
         self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
         self.free_pages: List[int] = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives page 0 first
-        self.pages: List[List[int]] = [[] for _ in range(max_batch)]      # pages of each sequence slot, in order
+        self.pages: List[List[int]] = [[] for _ in range(max_batch)]  # pages of each sequence slot, in order
 
     @property
     def num_free_pages(self) -> int:
@@ -210,14 +256,17 @@ class PagedKVCache(_CacheBase):
         for s, length in zip(ids.tolist(), new_lengths.tolist()):
             need = -(-int(length) // self.page_size)
             if need > self.block_table.shape[1]:
-                raise RuntimeError(f"sequence {s} would hold {length} tokens, more than the block table's "
-                                   f"{self.block_table.shape[1]} pages of {self.page_size}")
+                raise RuntimeError(
+                    f"sequence {s} would hold {length} tokens, more than the block table's "
+                    f"{self.block_table.shape[1]} pages of {self.page_size}"
+                )
             grow = need - len(self.pages[s])
             if grow <= 0:
                 continue
             if grow > len(self.free_pages):
-                raise RuntimeError(f"PagedKVCache is out of pages: sequence {s} needs {grow} more, "
-                                   f"{len(self.free_pages)} are free")
+                raise RuntimeError(
+                    f"PagedKVCache is out of pages: sequence {s} needs {grow} more, {len(self.free_pages)} are free"
+                )
             new = [self.free_pages.pop() for _ in range(grow)]
             first = len(self.pages[s])
             self.pages[s].extend(new)

@@ -12,6 +12,7 @@ The attention backend is one argument: "auto" / "cpu" / "cuda" / "triton" / "ref
 (torch.nn.functional.scaled_dot_product_attention, for comparison; with a KV cache, where sdpa has no cached
 decode, "torch" runs fusedattn's "reference").
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,18 @@ from . import hf_gpt2
 from .generate import generate
 from .kv_cache import KVCache, PagedKVCache
 
-__all__ = ["attend", "MultiHeadAttention", "FeedForward", "RotaryEmbedding", "SinusoidalPositions", "Block",
-           "GPTConfig", "GPT", "make_norm", "set_attention_backend"]
+__all__ = [
+    "attend",
+    "MultiHeadAttention",
+    "FeedForward",
+    "RotaryEmbedding",
+    "SinusoidalPositions",
+    "Block",
+    "GPTConfig",
+    "GPT",
+    "make_norm",
+    "set_attention_backend",
+]
 
 ATTN_BACKENDS = fusedattn.BACKENDS + ("torch",)
 Cache = Union[KVCache, PagedKVCache]
@@ -52,8 +63,15 @@ def linear(d_in: int, d_out: int, bias: bool = True) -> nn.Linear:
 # ------------------------------------------------------------------------------------------------
 # attention core
 # ------------------------------------------------------------------------------------------------
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-           key_padding_mask: Optional[torch.Tensor] = None, backend: str = "auto") -> torch.Tensor:
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """Softmax attention with a causal mask (bottom-right aligned) and a key padding mask combined.
 
     q: (B, Hq, Lq, D); k, v: (B, Hkv, Lk, D) with Hq % Hkv == 0; key_padding_mask: (B, Lk) bool, True = attend.
@@ -94,7 +112,7 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, max_len: int, dim: int, base: float = 10000.0):
         super().__init__()
-        pos = torch.arange(max_len, dtype=torch.float32)[:, None]                        # (P, 1)
+        pos = torch.arange(max_len, dtype=torch.float32)[:, None]  # (P, 1)
         inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(base) / dim))  # (C/2,)
         pe = torch.zeros(max_len, dim)
         pe[:, 0::2] = torch.sin(pos * inv)
@@ -112,7 +130,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
         super().__init__()
         inv = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
-        ang = torch.arange(max_len, dtype=torch.float32)[:, None] * inv                    # (P, D/2)
+        ang = torch.arange(max_len, dtype=torch.float32)[:, None] * inv  # (P, D/2)
         self.register_buffer("cos", ang.cos(), persistent=False)
         self.register_buffer("sin", ang.sin(), persistent=False)
 
@@ -120,7 +138,7 @@ class RotaryEmbedding(nn.Module):
         """x (B, T, H, D), positions (B, T) -> x rotated, same shape and dtype."""
         cos = self.cos[positions][:, :, None, :]  # (B, T, 1, D/2)
         sin = self.sin[positions][:, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)       # (B, T, H, D/2) each
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, H, D/2) each
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
@@ -133,13 +151,24 @@ class MultiHeadAttention(nn.Module):
     n_kv_head < n_head gives GQA (MQA at 1): each kv head serves n_head // n_kv_head query heads, never expanded.
     """
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *, cross: bool = False,
-                 bias: bool = True, rotary: Optional[RotaryEmbedding] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: Optional[int] = None,
+        *,
+        cross: bool = False,
+        bias: bool = True,
+        rotary: Optional[RotaryEmbedding] = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         n_kv_head = n_kv_head or n_head
         if d_model % n_head or n_head % n_kv_head:
-            raise ValueError(f"need d_model % n_head == 0 and n_head % n_kv_head == 0, got d_model={d_model}, "
-                             f"n_head={n_head}, n_kv_head={n_kv_head}")
+            raise ValueError(
+                f"need d_model % n_head == 0 and n_head % n_kv_head == 0, got d_model={d_model}, "
+                f"n_head={n_head}, n_kv_head={n_kv_head}"
+            )
         if backend not in ATTN_BACKENDS:
             raise ValueError(f"backend must be one of {ATTN_BACKENDS}, got {backend!r}")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
@@ -152,9 +181,17 @@ class MultiHeadAttention(nn.Module):
             self.qkv_proj = linear(d_model, q_dim + 2 * kv_dim, bias=bias)
         self.out_proj = linear(q_dim, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, *, causal: bool = False,
-                key_padding_mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
-                cache: Optional[Cache] = None, seq_ids=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: Optional[torch.Tensor] = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
+        seq_ids=None,
+    ) -> torch.Tensor:
         """x (B, T, C); context (B, S, C) for cross attention; key_padding_mask (B, T or S) bool; positions (B, T)
         for rotary. With a KV cache (self attention only), k/v are appended to it and the queries attend to
         everything cached through fusedattn.decode_attention (causal, bottom-right); padding is then expressed
@@ -177,8 +214,14 @@ class MultiHeadAttention(nn.Module):
             backend = "reference" if self.backend == "torch" else self.backend  # sdpa has no cached decode
             y = cache.attend(q, k, v, seq_ids=seq_ids, causal=True, backend=backend)  # (B, T, H, D)
         else:
-            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
-                       key_padding_mask=key_padding_mask, backend=self.backend).transpose(1, 2)  # (B, T, H, D)
+            y = attend(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                causal=causal,
+                key_padding_mask=key_padding_mask,
+                backend=self.backend,
+            ).transpose(1, 2)  # (B, T, H, D)
         return self.out_proj(y.reshape(B, T, H * D))
 
 
@@ -225,16 +268,30 @@ class Block(nn.Module):
     post-LN (original paper):  x = norm(x + f(x))
     """
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: Optional[int] = None, *, cross: bool = False,
-                 ffn: str = "gelu", ffn_hidden: Optional[int] = None, norm: str = "layernorm", norm_eps: float = 1e-5,
-                 prenorm: bool = True, bias: bool = True, dropout: float = 0.0,
-                 rotary: Optional[RotaryEmbedding] = None, backend: str = "auto"):
+    def __init__(
+        self,
+        d_model: int,
+        n_head: int,
+        n_kv_head: Optional[int] = None,
+        *,
+        cross: bool = False,
+        ffn: str = "gelu",
+        ffn_hidden: Optional[int] = None,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        prenorm: bool = True,
+        bias: bool = True,
+        dropout: float = 0.0,
+        rotary: Optional[RotaryEmbedding] = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.prenorm = prenorm
         self.attn = MultiHeadAttention(d_model, n_head, n_kv_head, bias=bias, rotary=rotary, backend=backend)
         self.norm1 = make_norm(norm, d_model, norm_eps, bias)
-        self.cross_attn = MultiHeadAttention(d_model, n_head, n_kv_head, cross=True, bias=bias,
-                                             backend=backend) if cross else None
+        self.cross_attn = (
+            MultiHeadAttention(d_model, n_head, n_kv_head, cross=True, bias=bias, backend=backend) if cross else None
+        )
         self.norm_cross = make_norm(norm, d_model, norm_eps, bias) if cross else None
         self.ffn = FeedForward(d_model, ffn_hidden, ffn, bias)
         self.norm2 = make_norm(norm, d_model, norm_eps, bias)
@@ -243,15 +300,28 @@ class Block(nn.Module):
     def _residual(self, x, norm, f):
         return x + self.drop(f(norm(x))) if self.prenorm else norm(x + self.drop(f(x)))
 
-    def forward(self, x: torch.Tensor, *, causal: bool = False, key_padding_mask: Optional[torch.Tensor] = None,
-                memory: Optional[torch.Tensor] = None, memory_mask: Optional[torch.Tensor] = None,
-                positions: Optional[torch.Tensor] = None, cache: Optional[Cache] = None, seq_ids=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = False,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        memory: Optional[torch.Tensor] = None,
+        memory_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        cache: Optional[Cache] = None,
+        seq_ids=None,
+    ):
         """x (B, T, C); memory (B, S, C) and memory_mask (B, S) for the cross attention. Returns (B, T, C)."""
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, causal=causal, key_padding_mask=key_padding_mask,
-                                                              positions=positions, cache=cache, seq_ids=seq_ids))
+        x = self._residual(
+            x,
+            self.norm1,
+            lambda h: self.attn(
+                h, causal=causal, key_padding_mask=key_padding_mask, positions=positions, cache=cache, seq_ids=seq_ids
+            ),
+        )
         if self.cross_attn is not None:
-            x = self._residual(x, self.norm_cross,
-                               lambda h: self.cross_attn(h, memory, key_padding_mask=memory_mask))
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(h, memory, key_padding_mask=memory_mask))
         return self._residual(x, self.norm2, self.ffn)
 
 
@@ -263,8 +333,13 @@ class _Embedding(nn.Module):
         if pos not in ("learned", "sinusoidal", "rotary"):
             raise ValueError(f"pos must be 'learned', 'sinusoidal' or 'rotary', got {pos!r}")
         self.tok = nn.Embedding(vocab_size, d_model)
-        self.pos = (nn.Embedding(max_len, d_model) if pos == "learned"
-                    else SinusoidalPositions(max_len, d_model) if pos == "sinusoidal" else None)
+        self.pos = (
+            nn.Embedding(max_len, d_model)
+            if pos == "learned"
+            else SinusoidalPositions(max_len, d_model)
+            if pos == "sinusoidal"
+            else None
+        )
 
     def forward(self, idx: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, C)
         x = self.tok(idx)
@@ -284,29 +359,40 @@ def _positions(mask: Optional[torch.Tensor], B: int, T: int, device) -> torch.Te
 @dataclass
 class GPTConfig:
     vocab_size: int = 50257
-    block_size: int = 1024        # longest sequence (positions, cache)
+    block_size: int = 1024  # longest sequence (positions, cache)
     n_layer: int = 12
     n_head: int = 12
     n_kv_head: Optional[int] = None  # < n_head: GQA / MQA
     n_embd: int = 768
-    ffn: str = "gelu_tanh"        # GPT-2's "gelu_new"
+    ffn: str = "gelu_tanh"  # GPT-2's "gelu_new"
     ffn_hidden: Optional[int] = None
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     prenorm: bool = True
-    pos: str = "learned"          # learned | sinusoidal | rotary
+    pos: str = "learned"  # learned | sinusoidal | rotary
     bias: bool = True
     tie_weights: bool = True
     dropout: float = 0.0
-    backend: str = "auto"         # fusedattn backend or "torch"
+    backend: str = "auto"  # fusedattn backend or "torch"
 
     @classmethod
     def from_hf_gpt2(cls, hf_config, **overrides) -> "GPTConfig":
         """The config of a transformers GPT2Config (GPT-2 is pre-LN, learned positions, gelu_new, tied head)."""
-        kw = dict(vocab_size=hf_config.vocab_size, block_size=hf_config.n_positions, n_layer=hf_config.n_layer,
-                  n_head=hf_config.n_head, n_embd=hf_config.n_embd, ffn_hidden=hf_config.n_inner,
-                  norm_eps=hf_config.layer_norm_epsilon, ffn="gelu_tanh", norm="layernorm", prenorm=True,
-                  pos="learned", bias=True, tie_weights=True)
+        kw = dict(
+            vocab_size=hf_config.vocab_size,
+            block_size=hf_config.n_positions,
+            n_layer=hf_config.n_layer,
+            n_head=hf_config.n_head,
+            n_embd=hf_config.n_embd,
+            ffn_hidden=hf_config.n_inner,
+            norm_eps=hf_config.layer_norm_epsilon,
+            ffn="gelu_tanh",
+            norm="layernorm",
+            prenorm=True,
+            pos="learned",
+            bias=True,
+            tie_weights=True,
+        )
         kw.update(overrides)
         return cls(**kw)
 
@@ -334,9 +420,16 @@ class GPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                attention_mask: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
-                caches: Optional[Sequence[Cache]] = None, seq_ids=None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: Optional[torch.Tensor] = None,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        caches: Optional[Sequence[Cache]] = None,
+        seq_ids=None,
+    ):
         """idx (B, T) token ids.
 
         Without caches: causal attention over idx, with attention_mask (B, T) (1 = real token, any padding
@@ -359,28 +452,50 @@ class GPT(nn.Module):
             raise ValueError(f"position {int(positions.max())} is past block_size {self.config.block_size}")
         x = self.drop(self.embed(idx, positions))  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, causal=True, key_padding_mask=attention_mask if caches is None else None,
-                      positions=positions, cache=None if caches is None else caches[i], seq_ids=seq_ids)
+            x = block(
+                x,
+                causal=True,
+                key_padding_mask=attention_mask if caches is None else None,
+                positions=positions,
+                cache=None if caches is None else caches[i],
+                seq_ids=seq_ids,
+            )
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits
         return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     # --- generation ------------------------------------------------------------------------------
-    def make_caches(self, max_batch: int, max_seq_len: int, *, paged: bool = False, page_size: int = 16,
-                    num_pages: Optional[int] = None) -> List[Cache]:
+    def make_caches(
+        self,
+        max_batch: int,
+        max_seq_len: int,
+        *,
+        paged: bool = False,
+        page_size: int = 16,
+        num_pages: Optional[int] = None,
+    ) -> List[Cache]:
         """One KV cache per layer in the model's dtype and device: contiguous, or paged with page_size."""
         cfg, p = self.config, self.lm_head.weight
         hkv, d = cfg.n_kv_head or cfg.n_head, cfg.n_embd // cfg.n_head
         if paged:
             num_pages = num_pages or max_batch * -(-max_seq_len // page_size)
-            return [PagedKVCache(num_pages, page_size, max_batch, max_seq_len, hkv, d, dtype=p.dtype, device=p.device)
-                    for _ in self.blocks]
+            return [
+                PagedKVCache(num_pages, page_size, max_batch, max_seq_len, hkv, d, dtype=p.dtype, device=p.device)
+                for _ in self.blocks
+            ]
         return [KVCache(max_batch, max_seq_len, hkv, d, dtype=p.dtype, device=p.device) for _ in self.blocks]
 
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos: Optional[int] = None,
-                 **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        eos: Optional[int] = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Sample max_new_tokens after each prompt idx (B, T) -> (B, T + max_new_tokens); see generate.generate
         (attention_mask, use_cache, paged, page_size, pad_token_id, generator, callback)."""
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos, **kwargs)
@@ -393,7 +508,20 @@ class GPT(nn.Module):
 
 def _blocks_gpt(cfg: GPTConfig) -> nn.ModuleList:
     rotary = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.block_size) if cfg.pos == "rotary" else None
-    return nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.n_kv_head, ffn=cfg.ffn, ffn_hidden=cfg.ffn_hidden,
-                               norm=cfg.norm, norm_eps=cfg.norm_eps, prenorm=cfg.prenorm, bias=cfg.bias,
-                               dropout=cfg.dropout, rotary=rotary, backend=cfg.backend)
-                         for _ in range(cfg.n_layer))
+    return nn.ModuleList(
+        Block(
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.n_kv_head,
+            ffn=cfg.ffn,
+            ffn_hidden=cfg.ffn_hidden,
+            norm=cfg.norm,
+            norm_eps=cfg.norm_eps,
+            prenorm=cfg.prenorm,
+            bias=cfg.bias,
+            dropout=cfg.dropout,
+            rotary=rotary,
+            backend=cfg.backend,
+        )
+        for _ in range(cfg.n_layer)
+    )

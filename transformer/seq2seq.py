@@ -2,6 +2,7 @@
 attention), Decoder (masked self attention + cross attention over the encoder output), Transformer (both, with
 greedy decoding). Post-LN, sinusoidal positions and a ReLU FFN by default, as in the paper.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,22 +27,36 @@ class TransformerConfig:
     n_kv_head: Optional[int] = None
     n_encoder_layers: int = 2
     n_decoder_layers: int = 2
-    ffn: str = "relu"             # gelu | gelu_tanh | relu | swiglu
+    ffn: str = "relu"  # gelu | gelu_tanh | relu | swiglu
     ffn_hidden: Optional[int] = None
-    norm: str = "layernorm"       # layernorm | rmsnorm
+    norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    prenorm: bool = False         # the original paper is post-LN
-    pos: str = "sinusoidal"       # sinusoidal | learned | rotary
+    prenorm: bool = False  # the original paper is post-LN
+    pos: str = "sinusoidal"  # sinusoidal | learned | rotary
     bias: bool = True
     dropout: float = 0.0
     backend: str = "auto"
 
 
 def _blocks(cfg, n: int, cross: bool, rotary) -> nn.ModuleList:
-    return nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.n_kv_head, cross=cross, ffn=cfg.ffn,
-                               ffn_hidden=cfg.ffn_hidden, norm=cfg.norm, norm_eps=cfg.norm_eps, prenorm=cfg.prenorm,
-                               bias=cfg.bias, dropout=cfg.dropout, rotary=rotary, backend=cfg.backend)
-                         for _ in range(n))
+    return nn.ModuleList(
+        Block(
+            cfg.d_model,
+            cfg.n_head,
+            cfg.n_kv_head,
+            cross=cross,
+            ffn=cfg.ffn,
+            ffn_hidden=cfg.ffn_hidden,
+            norm=cfg.norm,
+            norm_eps=cfg.norm_eps,
+            prenorm=cfg.prenorm,
+            bias=cfg.bias,
+            dropout=cfg.dropout,
+            rotary=rotary,
+            backend=cfg.backend,
+        )
+        for _ in range(n)
+    )
 
 
 def _rotary(cfg, max_len: int) -> Optional[RotaryEmbedding]:
@@ -77,14 +92,20 @@ class Decoder(nn.Module):
         self.norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.prenorm else nn.Identity()
         self.lm_head = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
 
-    def forward(self, tgt: torch.Tensor, memory: torch.Tensor, tgt_mask: Optional[torch.Tensor] = None,
-                memory_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        tgt_mask: Optional[torch.Tensor] = None,
+        memory_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         B, T = tgt.shape
         positions = _positions(tgt_mask, B, T, tgt.device)
         x = self.embed(tgt, positions)  # (B, T, C)
         for block in self.blocks:
-            x = block(x, causal=True, key_padding_mask=tgt_mask, memory=memory, memory_mask=memory_mask,
-                      positions=positions)
+            x = block(
+                x, causal=True, key_padding_mask=tgt_mask, memory=memory, memory_mask=memory_mask, positions=positions
+            )
         return self.lm_head(self.norm(x))  # (B, T, V)
 
 
@@ -96,19 +117,27 @@ class Transformer(nn.Module):
         self.config = cfg
         self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
 
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, *, src_mask: Optional[torch.Tensor] = None,
-                tgt_mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None,
-                ignore_index: int = -100):
-        memory = self.encoder(src, src_mask)                        # (B, S, C)
-        logits = self.decoder(tgt, memory, tgt_mask, src_mask)      # (B, T, V)
+    def forward(
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        *,
+        src_mask: Optional[torch.Tensor] = None,
+        tgt_mask: Optional[torch.Tensor] = None,
+        targets: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+    ):
+        memory = self.encoder(src, src_mask)  # (B, S, C)
+        logits = self.decoder(tgt, memory, tgt_mask, src_mask)  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
         return logits, loss
 
     @torch.no_grad()
-    def greedy_decode(self, src: torch.Tensor, bos: int, max_len: int,
-                      src_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def greedy_decode(
+        self, src: torch.Tensor, bos: int, max_len: int, src_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Greedy decoding (recomputing the decoder each step): src (B, S) -> (B, 1 + max_len), bos first."""
         memory = self.encoder(src, src_mask)
         out = torch.full((src.shape[0], 1), bos, dtype=torch.long, device=src.device)

@@ -170,7 +170,7 @@ inline void dot_tile(const float* qs, int64_t ldq, int64_t D, const T* const* kr
   for (int x = 0; x < 8; ++x) acc[x] = vfloat{};
   int64_t d = 0;
   // Two steps per loop trip: 10-12% less time per key x kv head (bf16 D=128, cache in L3 or in
-  // DRAM; benchmarks/probes/decode_cycles.cpp); unrolling by 4, 8 or 16 gained no more.
+  // DRAM; tools/probes/decode_cycles.cpp); unrolling by 4, 8 or 16 gained no more.
 #pragma GCC unroll 2
   for (; d + 2 * VL <= D; d += 2 * VL) {
     vfloat ka[KB], kb[KB];

@@ -14,6 +14,7 @@ start are listed as "skipped (time cap)", so the run ends with its tables. ``--b
 OUT/NAME.{md,json,csv} plus one <device>_<family>.png each, instead of four files per family. Exit status 1
 when a fusedattn backend is absent, WRONG or raised (a peer's failure is only reported).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,22 +30,40 @@ FAMILIES = {fam.name: fam for fam in (attention, decode, model)}
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m fusedattn bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedattn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("family", nargs="*", default=["all"], help=f"{', '.join(FAMILIES)} or all (default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--dtype", action="append", choices=["fp32", "bf16", "fp16"],
-                    help="repeatable; default: fp32+bf16 on the CPU, bf16+fp16 on CUDA")
+    ap.add_argument(
+        "--dtype",
+        action="append",
+        choices=["fp32", "bf16", "fp16"],
+        help="repeatable; default: fp32+bf16 on the CPU, bf16+fp16 on CUDA",
+    )
     ap.add_argument("--quick", action="store_true", help="a small subset (under a minute on a 2-core CPU)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
-    ap.add_argument("--where", action="append", metavar="[FAMILY:]KEY=V1,V2",
-                    help="keep only the cases whose KEY is one of the values (repeatable)")
-    ap.add_argument("--time-cap", type=float, default=None, metavar="SECONDS",
-                    help="start no case or backend later than this after the start (they are listed as skipped)")
+    ap.add_argument(
+        "--where",
+        action="append",
+        metavar="[FAMILY:]KEY=V1,V2",
+        help="keep only the cases whose KEY is one of the values (repeatable)",
+    )
+    ap.add_argument(
+        "--time-cap",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="start no case or backend later than this after the start (they are listed as skipped)",
+    )
     ap.add_argument("--out", default=None, help="write <device>_<family>.{md,csv,json,png} here")
-    ap.add_argument("--bundle", default=None, metavar="NAME",
-                    help="with --out: every family in NAME.{md,json,csv} + <device>_<family>.png")
+    ap.add_argument(
+        "--bundle",
+        default=None,
+        metavar="NAME",
+        help="with --out: every family in NAME.{md,json,csv} + <device>_<family>.png",
+    )
     args = ap.parse_args(argv)
     names = list(FAMILIES) if "all" in args.family else args.family
     unknown = [n for n in names if n not in FAMILIES]
@@ -66,16 +85,29 @@ def main(argv=None) -> None:
     results = []
     for name in dict.fromkeys(names):
         fam = FAMILIES[name]
-        rows = run_family(fam, device=args.device, dtypes=args.dtype, quick=args.quick, repeats=args.repeats,
-                          memory=not args.no_memory and not args.quick, out_dir=args.out, where=where,
-                          deadline=deadline, write=not args.bundle)
+        rows = run_family(
+            fam,
+            device=args.device,
+            dtypes=args.dtype,
+            quick=args.quick,
+            repeats=args.repeats,
+            memory=not args.no_memory and not args.quick,
+            out_dir=args.out,
+            where=where,
+            deadline=deadline,
+            write=not args.bundle,
+        )
         results.append((fam, rows, info))
     if args.bundle:
         for p in write_bundle(results, args.out, args.bundle, args.device):
             print(f"wrote {p}")
     # the exit status: 1 when one of our kernels is missing, wrong or raised (a peer's failure is only reported)
-    bad = [f"{fam.name}/{r.backend}: {r.status}" for fam, rows, _ in results for r in rows
-           if r.backend.startswith("fusedattn") and r.status.startswith(("absent", "WRONG", "error"))]
+    bad = [
+        f"{fam.name}/{r.backend}: {r.status}"
+        for fam, rows, _ in results
+        for r in rows
+        if r.backend.startswith("fusedattn") and r.status.startswith(("absent", "WRONG", "error"))
+    ]
     if bad:
         print(f"bench: {len(bad)} fusedattn rows absent, wrong or failed:\n  " + "\n  ".join(bad[:20]))
         raise SystemExit(1)

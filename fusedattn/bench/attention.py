@@ -1,5 +1,6 @@
 """Attention benchmark family: fusedattn vs torch SDPA (each of its backends), FlexAttention and,
 when installed, flash_attn / xformers, on the same inputs in the same run."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,8 +17,10 @@ name = "attention"
 title = "Attention"
 metric_name = "GFLOP/s"
 flush = False  # compute-bound: the working set is re-read many times per call anyway
-formula = ("FLOPs = 4*B*H*L^2*D, x0.5 when causal, x3.5 for fwd+bwd (backward = 2.5x forward). "
-           "Layout (B, H, L, D), self-attention (Lq = Lk = L).")
+formula = (
+    "FLOPs = 4*B*H*L^2*D, x0.5 when causal, x3.5 for fwd+bwd (backward = 2.5x forward). "
+    "Layout (B, H, L, D), self-attention (Lq = Lk = L)."
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -30,14 +33,25 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
         if quick:
             return [case(4, 16, 2048, 128, "bf16", c, m) for m in ("fwd", "fwd+bwd") for c in (False, True)]
         # B*L = 16k tokens, H*D = 2048 (the FlashAttention paper's benchmark grid); run_order measures them
-        return [case(16384 // L, 2048 // D, L, D, dt, c, m)
-                for m in ("fwd", "fwd+bwd") for dt in dts for D in (64, 128, 256) for c in (False, True)
-                for L in (512, 1024, 2048, 4096, 8192, 16384)]
+        return [
+            case(16384 // L, 2048 // D, L, D, dt, c, m)
+            for m in ("fwd", "fwd+bwd")
+            for dt in dts
+            for D in (64, 128, 256)
+            for c in (False, True)
+            for L in (512, 1024, 2048, 4096, 8192, 16384)
+        ]
     dts = dtypes or ["fp32", "bf16"]
     if quick:
         return [case(1, 8, 1024, 64, dt, c, "fwd") for dt in dts for c in (False, True)]
-    out = [case(1, 8, L, 64, dt, c, m) for m in ("fwd", "fwd+bwd") for dt in dts for c in (False, True)
-           for L in (512, 2048, 8192) if not (m == "fwd+bwd" and L > 2048)]
+    out = [
+        case(1, 8, L, 64, dt, c, m)
+        for m in ("fwd", "fwd+bwd")
+        for dt in dts
+        for c in (False, True)
+        for L in (512, 2048, 8192)
+        if not (m == "fwd+bwd" and L > 2048)
+    ]
     if "fp32" in dts:
         out.append(case(1, 8, 32768, 64, "fp32", False, "fwd"))  # memory: must stay O(L*D)
     return out
@@ -123,7 +137,8 @@ def backends(device: str, quick: bool = False) -> dict:
         from flash_attn import flash_attn_func
 
         out["flash_attn"] = lambda q, k, v, causal: flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal
+        ).transpose(1, 2)
     else:
         out["flash_attn"] = "not installed" if device == "cuda" else "GPU only"
     if device == "cuda" and importlib.util.find_spec("xformers") is not None:
@@ -131,8 +146,9 @@ def backends(device: str, quick: bool = False) -> dict:
 
         def _xf(q, k, v, causal):
             bias = xops.LowerTriangularMask() if causal else None
-            return xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_bias=bias).transpose(1, 2)
+            return xops.memory_efficient_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+            ).transpose(1, 2)
 
         out["xformers"] = _xf
     else:
@@ -147,8 +163,10 @@ def needs_grad(case: dict) -> bool:
 def make_inputs(case: dict, device: str, requires_grad: bool, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (case["B"], case["H"], case["L"], case["D"])
-    qkv = [torch.randn(shape, generator=g, device=device, dtype=DTYPES[case["dtype"]]).requires_grad_(requires_grad)
-           for _ in range(3)]
+    qkv = [
+        torch.randn(shape, generator=g, device=device, dtype=DTYPES[case["dtype"]]).requires_grad_(requires_grad)
+        for _ in range(3)
+    ]
     grad = torch.randn(shape, generator=g, device=device, dtype=DTYPES[case["dtype"]]) if requires_grad else None
     return qkv + [grad]
 
@@ -208,13 +226,22 @@ def format_row(r: Row, rows: list[Row]) -> str:
     ours = next((x for x in rows if x.case == c and x.backend == "fusedattn" and x.status == "ok"), None)
     ratio = f"{r.median_ms / ours.median_ms:5.2f}x vs ours" if ours and r.backend != "fusedattn" else ""
     mem = f"{r.peak_extra_mib:7.0f} MiB" if r.peak_extra_mib is not None else "      - MiB"
-    return (f"{head} {r.backend:22s} {r.median_ms:10.2f} ms [{r.min_ms:.2f}..{r.max_ms:.2f}] "
-            f"{r.metric:8.1f} GFLOP/s {mem} err {r.max_err:.1e} {ratio}")
+    return (
+        f"{head} {r.backend:22s} {r.median_ms:10.2f} ms [{r.min_ms:.2f}..{r.max_ms:.2f}] "
+        f"{r.metric:8.1f} GFLOP/s {mem} err {r.max_err:.1e} {ratio}"
+    )
 
 
 def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     """GFLOP/s vs sequence length, one line per backend, one panel per (mode, dtype, causal, D)."""
-    return plot_vs_length(rows, info, out_dir, tag, family="attention",
-                          group=lambda c: (c["mode"], c["dtype"], c["causal"], c["D"]),
-                          title=lambda g: f"{g[0]} {g[1]} {'causal' if g[2] else 'non-causal'} D={g[3]}",
-                          xlabel="sequence length", ylabel="GFLOP/s")
+    return plot_vs_length(
+        rows,
+        info,
+        out_dir,
+        tag,
+        family="attention",
+        group=lambda c: (c["mode"], c["dtype"], c["causal"], c["D"]),
+        title=lambda g: f"{g[0]} {g[1]} {'causal' if g[2] else 'non-causal'} D={g[3]}",
+        xlabel="sequence length",
+        ylabel="GFLOP/s",
+    )

@@ -14,6 +14,7 @@ Method (stated again in every result file):
     CPU the peak resident set during one call minus the resident set before it, in a fresh child
     process (Linux VmHWM, reset through /proc/self/clear_refs). Both include the output.
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,7 +38,7 @@ class Row:
     family: str
     case: dict
     backend: str
-    status: str                    # "ok", "WRONG (err ...)", "absent: ...", "error: ..."
+    status: str  # "ok", "WRONG (err ...)", "absent: ...", "error: ..."
     median_ms: Optional[float] = None
     min_ms: Optional[float] = None
     max_ms: Optional[float] = None
@@ -59,10 +60,16 @@ def machine_info(device: str) -> dict:
 
     bi = _ops.build_info()
     info = {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "cpu": cpu, "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "device": device,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "fusedattn_cpu_isa": bi.get("cpu_isa_selected"), "fusedattn_cuda": bi.get("cuda"),
+        "fusedattn_cpu_isa": bi.get("cpu_isa_selected"),
+        "fusedattn_cuda": bi.get("cuda"),
     }
     try:
         import triton
@@ -74,8 +81,12 @@ def machine_info(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         try:
-            q = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.limit",
-                                "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            q = subprocess.run(
+                ["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,clocks.mem,power.limit", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             info["gpu_clocks"] = q.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             info["gpu_clocks"] = None
@@ -202,9 +213,13 @@ def cpu_peak_extra_mib(family: str, case: dict, backend: str) -> Optional[float]
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     try:
-        res = subprocess.run([sys.executable, "-c", _MEM_CHILD, family, json.dumps(case), backend,
-                              str(torch.get_num_threads())], capture_output=True, text=True, timeout=3600,
-                             check=True)
+        res = subprocess.run(
+            [sys.executable, "-c", _MEM_CHILD, family, json.dumps(case), backend, str(torch.get_num_threads())],
+            capture_output=True,
+            text=True,
+            timeout=3600,
+            check=True,
+        )
         return float(res.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -216,12 +231,18 @@ def summarize(rows: list[Row], family, info: dict) -> list[str]:
     for r in rows:
         if r.backend not in names:
             names.append(r.backend)
-    lines = [f"# {family.title} ({info['device']}, {info['date']})", "",
-             f"Machine: {info.get('gpu') or info['cpu']}; {info['threads']} CPU threads; torch {info['torch']}; "
-             f"triton {info.get('triton')}; fusedattn CPU kernel ISA {info.get('fusedattn_cpu_isa')}.",
-             "", family.formula, "Ratio = peer time / fusedattn time (> 1: fusedattn is faster). Time: median "
-             "[min..max] of the repeats. Extra MiB: peak memory added by one call (includes the output). "
-             "err: max |out - float64 reference|.", ""]
+    lines = [
+        f"# {family.title} ({info['device']}, {info['date']})",
+        "",
+        f"Machine: {info.get('gpu') or info['cpu']}; {info['threads']} CPU threads; torch {info['torch']}; "
+        f"triton {info.get('triton')}; fusedattn CPU kernel ISA {info.get('fusedattn_cpu_isa')}.",
+        "",
+        family.formula,
+        "Ratio = peer time / fusedattn time (> 1: fusedattn is faster). Time: median "
+        "[min..max] of the repeats. Extra MiB: peak memory added by one call (includes the output). "
+        "err: max |out - float64 reference|.",
+        "",
+    ]
     absent = [r for r in rows if r.status.startswith("absent")]
     for r in {r.backend: r for r in absent}.values():
         lines.append(f"- `{r.backend}`: {r.status}")
@@ -243,8 +264,12 @@ def summarize(rows: list[Row], family, info: dict) -> list[str]:
         ours = by.get("fusedattn")
         cells = [str(r.case[k]) for k in case_keys]
         if ours and ours.status == "ok":
-            cells += [f"{ours.median_ms:.2f} [{ours.min_ms:.2f}..{ours.max_ms:.2f}]", f"{ours.metric:.1f}",
-                      "-" if ours.peak_extra_mib is None else f"{ours.peak_extra_mib:.0f}", f"{ours.max_err:.1e}"]
+            cells += [
+                f"{ours.median_ms:.2f} [{ours.min_ms:.2f}..{ours.max_ms:.2f}]",
+                f"{ours.metric:.1f}",
+                "-" if ours.peak_extra_mib is None else f"{ours.peak_extra_mib:.0f}",
+                f"{ours.max_err:.1e}",
+            ]
             cells += [fn(ours) for _, fn in extra]
         else:
             cells += [ours.status if ours else "-", "-", "-", "-"] + ["-" for _ in extra]
@@ -270,19 +295,32 @@ def write_results(rows: list[Row], family, info: dict, out_dir: str, tag: str) -
     paths.append(md)
     js = os.path.join(out_dir, f"{tag}.json")
     with open(js, "w") as f:
-        json.dump({"machine": info, "method": __doc__, "formula": family.formula,
-                   "rows": [dict(asdict(r), **{h: fn(r) for h, fn in extra}) for r in rows]}, f, indent=1)
+        json.dump(
+            {
+                "machine": info,
+                "method": __doc__,
+                "formula": family.formula,
+                "rows": [dict(asdict(r), **{h: fn(r) for h, fn in extra}) for r in rows],
+            },
+            f,
+            indent=1,
+        )
     paths.append(js)
     cs = os.path.join(out_dir, f"{tag}.csv")
     case_keys = list(rows[0].case.keys()) if rows else []
     with open(cs, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(case_keys + ["backend", "status", "median_ms", "min_ms", "max_ms", family.metric_name,
-                                "peak_extra_mib", "max_err"] + [h for h, _ in extra])
+        w.writerow(
+            case_keys
+            + ["backend", "status", "median_ms", "min_ms", "max_ms", family.metric_name, "peak_extra_mib", "max_err"]
+            + [h for h, _ in extra]
+        )
         for r in rows:
-            w.writerow([r.case[k] for k in case_keys] + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms,
-                                                         r.metric, r.peak_extra_mib, r.max_err]
-                       + [fn(r) for _, fn in extra])
+            w.writerow(
+                [r.case[k] for k in case_keys]
+                + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms, r.metric, r.peak_extra_mib, r.max_err]
+                + [fn(r) for _, fn in extra]
+            )
     paths.append(cs)
     paths += family.plot(rows, info, out_dir, tag)
     return paths
@@ -300,9 +338,19 @@ def try_matplotlib():
         return None
 
 
-def plot_vs_length(rows: list[Row], info: dict, out_dir: str, tag: str, *, family: str,
-                   group: Callable[[dict], tuple], title: Callable[[tuple], str], xlabel: str, ylabel: str,
-                   hline: Optional[tuple[float, str]] = None) -> list[str]:
+def plot_vs_length(
+    rows: list[Row],
+    info: dict,
+    out_dir: str,
+    tag: str,
+    *,
+    family: str,
+    group: Callable[[dict], tuple],
+    title: Callable[[tuple], str],
+    xlabel: str,
+    ylabel: str,
+    hline: Optional[tuple[float, str]] = None,
+) -> list[str]:
     """Each backend's metric against case["L"] (log2 axis), one panel per group(case), an optional
     horizontal reference line (value, label); writes <tag>.png and returns its path (none without
     matplotlib)."""
@@ -318,8 +366,13 @@ def plot_vs_length(rows: list[Row], info: dict, out_dir: str, tag: str, *, famil
         sel = [r for r in ok if group(r.case) == g]
         for b in dict.fromkeys(r.backend for r in sel):
             pts = sorted((r.case["L"], r.metric) for r in sel if r.backend == b)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=b,
-                    linewidth=2.5 if b == "fusedattn" else 1.2)
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                marker="o",
+                label=b,
+                linewidth=2.5 if b == "fusedattn" else 1.2,
+            )
         if hline is not None:
             ax.axhline(hline[0], linestyle="--", color="gray", linewidth=1, label=hline[1])
         ax.set_xscale("log", base=2)
@@ -328,7 +381,7 @@ def plot_vs_length(rows: list[Row], info: dict, out_dir: str, tag: str, *, famil
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(groups) :]:
         ax.axis("off")
     fig.suptitle(f"{family} on {info.get('gpu') or info['cpu']} ({info['threads']} threads)", fontsize=10)
     fig.tight_layout()
@@ -374,9 +427,19 @@ def select_cases(cases: list[dict], family: str, where) -> list[dict]:
     return cases
 
 
-def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool, repeats: int, memory: bool,
-               out_dir: Optional[str], where=(), deadline: Optional[float] = None,
-               write: bool = True) -> list[Row]:
+def run_family(
+    family,
+    *,
+    device: str,
+    dtypes: Optional[list[str]],
+    quick: bool,
+    repeats: int,
+    memory: bool,
+    out_dir: Optional[str],
+    where=(),
+    deadline: Optional[float] = None,
+    write: bool = True,
+) -> list[Row]:
     """Measures every case of ``family`` (those ``where`` selects) and returns the rows. ``deadline``
     (a time.monotonic() value): cases, and backends within a case, not started by then are listed as
     TIME_CAP rows instead of run, so a capped run always ends with its tables. ``write``: write the
@@ -406,9 +469,10 @@ def run_family(family, *, device: str, dtypes: Optional[list[str]], quick: bool,
     if capped:
         print(f"{family.name}: {capped} of {len(cases)} cases not run: time cap reached", flush=True)
     position = {json.dumps(c, sort_keys=True): i for i, c in enumerate(cases)}
-    rows = sorted((r for r in rows if not r.status.startswith("absent")),
-                  key=lambda r: position[json.dumps(r.case, sort_keys=True)]) + \
-        [r for r in rows if r.status.startswith("absent")]
+    rows = sorted(
+        (r for r in rows if not r.status.startswith("absent")),
+        key=lambda r: position[json.dumps(r.case, sort_keys=True)],
+    ) + [r for r in rows if r.status.startswith("absent")]
     if out_dir and write:
         tag = f"{device}_{family.name}" + ("_quick" if quick else "")
         for p in write_results(rows, family, info, out_dir, tag):
@@ -426,32 +490,71 @@ def write_bundle(results: list, out_dir: str, name: str, device: str) -> list[st
     with open(md, "w") as f:
         f.write("\n\n".join("\n".join(summarize(rows, fam, info)) for fam, rows, info in results) + "\n")
     with open(js, "w") as f:
-        json.dump({"machine": results[0][2] if results else machine_info(device), "method": __doc__,
-                   "families": {fam.name: {"formula": fam.formula,
-                                           "rows": [dict(asdict(r), **{h: fn(r) for h, fn in
-                                                                       getattr(fam, "extra_columns", [])})
-                                                    for r in rows]}
-                                for fam, rows, _ in results}}, f, indent=1)
+        json.dump(
+            {
+                "machine": results[0][2] if results else machine_info(device),
+                "method": __doc__,
+                "families": {
+                    fam.name: {
+                        "formula": fam.formula,
+                        "rows": [
+                            dict(asdict(r), **{h: fn(r) for h, fn in getattr(fam, "extra_columns", [])}) for r in rows
+                        ],
+                    }
+                    for fam, rows, _ in results
+                },
+            },
+            f,
+            indent=1,
+        )
     keys = list(dict.fromkeys(k for _, rows, _ in results for r in rows[:1] for k in r.case))
     extras = list(dict.fromkeys(h for fam, _, _ in results for h, _ in getattr(fam, "extra_columns", [])))
     with open(cs, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["family"] + keys + ["backend", "status", "median_ms", "min_ms", "max_ms", "metric_name", "metric",
-                                        "peak_extra_mib", "max_err"] + extras)
+        w.writerow(
+            ["family"]
+            + keys
+            + [
+                "backend",
+                "status",
+                "median_ms",
+                "min_ms",
+                "max_ms",
+                "metric_name",
+                "metric",
+                "peak_extra_mib",
+                "max_err",
+            ]
+            + extras
+        )
         for fam, rows, _ in results:
             ex = dict(getattr(fam, "extra_columns", []))
             for r in rows:
-                w.writerow([fam.name] + [r.case.get(k, "") for k in keys]
-                           + [r.backend, r.status, r.median_ms, r.min_ms, r.max_ms, fam.metric_name, r.metric,
-                              r.peak_extra_mib, r.max_err] + [ex[h](r) if h in ex else "" for h in extras])
+                w.writerow(
+                    [fam.name]
+                    + [r.case.get(k, "") for k in keys]
+                    + [
+                        r.backend,
+                        r.status,
+                        r.median_ms,
+                        r.min_ms,
+                        r.max_ms,
+                        fam.metric_name,
+                        r.metric,
+                        r.peak_extra_mib,
+                        r.max_err,
+                    ]
+                    + [ex[h](r) if h in ex else "" for h in extras]
+                )
     paths = [md, js, cs]
     for fam, rows, info in results:
         paths += fam.plot(rows, info, out_dir, f"{device}_{fam.name}")
     return paths
 
 
-def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memory: bool,
-                 deadline: Optional[float] = None) -> list[Row]:
+def measure_case(
+    family, case: dict, fns: dict, device: str, repeats: int, memory: bool, deadline: Optional[float] = None
+) -> list[Row]:
     """Check every backend on ``case``, then time those that passed, round-robin, on one set of inputs.
     A backend whose turn comes after ``deadline`` (time.monotonic()) is listed as TIME_CAP."""
     rows = {name: Row(family.name, case, name, "ok", metric_name=family.metric_name) for name in fns}
@@ -473,14 +576,18 @@ def measure_case(family, case: dict, fns: dict, device: str, repeats: int, memor
                 if inputs is None:
                     inputs = family.make_inputs(case, device, requires_grad=family.needs_grad(case))
                 family.call(fn, inputs, case)  # fails here, not in the timing loop, if it cannot run
-                timed[name] = (lambda f: (lambda: family.call(f, inputs, case)))(fn)
+                timed[name] = (lambda f: lambda: family.call(f, inputs, case))(fn)
         except Exception as e:  # a peer that cannot run this case is reported, not fatal
             row.status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
     if timed:
         # the family's companions (decode: a copy, for the machine's bandwidth) share the round-robin
         extra = family.companions(case, device) if hasattr(family, "companions") else {}
-        times = time_round_robin({**timed, **{f"companion:{n}": f for n, f in extra.items()}}, device,
-                                 family.repeats(case, repeats), flush=family.flush)
+        times = time_round_robin(
+            {**timed, **{f"companion:{n}": f for n, f in extra.items()}},
+            device,
+            family.repeats(case, repeats),
+            flush=family.flush,
+        )
         for n in extra:
             family.companion_times(case, n, times.pop(f"companion:{n}"))
         for name, t in times.items():

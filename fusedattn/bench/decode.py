@@ -14,6 +14,7 @@ sequence length and transposed to (B, H, L, D); for a paged cache it first gathe
 (B, L, Hkv, D) tensor (torch has no paged attention), and that gather is part of its time. FlashInfer and
 flash_attn (``flash_attn_with_kvcache``) are GPU peers, listed when installed.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,11 +34,13 @@ name = "decode"
 title = "Decode"
 metric_name = "GB/s"
 flush = True  # memory-bound: a 64 MiB buffer is read between timed calls so no case runs from cache
-formula = ("bytes = K+V cache read + Q + O = (2*B*L*Hkv*D + 2*B*Hq*D) * element size; GB/s = bytes / time. "
-           "One new token per sequence (Lq = 1), all B sequences L keys long. 'copy GB/s': a 256 MiB copy "
-           "(read + write bytes) timed in the same round-robin as the case (median); '% of copy' = GB/s / that. "
-           "alloc: the cache's memory (fusedattn = fusedattn.zeros_kv_cache, huge pages on the CPU; torch = "
-           "torch.randn, 4 KiB pages).")
+formula = (
+    "bytes = K+V cache read + Q + O = (2*B*L*Hkv*D + 2*B*Hq*D) * element size; GB/s = bytes / time. "
+    "One new token per sequence (Lq = 1), all B sequences L keys long. 'copy GB/s': a 256 MiB copy "
+    "(read + write bytes) timed in the same round-robin as the case (median); '% of copy' = GB/s / that. "
+    "alloc: the cache's memory (fusedattn = fusedattn.zeros_kv_cache, huge pages on the CPU; torch = "
+    "torch.randn, 4 KiB pages)."
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAGE_SIZE = 16  # the paged layout's page size (vLLM's default)
 MEMORY_BUDGET = 6 * 2**30  # bytes: larger cases are skipped (the cache), or their torch peer (cache + copies)
@@ -90,18 +93,28 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
     # the issue's target case (B=8, Hkv=8, L=4096, bf16) also on a plain torch tensor (CPU: 4 KiB pages)
     plain = [_case(8, 8, 4096, "bf16", "contiguous", alloc="torch")] if device == "cpu" else []
     if quick:  # the target case in both layouts, and two more
-        out = [_case(8, 8, 4096, "bf16", "contiguous"), *plain, _case(8, 8, 4096, "bf16", paged),
-               _case(1, 8, 8192, "bf16", "contiguous"), _case(8, 8, 4096, "fp32", "contiguous")]
+        out = [
+            _case(8, 8, 4096, "bf16", "contiguous"),
+            *plain,
+            _case(8, 8, 4096, "bf16", paged),
+            _case(1, 8, 8192, "bf16", "contiguous"),
+            _case(8, 8, 4096, "fp32", "contiguous"),
+        ]
         return [c for c in out if c["dtype"] in dts]
-    out = [_case(B, Hkv, L, dt, layout)
-           for dt in dts for layout in ("contiguous", paged) for Hkv in (8, 32) for B in (1, 8, 64)
-           for L in (512, 2048, 4096, 8192, 32768)]
+    out = [
+        _case(B, Hkv, L, dt, layout)
+        for dt in dts
+        for layout in ("contiguous", paged)
+        for Hkv in (8, 32)
+        for B in (1, 8, 64)
+        for L in (512, 2048, 4096, 8192, 32768)
+    ]
     return [c for c in out if cache_bytes(c) <= MEMORY_BUDGET] + [c for c in plain if c["dtype"] in dts]
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, L: int) -> torch.Tensor:
     """(B, L, H, D) contiguous keys from a paged (num_blocks, PAGE_SIZE, H, D) cache."""
-    B, P = block_table.shape[0], cache.shape[1]
+    P = cache.shape[1]  # PAGE_SIZE
     pages = block_table[:, : -(-L // P)].long()  # (B, pages)
     return cache[pages].flatten(1, 2)[:, :L]  # (B, pages * P, H, D) -> (B, L, H, D)
 
@@ -123,24 +136,33 @@ def backends(device: str, quick: bool = False) -> dict:
     # what "auto" runs there: the CUDA kernel (csrc/cuda/decode.cuh) when built, else Triton's
     ours = "cpu" if device == "cpu" else ("cuda" if avail["cuda"] is None else "triton") if device == "cuda" else None
     if ours is not None and avail[ours] is None:
-        out["fusedattn"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
-                                                                           block_table=bt, backend=ours)
+        out["fusedattn"] = lambda q, kc, vc, lens, bt, L: decode_attention(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, backend=ours
+        )
     else:
-        out["fusedattn"] = (f"no fused decode kernel for {device} in this build"
-                            + (f" ({ours}: {avail[ours]})" if ours else ""))
+        out["fusedattn"] = f"no fused decode kernel for {device} in this build" + (
+            f" ({ours}: {avail[ours]})" if ours else ""
+        )
     if ours == "cuda" and avail["triton"] is None:  # both GPU kernels of ours, side by side
-        out["fusedattn_triton"] = lambda q, kc, vc, lens, bt, L: decode_attention(q, kc, vc, cache_seqlens=lens,
-                                                                                  block_table=bt, backend="triton")
+        out["fusedattn_triton"] = lambda q, kc, vc, lens, bt, L: decode_attention(
+            q, kc, vc, cache_seqlens=lens, block_table=bt, backend="triton"
+        )
     out["torch_sdpa"] = _torch_sdpa
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         from flash_attn import flash_attn_with_kvcache
 
-        out["flash_attn"] = lambda q, kc, vc, lens, bt, L: flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens,
-                                                                                   block_table=bt)
+        out["flash_attn"] = lambda q, kc, vc, lens, bt, L: flash_attn_with_kvcache(
+            q, kc, vc, cache_seqlens=lens, block_table=bt
+        )
     else:
         out["flash_attn"] = "not installed" if device == "cuda" else "GPU only"
-    out["flashinfer"] = ("GPU only" if device != "cuda" else "not installed"
-                         if importlib.util.find_spec("flashinfer") is None else "installed but not wired up yet")
+    out["flashinfer"] = (
+        "GPU only"
+        if device != "cuda"
+        else "not installed"
+        if importlib.util.find_spec("flashinfer") is None
+        else "installed but not wired up yet"
+    )
     return out
 
 
@@ -183,8 +205,14 @@ def check(fn, case: dict, device: str) -> tuple[float, float]:
     small = dict(case, B=min(case["B"], 2), L=min(case["L"], 2048))
     q, k_cache, v_cache, seqlens, block_table = make_inputs(small, device, seed=1)
     out = call(fn, (q, k_cache, v_cache, seqlens, block_table), small)
-    ref = decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=seqlens,
-                               block_table=block_table, compute_dtype=torch.float64)
+    ref = decode_attention_ref(
+        q.double(),
+        k_cache.double(),
+        v_cache.double(),
+        cache_seqlens=seqlens,
+        block_table=block_table,
+        compute_dtype=torch.float64,
+    )
     err = (out.double() - ref).abs().max().item()
     return err, (1e-4 if case["dtype"] == "fp32" else 3e-2)
 
@@ -214,21 +242,27 @@ def fraction_of_copy(r: Row) -> str:
     return f"{r.metric / cp:.0%}" if cp and r.metric else "-"
 
 
-extra_columns = [("copy GB/s", lambda r: f"{copy_gbps(r.case):.1f}" if copy_gbps(r.case) else "-"),
-                 ("% of copy", fraction_of_copy)]
+extra_columns = [
+    ("copy GB/s", lambda r: f"{copy_gbps(r.case):.1f}" if copy_gbps(r.case) else "-"),
+    ("% of copy", fraction_of_copy),
+]
 
 
 def format_row(r: Row, rows: list[Row]) -> str:
     c = r.case
-    head = (f"{c['dtype']:5s} {c['layout']:10s} {_alloc(c):9s} B={c['B']:2d} Hq={c['Hq']} "
-            f"Hkv={c['Hkv']:2d} D={c['D']} L={c['L']:6d}")
+    head = (
+        f"{c['dtype']:5s} {c['layout']:10s} {_alloc(c):9s} B={c['B']:2d} Hq={c['Hq']} "
+        f"Hkv={c['Hkv']:2d} D={c['D']} L={c['L']:6d}"
+    )
     if r.status != "ok":
         return f"{head} {r.backend:11s} {r.status}"
     ours = next((x for x in rows if x.case == c and x.backend == "fusedattn" and x.status == "ok"), None)
     ratio = f"{r.median_ms / ours.median_ms:6.2f}x vs ours" if ours and r.backend != "fusedattn" else ""
     cp = copy_gbps(c)
-    return (f"{head} {r.backend:11s} {r.median_ms:9.3f} ms [{r.min_ms:.3f}..{r.max_ms:.3f}] {r.metric:6.1f} GB/s "
-            f"({fraction_of_copy(r):>4s} of {cp or 0:.1f} GB/s copy) err {r.max_err:.1e} {ratio}")
+    return (
+        f"{head} {r.backend:11s} {r.median_ms:9.3f} ms [{r.min_ms:.3f}..{r.max_ms:.3f}] {r.metric:6.1f} GB/s "
+        f"({fraction_of_copy(r):>4s} of {cp or 0:.1f} GB/s copy) err {r.max_err:.1e} {ratio}"
+    )
 
 
 def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
@@ -236,7 +270,15 @@ def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     as a dashed line (the median of the copies timed beside the cases)."""
     cps = [v for v in (copy_gbps(r.case) for r in rows) if v]
     cp = statistics.median(cps) if cps else None
-    return plot_vs_length(rows, info, out_dir, tag, family="decode",
-                          group=lambda c: (c["dtype"], c["layout"], _alloc(c), c["B"], c["Hkv"]),
-                          title=lambda g: f"{g[0]} {g[1]} ({g[2]} alloc) B={g[3]} Hkv={g[4]}", xlabel="cache length",
-                          ylabel="GB/s", hline=(cp, "copy bandwidth") if cp else None)
+    return plot_vs_length(
+        rows,
+        info,
+        out_dir,
+        tag,
+        family="decode",
+        group=lambda c: (c["dtype"], c["layout"], _alloc(c), c["B"], c["Hkv"]),
+        title=lambda g: f"{g[0]} {g[1]} ({g[2]} alloc) B={g[3]} Hkv={g[4]}",
+        xlabel="cache length",
+        ylabel="GB/s",
+        hline=(cp, "copy bandwidth") if cp else None,
+    )

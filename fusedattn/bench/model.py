@@ -10,6 +10,7 @@ Two phases per case, each timed as one call:
 Tokens/s = tokens processed / time: B*P for prefill, B*N for decode. Weights are random (GPT-2 shapes, no
 download). Needs transformers; without it the HF peers are listed as absent.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,9 +25,11 @@ title = "GPT model (prefill and decode)"
 metric_name = "tokens/s"
 metric_scale = 1.0  # report tokens/s as is (the engine's default divides by 1e9 for GFLOP/s, GB/s)
 flush = False
-formula = ("tokens/s = B*P / prefill time (phase prefill: one forward over the (B, P) prompt filling a fresh KV "
-           "cache) or B*N / decode time (phase decode: N one-token steps after P cached tokens). Same weights, "
-           "dtype and fed tokens for every backend.")
+formula = (
+    "tokens/s = B*P / prefill time (phase prefill: one forward over the (B, P) prompt filling a fresh KV "
+    "cache) or B*N / decode time (phase decode: N one-token steps after P cached tokens). Same weights, "
+    "dtype and fed tokens for every backend."
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODELS = {  # GPT-2 shapes: (n_layer, n_head, n_embd, vocab)
     "gpt2-124M": (12, 12, 768, 50257),
@@ -42,8 +45,13 @@ def cases(*, quick: bool, device: str, dtypes: Optional[list[str]]) -> list[dict
     dts = dtypes or (["fp32", "bf16"] if device == "cpu" else ["bf16", "fp16"])
     if quick:
         return [_case("gpt2-tiny", 2, 32, 8, phase, dts[0]) for phase in ("prefill", "decode")]
-    return [_case("gpt2-124M", B, P, 32, phase, dt) for dt in dts for phase in ("prefill", "decode")
-            for B in (1, 8) for P in (128, 1024)]
+    return [
+        _case("gpt2-124M", B, P, 32, phase, dt)
+        for dt in dts
+        for phase in ("prefill", "decode")
+        for B in (1, 8)
+        for P in (128, 1024)
+    ]
 
 
 _built: dict = {}  # (model, dtype, device) -> (hf model, ours), + its float64 oracle; one model at a time
@@ -58,8 +66,15 @@ def _models(case: dict, device: str):
 
         _built.clear()
         n_layer, n_head, n_embd, vocab = MODELS[case["model"]]
-        cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=2048, n_embd=n_embd, n_layer=n_layer,
-                                      n_head=n_head, bos_token_id=0, eos_token_id=0)
+        cfg = transformers.GPT2Config(
+            vocab_size=vocab,
+            n_positions=2048,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=n_head,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         torch.manual_seed(0)
         hf = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="eager").eval()
         ours = GPT.from_hf_gpt2(hf).eval()
@@ -90,7 +105,7 @@ def _ours(inputs: dict, case: dict) -> torch.Tensor:
     for c in caches:
         c.seqlens.fill_(P)  # rewind to the prompt
     for i in range(N):
-        logits = model(inputs["fed"][:, i: i + 1], caches=caches)
+        logits = model(inputs["fed"][:, i : i + 1], caches=caches)
     return logits[:, -1]
 
 
@@ -107,8 +122,9 @@ def _hf(impl: str):
         if extra > 0:
             cache.crop(-extra)  # rewind to the prompt
         for i in range(N):
-            out = model(inputs["fed"][:, i: i + 1], past_key_values=cache, use_cache=True)
+            out = model(inputs["fed"][:, i : i + 1], past_key_values=cache, use_cache=True)
         return out.logits[:, -1]
+
     return run
 
 
@@ -116,9 +132,11 @@ def backends(device: str, quick: bool = False) -> dict:
     """name -> fn(inputs, case) returning the last position's logits (B, V), or why the backend is absent."""
     have_hf = importlib.util.find_spec("transformers") is not None
     why = "transformers is not installed (pip install transformers)"
-    return {"fusedattn": _ours if have_hf else why,  # our GPT is built from an HF GPT-2 state dict
-            "hf_eager": _hf("eager") if have_hf else why,
-            "hf_sdpa": _hf("sdpa") if have_hf else why}
+    return {
+        "fusedattn": _ours if have_hf else why,  # our GPT is built from an HF GPT-2 state dict
+        "hf_eager": _hf("eager") if have_hf else why,
+        "hf_sdpa": _hf("sdpa") if have_hf else why,
+    }
 
 
 def needs_grad(case: dict) -> bool:
@@ -180,8 +198,10 @@ def format_row(r: Row, rows: list[Row]) -> str:
         return f"{head} {r.backend:10s} {r.status}"
     ours = next((x for x in rows if x.case == c and x.backend == "fusedattn" and x.status == "ok"), None)
     ratio = f"{r.median_ms / ours.median_ms:6.2f}x vs ours" if ours and r.backend != "fusedattn" else ""
-    return (f"{head} {r.backend:10s} {r.median_ms:9.2f} ms [{r.min_ms:.2f}..{r.max_ms:.2f}] {r.metric:9.1f} tok/s "
-            f"err {r.max_err:.1e} {ratio}")
+    return (
+        f"{head} {r.backend:10s} {r.median_ms:9.2f} ms [{r.min_ms:.2f}..{r.max_ms:.2f}] {r.metric:9.1f} tok/s "
+        f"err {r.max_err:.1e} {ratio}"
+    )
 
 
 def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
@@ -192,14 +212,16 @@ def plot(rows: list[Row], info: dict, out_dir: str, tag: str) -> list[str]:
     ok = [r for r in rows if r.status == "ok"]
     if plt is None or not ok:
         return []
-    labels = list(dict.fromkeys(f"{r.case['phase']} {r.case['dtype']}\nB={r.case['B']} P={r.case['P']}"
-                                for r in ok))
+    labels = list(dict.fromkeys(f"{r.case['phase']} {r.case['dtype']}\nB={r.case['B']} P={r.case['P']}" for r in ok))
     names = list(dict.fromkeys(r.backend for r in ok))
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(labels)), 4))
     width = 0.8 / len(names)
     for j, b in enumerate(names):
-        vals = {f"{r.case['phase']} {r.case['dtype']}\nB={r.case['B']} P={r.case['P']}": r.metric
-                for r in ok if r.backend == b}
+        vals = {
+            f"{r.case['phase']} {r.case['dtype']}\nB={r.case['B']} P={r.case['P']}": r.metric
+            for r in ok
+            if r.backend == b
+        }
         ax.bar([i + j * width for i in range(len(labels))], [vals.get(lab, 0) for lab in labels], width, label=b)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
     ax.set_xticklabels(labels, fontsize=7)

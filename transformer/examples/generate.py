@@ -7,6 +7,7 @@
 Without --hf-gpt2 the model is byte-level (vocab 256): the prompt is its UTF-8 bytes. With --hf-gpt2 the
 directory's tokenizer is used (transformers needed, nothing is downloaded). Prints the text, then tokens/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,15 @@ def build(args):
         tok = transformers.AutoTokenizer.from_pretrained(args.hf_gpt2)
         model = GPT.from_hf_gpt2(hf, backend=args.backend)
         return model, (lambda s: tok(s)["input_ids"]), tok.decode
-    cfg = GPTConfig(vocab_size=256, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                    n_kv_head=args.n_kv_head, n_embd=args.n_embd, backend=args.backend)
+    cfg = GPTConfig(
+        vocab_size=256,
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_kv_head=args.n_kv_head,
+        n_embd=args.n_embd,
+        backend=args.backend,
+    )
     model = GPT(cfg)
     if args.weights:
         model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
@@ -63,22 +71,32 @@ def main(argv=None) -> None:
 
     try:
         from tqdm import tqdm
+
         bar = tqdm(total=args.max_new_tokens, unit="tok", desc="generating")
     except ImportError:
         bar = None
     t0 = time.perf_counter()
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, use_cache=not args.no_cache, paged=args.paged,
-                         generator=torch.Generator().manual_seed(args.seed),
-                         callback=(lambda tok: bar.update(1)) if bar is not None else None)
+    out = model.generate(
+        idx,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        use_cache=not args.no_cache,
+        paged=args.paged,
+        generator=torch.Generator().manual_seed(args.seed),
+        callback=(lambda tok: bar.update(1)) if bar is not None else None,
+    )
     seconds = time.perf_counter() - t0
     if bar is not None:
         bar.close()
     for row in out.tolist():
         print(repr(decode(row)))
     new = args.batch * args.max_new_tokens
-    print(f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (prompt {idx.shape[1]} tokens, "
-          f"batch {args.batch}, {'no cache' if args.no_cache else 'paged' if args.paged else 'contiguous'} cache)")
+    print(
+        f"{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s (prompt {idx.shape[1]} tokens, "
+        f"batch {args.batch}, {'no cache' if args.no_cache else 'paged' if args.paged else 'contiguous'} cache)"
+    )
 
 
 if __name__ == "__main__":
