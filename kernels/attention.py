@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedattn._ops import no_double_backward
+
 from ._common import INTERPRET, exp_via_exp2, launch, log_via_log2, mma, pow2, register_op, softcap_scores
 
 __all__ = ["INTERPRET", "attention", "varlen_attention"]
@@ -1208,7 +1210,9 @@ def _attention_backward(ctx, grad_out, grad_lse):
         return (None,) * 9
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, *ctx.params, grad_lse)
+    with torch.no_grad():
+        dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, *ctx.params, grad_lse)
+    dq, dk, dv = no_double_backward("triton_attention_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
     return (dq, dk, dv) + (None,) * 6
 
 
@@ -1225,7 +1229,9 @@ def _varlen_backward(ctx, grad_out, grad_lse):
         return (None,) * 11
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.params, grad_lse)
+    with torch.no_grad():
+        dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.params, grad_lse)
+    dq, dk, dv = no_double_backward("triton_varlen_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
     return (dq, dk, dv) + (None,) * 8
 
 

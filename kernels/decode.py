@@ -505,6 +505,9 @@ def _decode_impl(
     BLOCK_N = 64 if max(BLOCK_D, BLOCK_DV) * q.element_size() <= 256 and BLOCK_M <= 64 else 32
     if INTERPRET:
         BLOCK_N = 128
+    # A window side wider than capacity + Lq hides no key (keys sit in [0, capacity), the diagonal within it):
+    # unbounded. Keeps sides near 2**63 (sys.maxsize as "unbounded") from overflowing diag + window_right + 1.
+    window_left, window_right = (-1 if w > capacity + Lq else w for w in (window_left, window_right))
     # The key span one program may cover: from shapes only (no device sync, traceable).
     max_keys = capacity
     if window_left >= 0:

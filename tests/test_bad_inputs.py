@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fusedattn
-from conftest import max_abs_err, randn
+from conftest import backend_params, device_for, max_abs_err, randn
 from fusedattn.reference import attention_ref
 from test_attention import check_backward, check_forward
 
@@ -754,3 +754,69 @@ def test_raw_varlen_refuses_v_with_other_tokens_than_k(gen):
     for v in (randn(3, 2, 8, gen=gen), randn(9, 2, 8, gen=gen)):
         with pytest.raises(RuntimeError, match="v must have k's tokens"):
             torch.ops.fusedattn.varlen_fwd(q, k, v, cu, cu, 4, 4, 0.5, -1, -1, True, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Double backward: the fused backward is first-order only. With create_graph=True the first-order gradients are
+# still right, but differentiating them again must raise (it used to drop the second-order term silently: a
+# Hessian-vector product of None or off by 3-50 from the float64 reference).
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _double_backward_calls():
+    lens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    return {
+        "attention": (lambda q, k, v, be: fusedattn.attention(q, k, v, causal=True, backend=be), (1, 2, 5, 8)),
+        "varlen": (lambda q, k, v, be: fusedattn.varlen_attention(q, k, v, lens, lens, 5, 5, backend=be), (8, 2, 8)),
+        "sdpa": (lambda q, k, v, be: fusedattn.scaled_dot_product_attention(q, k, v), (1, 2, 5, 8)),
+    }
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton"]))
+@pytest.mark.parametrize("fn", ["attention", "varlen", "sdpa"])
+def test_double_backward_raises(backend, fn, gen):
+    if fn == "sdpa" and backend != "cpu":
+        pytest.skip("the drop-in picks its kernel itself (cpu tensors: the cpu kernel)")
+    call, shape = _double_backward_calls()[fn]
+    dev = device_for(backend)
+    q, k, v = (randn(*shape, gen=gen).to(dev).requires_grad_() for _ in range(3))
+    out = call(q, k, v, None if fn == "sdpa" else backend)
+    (g_first,) = torch.autograd.grad(out.square().sum(), q, retain_graph=True)
+    (g_q,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    torch.testing.assert_close(g_q.detach(), g_first)  # the first order is unchanged
+    with pytest.raises(RuntimeError, match="double backward is not supported"):
+        torch.autograd.grad(g_q.sum(), k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A window side near 2**63 (sys.maxsize as "unbounded") is unbounded on every backend: i + off + right + 1
+# overflowed int64 in the CPU and Triton decode and in the reference (rows of zeros, error ~1).
+# ----------------------------------------------------------------------------------------------------------------
+
+_MAXSIZE = sys.maxsize
+
+
+@pytest.mark.parametrize("backend", backend_params(["cpu", "triton", "reference"]))
+@pytest.mark.parametrize("window", [(_MAXSIZE, _MAXSIZE), (-1, _MAXSIZE), (_MAXSIZE, -1), (3, _MAXSIZE), (_MAXSIZE, 2)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_huge_window_sides_are_unbounded(backend, window, causal, gen):
+    dev = device_for(backend)
+    bounded = tuple(-1 if w == _MAXSIZE else w for w in window)
+    q, k, v = randn(1, 4, 5, 16, gen=gen), randn(1, 2, 9, 16, gen=gen), randn(1, 2, 9, 16, gen=gen)
+    out = fusedattn.attention(*(t.to(dev) for t in (q, k, v)), causal=causal, window=window, backend=backend)
+    ref = attention_ref(q, k, v, causal=causal, window=bounded)
+    assert max_abs_err(out.cpu(), ref) < 1e-5
+    qd, kc, vc = randn(2, 3, 4, 16, gen=gen), randn(2, 20, 2, 16, gen=gen), randn(2, 20, 2, 16, gen=gen)
+    lens = torch.tensor([7, 13], dtype=torch.int32)
+    with torch.no_grad():
+        out = fusedattn.decode_attention(
+            *(t.to(dev) for t in (qd, kc, vc)),
+            cache_seqlens=lens.to(dev),
+            causal=causal,
+            window=window,
+            backend=backend,
+        )
+        ref = fusedattn.decode_attention(
+            qd, kc, vc, cache_seqlens=lens, causal=causal, window=bounded, backend="reference"
+        )
+    assert max_abs_err(out.cpu(), ref) < 1e-5
