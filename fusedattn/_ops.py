@@ -3,14 +3,18 @@
 The schemas are declared once in C++ (csrc/torch_bindings.cpp); this module adds, per op:
   * a fake (meta) implementation, so torch.compile / FakeTensor tracing knows output shapes;
   * autograd (``attention_fwd`` -> ``attention_bwd``, ``varlen_fwd`` -> ``varlen_bwd``), so gradients flow
-    through the op
-    (the decode ops are inference-only and have none).
+    through the op, torch.func's transforms included (the decode ops are inference-only and have none).
+``register_attention_pair`` does both for a (forward, backward) pair; kernels/attention.py calls it for the
+Triton ops too, so the C++ and Triton pairs share one set of fake impls and one autograd.
 torch imports this module by itself when it needs the fake impls (``set_python_module``).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch._functorch.utils import enable_single_level_autograd_function
 
 
 def _check_torch_matches_build() -> None:
@@ -66,12 +70,20 @@ def _check_one_device(op: str, **tensors) -> None:
 
 
 class _FirstOrderOnly(torch.autograd.Function):
-    """Passes gradients through (as copies) and raises when they are differentiated: see no_double_backward."""
+    """Passes gradients through (as copies) and raises when they are differentiated: see no_double_backward.
+
+    Written in the setup_context form (forward without ctx) with a generated vmap rule, so torch.func's
+    transforms (grad, jacrev, vjp, vmap over the backward) can run through it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, op: str, n: int, *tensors):  # tensors: n gradients, then the inputs they depend on
-        ctx.op = op
+    def forward(op: str, n: int, *tensors):  # tensors: n gradients, then the inputs they depend on
         return tuple(t.clone() for t in tensors[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -100,139 +112,125 @@ def no_double_backward(op: str, grads: tuple, inputs: tuple) -> tuple:
     return tuple(out)
 
 
-if _C is not None:
+# ----------------------------------------------------------------------------------------------------------------
+# Fake impls and autograd of the differentiable op pairs, written once for the C++ ops (attention_fwd/_bwd,
+# varlen_fwd/_bwd) and the Triton ones (triton_attention_fwd/_bwd, triton_varlen_fwd/_bwd; kernels/attention.py).
+# Every pair has one shape:
+#   fwd(q, k, v, *rest) -> (out, lse)          rest: the mask or cu_seqlens, then the scalars
+#   bwd(grad_out, q, k, v, out, lse, *rest, grad_lse) -> (dq, dk, dv)
+# ----------------------------------------------------------------------------------------------------------------
 
-    @torch.library.register_fake("fusedattn::attention_fwd")
-    def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
-        _check_one_device("attention_fwd", q=q, k=k, v=v, attn_mask=attn_mask)
-        B, Hq, Lq, _ = q.shape
-        out = q.new_empty((B, Hq, Lq, v.shape[-1]))  # (B, Hq, Lq, Dv)
-        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
-        return out, lse
+_LIB = torch.library.Library("fusedattn", "FRAGMENT")  # holds the autograd kernels registered below
 
-    @torch.library.register_fake("fusedattn::attention_bwd")
-    def _attention_bwd_fake(
-        grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse
-    ):
-        _check_one_device(
-            "attention_bwd", grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, attn_mask=attn_mask, grad_lse=grad_lse
-        )
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
-    def _attention_fwd_setup_context(ctx, inputs, output):
-        q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.params = (scale, window_left, window_right, bottom_right, softcap)
-        ctx.set_materialize_grads(False)
+def _fwd_fake(layout: str, op: str):
+    """The forward's fake impl: out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) for the dense layout, out
+    (total_q, Hq, Dv) and lse (Hq, total_q) (FlashAttention's varlen lse layout) for the packed one."""
 
-    def _attention_fwd_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, attn_mask = ctx.saved_tensors
-        if grad_out is None and grad_lse is None:
-            return None, None, None, None, None, None, None, None, None
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        scale, window_left, window_right, bottom_right, softcap = ctx.params
-        with torch.no_grad():
-            dq, dk, dv = torch.ops.fusedattn.attention_bwd(
-                grad_out,
-                q,
-                k,
-                v,
-                out,
-                lse,
-                attn_mask,
-                scale,
-                window_left,
-                window_right,
-                bottom_right,
-                softcap,
-                grad_lse,
-            )
-        dq, dk, dv = no_double_backward("attention_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
-        return dq, dk, dv, None, None, None, None, None, None
-
-    torch.library.register_autograd(
-        "fusedattn::attention_fwd", _attention_fwd_backward, setup_context=_attention_fwd_setup_context
-    )
-
-    @torch.library.register_fake("fusedattn::varlen_fwd")
-    def _varlen_fwd_fake(
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        scale,
-        window_left,
-        window_right,
-        bottom_right,
-        softcap,
-    ):
+    def fake(q, k, v, *rest):
+        if layout == "dense":
+            _check_one_device(op, q=q, k=k, v=v, attn_mask=rest[0])
+            B, Hq, Lq, _ = q.shape
+            return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
         total_q, Hq, _ = q.shape
-        out = q.new_empty((total_q, Hq, v.shape[-1]))  # (total_q, Hq, Dv)
-        lse = q.new_empty((Hq, total_q), dtype=torch.float32)  # FlashAttention's varlen lse layout
-        return out, lse
+        return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
 
-    @torch.library.register_fake("fusedattn::varlen_bwd")
-    def _varlen_bwd_fake(
-        grad_out,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        scale,
-        window_left,
-        window_right,
-        bottom_right,
-        softcap,
-        grad_lse,
-    ):
-        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    return fake
 
-    def _varlen_fwd_setup_context(ctx, inputs, output):
-        (
-            q,
-            k,
-            v,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            scale,
-            window_left,
-            window_right,
-            bottom_right,
-            softcap,
-        ) = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.params = (max_seqlen_q, max_seqlen_k, scale, window_left, window_right, bottom_right, softcap)
-        ctx.set_materialize_grads(False)
 
-    def _varlen_fwd_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        no_grads = (None,) * 9  # cu_seqlens_q .. softcap
-        if grad_out is None and grad_lse is None:
-            return (None, None, None) + no_grads
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        with torch.no_grad():
-            dq, dk, dv = torch.ops.fusedattn.varlen_bwd(
-                grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.params, grad_lse
+def _bwd_fake(layout: str, op: str):
+    """The backward's fake impl: dq, dk, dv shaped like q, k, v."""
+
+    def fake(grad_out, q, k, v, out, lse, *rest):
+        if layout == "dense":
+            attn_mask, grad_lse = rest[0], rest[-1]
+            _check_one_device(
+                op, grad_out=grad_out, q=q, k=k, v=v, out=out, lse=lse, attn_mask=attn_mask, grad_lse=grad_lse
             )
-        return no_double_backward("varlen_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v)) + no_grads
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-    torch.library.register_autograd(
-        "fusedattn::varlen_fwd", _varlen_fwd_backward, setup_context=_varlen_fwd_setup_context
-    )
+    return fake
+
+
+def _register_autograd(fwd: str, bwd: str) -> None:
+    """Autograd of ``fusedattn::<fwd>`` through ``fusedattn::<bwd>``, as a kernel for the Autograd key.
+
+    What torch.library.register_autograd does, but through an autograd.Function in the setup_context form (forward
+    without ctx), which torch.func's transforms require: torch.func.grad / jacrev / vjp then run through the op
+    (register_autograd's generated Function has ``forward(ctx, ...)`` and fails there with "must override
+    setup_context"). The forward runs the op below autograd; the backward runs ``bwd`` under no_grad and
+    refuses to be differentiated again (no_double_backward)."""
+    fwd_op = getattr(torch.ops.fusedattn, fwd).default
+    bwd_op = getattr(torch.ops.fusedattn, bwd).default
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(q, k, v, *rest):
+            with torch._C._AutoDispatchBelowAutograd():
+                return fwd_op(q, k, v, *rest)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            q, k, v, *rest = inputs
+            tensors = [r for r in rest if isinstance(r, torch.Tensor)]  # the mask or cu_seqlens
+            ctx.save_for_backward(q, k, v, output[0], output[1], *tensors)
+            ctx.rest = [None if isinstance(r, torch.Tensor) else r for r in rest]  # tensors: refilled in order
+            ctx.tensor_slots = [i for i, r in enumerate(rest) if isinstance(r, torch.Tensor)]
+            ctx.set_materialize_grads(False)
+
+        @staticmethod
+        def backward(ctx, grad_out, grad_lse):
+            q, k, v, out, lse, *tensors = ctx.saved_tensors
+            no_grads = (None,) * len(ctx.rest)
+            if grad_out is None and grad_lse is None:
+                return (None, None, None) + no_grads
+            if grad_out is None:
+                grad_out = torch.zeros_like(out)
+            rest = list(ctx.rest)
+            for i, t in zip(ctx.tensor_slots, tensors):
+                rest[i] = t
+            with torch.no_grad():
+                dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, *rest, grad_lse)
+            return no_double_backward(fwd, (dq, dk, dv), (grad_out, grad_lse, q, k, v)) + no_grads
+
+    # Function.apply would hand the call to torch.func's custom_function_call when a transform is active; here,
+    # inside the op's Autograd kernel, torch.func has already wrapped the tensors for its level (as for any op
+    # with a derivative formula), so the node is recorded directly: autograd.Function's own apply, minus that
+    # redirection.
+    apply = super(torch.autograd.Function, Function).apply
+
+    def autograd_kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
+            if not torch._C._are_functorch_transforms_active():
+                return apply(*args)
+            with enable_single_level_autograd_function():  # a node at torch.func's current level only
+                return apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return fwd_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    # ops made by torch.library.custom_op / triton_op come with an Autograd kernel (that raises without a
+    # registered backward): this one replaces it, deliberately, so the dispatcher's "Overriding a previously
+    # registered kernel" warning is not shown.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+        _LIB.impl(fwd, autograd_kernel, "Autograd", with_keyset=True, allow_override=True)
+
+
+def register_attention_pair(fwd: str, bwd: str, layout: str, fake: bool = True) -> None:
+    """Registers what torch needs around the differentiable pair ``fusedattn::<fwd>`` / ``<bwd>``: fake impls
+    (``fake=False`` for triton_op ops, whose fake impl torch derives from the launcher) and autograd.
+    ``layout``: "dense" (q (B, Hq, Lq, D), an attn_mask after v) or "varlen" (q (total_q, Hq, D))."""
+    if layout not in ("dense", "varlen"):
+        raise ValueError(f"layout must be 'dense' or 'varlen', got {layout!r}")
+    if fake:
+        torch.library.register_fake(f"fusedattn::{fwd}", _fwd_fake(layout, fwd))
+        torch.library.register_fake(f"fusedattn::{bwd}", _bwd_fake(layout, bwd))
+    _register_autograd(fwd, bwd)
+
+
+if _C is not None:
+    register_attention_pair("attention_fwd", "attention_bwd", "dense")
+    register_attention_pair("varlen_fwd", "varlen_bwd", "varlen")
 
     # Decoding is inference-only: decode_fwd and merge_attention_states have no autograd (the public
     # wrappers in fusedattn/decode.py refuse inputs that require grad).

@@ -9,7 +9,7 @@ interpreter branch.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import triton
@@ -88,16 +88,18 @@ else:
     from torch.library import wrap_triton as launch
 
 
-def register_op(name: str, impl: Callable, fake: Callable, mutates_args: Sequence[str] = ()):
+def register_op(name: str, impl: Callable, fake: Optional[Callable] = None, mutates_args: Sequence[str] = ()):
     """Registers ``impl`` (a Python launcher of Triton kernels) as the op ``fusedattn::<name>``.
 
     On a GPU the op *is* the launcher: ``torch.library.triton_op`` wraps it (launches go through ``launch`` =
     ``wrap_triton``), so torch.compile sees the kernels themselves, and derives the fake impl by running the
     launcher on fake tensors (so ``fake`` is not used there). Under the interpreter triton_op does not survive
-    torch.compile: the launcher becomes an opaque ``torch.library.custom_op`` with ``fake`` as its fake impl."""
+    torch.compile: the launcher becomes an opaque ``torch.library.custom_op`` with ``fake`` as its fake impl
+    (``fake=None``: the caller registers it, as fusedattn._ops.register_attention_pair does)."""
     if INTERPRET:
         op = torch.library.custom_op(f"fusedattn::{name}", impl, mutates_args=tuple(mutates_args))
-        op.register_fake(fake)
+        if fake is not None:
+            op.register_fake(fake)
         return op
     return torch.library.triton_op(f"fusedattn::{name}", impl, mutates_args=tuple(mutates_args))
 

@@ -6,7 +6,8 @@ points ``attention`` and ``varlen_attention``. The op registration lives here ra
 because on a GPU the op *is* the launcher: ``torch.library.triton_op`` wraps the Python function that launches
 the kernels (through ``wrap_triton``), so torch.compile sees the kernels themselves. Under the interpreter
 (``TRITON_INTERPRET=1``) the same launchers are registered with ``torch.library.custom_op`` plus fake impls,
-because triton_op does not survive torch.compile there (both through ``_common.register_op``). Registered ops
+because triton_op does not survive torch.compile there (both through ``_common.register_op``). Their fake impls
+and autograd are the C++ ops' (``fusedattn._ops.register_attention_pair``). Registered ops
 (namespace ``fusedattn``):
 
     triton_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, float scale, int window_left,
@@ -47,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedattn._ops import no_double_backward
+from fusedattn._ops import register_attention_pair
 
 from ._common import INTERPRET, exp_via_exp2, launch, log_via_log2, mma, pow2, register_op, softcap_scores
 
@@ -1153,90 +1154,13 @@ def _varlen_bwd_impl(
     )
 
 
-def _attention_fwd_fake(q, k, v, attn_mask, scale, window_left, window_right, bottom_right, softcap):
-    B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq, v.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
-
-
-def _attention_bwd_fake(
-    grad_out, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, grad_lse
-):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _varlen_fwd_fake(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
-):
-    total_q, Hq, _ = q.shape
-    return q.new_empty((total_q, Hq, v.shape[-1])), q.new_empty((Hq, total_q), dtype=torch.float32)
-
-
-def _varlen_bwd_fake(
-    grad_out,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    scale,
-    window_left,
-    window_right,
-    softcap,
-    grad_lse,
-):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-_attention_fwd_op = register_op("triton_attention_fwd", _attention_fwd_impl, _attention_fwd_fake)
-_attention_bwd_op = register_op("triton_attention_bwd", _attention_bwd_impl, _attention_bwd_fake)
-_varlen_fwd_op = register_op("triton_varlen_fwd", _varlen_fwd_impl, _varlen_fwd_fake)
-_varlen_bwd_op = register_op("triton_varlen_bwd", _varlen_bwd_impl, _varlen_bwd_fake)
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, *params = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask)
-    ctx.params = params  # scale, window_left, window_right, bottom_right, softcap
-    ctx.set_materialize_grads(False)
-
-
-def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    if grad_out is None and grad_lse is None:
-        return (None,) * 9
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    with torch.no_grad():
-        dq, dk, dv = _attention_bwd_op(grad_out, q, k, v, out, lse, attn_mask, *ctx.params, grad_lse)
-    dq, dk, dv = no_double_backward("triton_attention_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
-    return (dq, dk, dv) + (None,) * 6
-
-
-def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, *params = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.params = params  # max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap
-    ctx.set_materialize_grads(False)
-
-
-def _varlen_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    if grad_out is None and grad_lse is None:
-        return (None,) * 11
-    if grad_out is None:
-        grad_out = torch.zeros_like(out)
-    with torch.no_grad():
-        dq, dk, dv = _varlen_bwd_op(grad_out, q, k, v, out, lse, cu_q, cu_k, *ctx.params, grad_lse)
-    dq, dk, dv = no_double_backward("triton_varlen_fwd", (dq, dk, dv), (grad_out, grad_lse, q, k, v))
-    return (dq, dk, dv) + (None,) * 8
-
-
-_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+register_op("triton_attention_fwd", _attention_fwd_impl)
+register_op("triton_attention_bwd", _attention_bwd_impl)
+register_op("triton_varlen_fwd", _varlen_fwd_impl)
+register_op("triton_varlen_bwd", _varlen_bwd_impl)
+# Fake impls (under the interpreter; triton_op derives its own on a GPU) and autograd: the same set as the C++ ops'
+register_attention_pair("triton_attention_fwd", "triton_attention_bwd", "dense", fake=INTERPRET)
+register_attention_pair("triton_varlen_fwd", "triton_varlen_bwd", "varlen", fake=INTERPRET)
 
 
 # ================================================================================================================
