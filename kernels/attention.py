@@ -1,8 +1,8 @@
 """Triton flash attention: forward, backward (dK/dV pass + dQ pass), dense and varlen, and their torch ops.
 
-Layout of this file: the kernels (``_attn_fwd``, ``_attn_bwd_preprocess``, ``_attn_bwd_dkdv``,
-``_attn_bwd_dq``), their autotune configs, the launchers, then the torch ops and the two differentiable entry
-points ``attention`` and ``varlen_attention``. The op registration lives here rather than in fusedattn/_ops.py
+Layout of this file: the kernels (``_attn_fwd``, ``_attn_bwd_preprocess``, and ``_attn_bwd``, whose
+``DKDV_PASS`` constexpr picks the dK/dV pass or the dQ pass after one shared prologue), their autotune configs,
+the launchers, then the torch ops and the two differentiable entry points ``attention`` and ``varlen_attention``. The op registration lives here rather than in fusedattn/_ops.py
 because on a GPU the op *is* the launcher: ``torch.library.triton_op`` wraps the Python function that launches
 the kernels (through ``wrap_triton``), so torch.compile sees the kernels themselves. Under the interpreter
 (``TRITON_INTERPRET=1``) the same launchers are registered with ``torch.library.custom_op`` plus fake impls,
@@ -59,8 +59,10 @@ __all__ = ["INTERPRET", "attention", "varlen_attention"]
 # kernels
 # ================================================================================================================
 # Every kernel starts the same way (_program): the sequence's rows in the packed tensors, its lengths and the
-# diagonal offset; every (batch, head) slice is addressed once, through _bh, before any tile is loaded. Outputs
-# (out, dq, dk, dv) are allocated here with a contiguous last dim, so they take no head-dim stride.
+# diagonal offset; every (batch, head) slice is addressed once per program, before any tile is loaded. Inputs
+# (q, k, v, do, out) take (batch, head, row) strides; the launchers give them a unit head-dim stride. Tensors this
+# file allocates or makes contiguous (out, lse, delta, grad_lse, dq, dk, dv) take no strides: _rows_bh and
+# _lse_bh address them from their shapes.
 
 
 @triton.jit
@@ -84,8 +86,25 @@ def _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN: tl.constexpr, BOTTOM_RIGHT: tl.
 
 @triton.jit
 def _bh(ptr, off_b, off_h, stride_b, stride_h):
-    """The (batch, head) slice of a tensor, in 64-bit offsets."""
+    """The (batch, head) slice of a strided tensor, in 64-bit offsets."""
     return ptr + off_b.to(tl.int64) * stride_b + off_h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _rows_bh(ptr, off_b, off_h, H, L, WIDTH, IS_VARLEN: tl.constexpr):
+    """(base, row stride) of the (batch, head) slice of a contiguous tensor of H heads and rows of WIDTH: dense
+    (B, H, L, WIDTH), varlen (total, H, WIDTH) (rows are then packed-tensor rows)."""
+    if IS_VARLEN:
+        return ptr + off_h.to(tl.int64) * WIDTH, H * WIDTH
+    return ptr + (off_b.to(tl.int64) * H + off_h) * L * WIDTH, WIDTH
+
+
+@triton.jit
+def _lse_bh(ptr, off_b, off_h, H, L, IS_VARLEN: tl.constexpr):
+    """The (batch, head) row of a contiguous lse-shaped tensor: dense (B, H, L), varlen (H, total = L)."""
+    if IS_VARLEN:
+        return ptr + off_h.to(tl.int64) * L
+    return ptr + (off_b.to(tl.int64) * H + off_h) * L
 
 
 @triton.jit
@@ -157,25 +176,16 @@ def _attn_fwd(
     stride_qb,
     stride_qh,
     stride_qm,
-    stride_qd,
     stride_kb,
     stride_kh,
     stride_kn,
-    stride_kd,
     stride_vb,
     stride_vh,
     stride_vn,
-    stride_vd,
     stride_mb,
     stride_mh,
     stride_mm,
     stride_mn,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_lb,
-    stride_lh,
-    stride_lm,
     Lq,
     Lk,
     GROUP,
@@ -206,6 +216,13 @@ def _attn_fwd(
     if start_m * BLOCK_M >= seq_q:
         return
     off_hk = off_h // GROUP  # GQA: K/V are indexed, never expanded
+    H = tl.num_programs(1)
+    Q = _bh(Q, off_b, off_h, stride_qb, stride_qh)
+    K = _bh(K, off_b, off_hk, stride_kb, stride_kh)
+    V = _bh(V, off_b, off_hk, stride_vb, stride_vh)
+    Mask = _bh(Mask, off_b, off_h, stride_mb, stride_mh)
+    Out, stride_om = _rows_bh(Out, off_b, off_h, H, Lq, DV, IS_VARLEN)
+    Lse = _lse_bh(Lse, off_b, off_h, H, Lq, IS_VARLEN)
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -214,25 +231,11 @@ def _attn_fwd(
     qrows = (q_start + offs_m).to(tl.int64)
     row_ok = offs_m < seq_q
     q = tl.load(
-        _bh(Q, off_b, off_h, stride_qb, stride_qh) + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+        Q + qrows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0
     )  # (BLOCK_M, BLOCK_D)
-    kT_ptrs = (
-        _bh(K, off_b, off_hk, stride_kb, stride_kh)
-        + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
-        + offs_d[:, None] * stride_kd
-    )  # (BLOCK_D, BLOCK_N)
-    v_ptrs = (
-        _bh(V, off_b, off_hk, stride_vb, stride_vh)
-        + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn
-        + offs_dv[None, :] * stride_vd
-    )  # (BLOCK_N, BLOCK_DV)
-    mask_ptrs = (
-        _bh(Mask, off_b, off_h, stride_mb, stride_mh)
-        + offs_m[:, None].to(tl.int64) * stride_mm
-        + offs_n[None, :] * stride_mn
-    )
+    kT_ptrs = K + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    v_ptrs = V + (k_start + offs_n[:, None]).to(tl.int64) * stride_vn + offs_dv[None, :]  # (BLOCK_N, BLOCK_DV)
+    mask_ptrs = Mask + offs_m[:, None].to(tl.int64) * stride_mm + offs_n[None, :] * stride_mn
     lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
 
     # Online softmax: m_i is the running row max, l_i the running sum of exp(s - m_i), acc the
@@ -275,11 +278,11 @@ def _attn_fwd(
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + log_via_log2(l_safe))
     tl.store(
-        _bh(Out, off_b, off_h, stride_ob, stride_oh) + qrows[:, None] * stride_om + offs_dv[None, :],
+        Out + qrows[:, None] * stride_om + offs_dv[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None] & (offs_dv[None, :] < DV),
     )
-    tl.store(_bh(Lse, off_b, off_h, stride_lb, stride_lh) + qrows * stride_lm, lse, mask=row_ok)
+    tl.store(Lse + qrows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -292,17 +295,9 @@ def _attn_bwd_preprocess(
     stride_ob,
     stride_oh,
     stride_om,
-    stride_od,
     stride_gb,
     stride_gh,
     stride_gm,
-    stride_gd,
-    stride_glb,
-    stride_glh,
-    stride_glm,
-    stride_db,
-    stride_dh,
-    stride_dm,
     Lq,
     DV,
     IS_VARLEN: tl.constexpr,
@@ -311,57 +306,50 @@ def _attn_bwd_preprocess(
     BLOCK_DV: tl.constexpr,
 ):
     # Delta = rowsum(dO * O) - dLse: with P = softmax, dS = P * (dP - Delta) covers both the gradient through
-    # out and the one through lse (d lse / d s = P).
+    # out and the one through lse (d lse / d s = P). GLse and Delta: contiguous, lse-shaped.
     start_m = tl.program_id(0)
     off_h = tl.program_id(1)
     off_b = tl.program_id(2)
     q_start, seq_q, _, _, _ = _program(CuQ, CuQ, off_b, Lq, Lq, IS_VARLEN, False)
     if start_m * BLOCK_M >= seq_q:
         return
+    H = tl.num_programs(1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = (q_start + offs_m).to(tl.int64)
     row_ok = offs_m < seq_q
     ld_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
     o = tl.load(
-        _bh(Out, off_b, off_h, stride_ob, stride_oh) + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+        _bh(Out, off_b, off_h, stride_ob, stride_oh) + rows[:, None] * stride_om + offs_dv[None, :],
         mask=ld_mask,
         other=0.0,
     ).to(tl.float32)
     do = tl.load(
-        _bh(DO, off_b, off_h, stride_gb, stride_gh) + rows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
+        _bh(DO, off_b, off_h, stride_gb, stride_gh) + rows[:, None] * stride_gm + offs_dv[None, :],
         mask=ld_mask,
         other=0.0,
     ).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_GLSE:
-        delta -= tl.load(
-            _bh(GLse, off_b, off_h, stride_glb, stride_glh) + rows * stride_glm, mask=row_ok, other=0.0
-        ).to(tl.float32)
-    tl.store(_bh(Delta, off_b, off_h, stride_db, stride_dh) + rows * stride_dm, delta, mask=row_ok)
+        delta -= tl.load(_lse_bh(GLse, off_b, off_h, H, Lq, IS_VARLEN) + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(_lse_bh(Delta, off_b, off_h, H, Lq, IS_VARLEN) + rows, delta, mask=row_ok)
 
 
 @triton.jit
-def _bwd_query_rows(
-    Q, DO, Lse, Delta, rows, qrows, seq_q, offs_d, offs_dv, D, DV, stride_qm, stride_qd, stride_gm, stride_gd, stride_lm
-):
+def _bwd_query_rows(Q, DO, Lse, Delta, rows, qrows, seq_q, offs_d, offs_dv, D, DV, stride_qm, stride_gm):
     """What both backward passes read per block of query rows (Q, DO, Lse, Delta already at their (batch, head)
     slice; Delta shares lse's layout): q (BLOCK_M, BLOCK_D), do (BLOCK_M, BLOCK_DV), lse and delta (BLOCK_M,)."""
     row_ok = rows < seq_q
     q = tl.load(
-        Q + qrows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None] & (offs_d[None, :] < D),
-        other=0.0,
+        Q + qrows[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0
     )
     do = tl.load(
-        DO + qrows[:, None] * stride_gm + offs_dv[None, :] * stride_gd,
-        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
-        other=0.0,
+        DO + qrows[:, None] * stride_gm + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0
     )
-    lse = tl.load(Lse + qrows * stride_lm, mask=row_ok, other=0.0)
+    lse = tl.load(Lse + qrows, mask=row_ok, other=0.0)
     # A row that saw no key has lse -inf; +inf makes its P exactly 0 (exp2(-inf - inf)) instead of NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + qrows * stride_lm, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + qrows, mask=row_ok, other=0.0)
     return q, do, lse, delta
 
 
@@ -375,7 +363,7 @@ def _bwd_ds(p, dp, delta, t, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _attn_bwd_dkdv(
+def _attn_bwd(
     Q,
     K,
     V,
@@ -383,6 +371,7 @@ def _attn_bwd_dkdv(
     DO,
     Lse,
     Delta,
+    DQ,
     DK,
     DV_,
     CuQ,
@@ -390,15 +379,12 @@ def _attn_bwd_dkdv(
     stride_qb,
     stride_qh,
     stride_qm,
-    stride_qd,
     stride_kb,
     stride_kh,
     stride_kn,
-    stride_kd,
     stride_vb,
     stride_vh,
     stride_vn,
-    stride_vd,
     stride_mb,
     stride_mh,
     stride_mm,
@@ -406,16 +392,6 @@ def _attn_bwd_dkdv(
     stride_gb,
     stride_gh,
     stride_gm,
-    stride_gd,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
     Lq,
     Lk,
     GROUP,
@@ -435,80 +411,151 @@ def _attn_bwd_dkdv(
     SOFTCAP: tl.constexpr,
     WIN_LEFT: tl.constexpr,
     WIN_RIGHT: tl.constexpr,
+    DKDV_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_N keys of one (sequence, kv head). It owns dK/dV of those keys and sums over every query
-    # head of the GQA group, so no atomics are needed. Tiles are kept transposed (keys x queries): S^T, P^T.
-    start_n = tl.program_id(0)
-    off_hk = tl.program_id(1)
+    # The two backward passes, one kernel (DKDV_PASS picks one at compile time) with one prologue:
+    #   dK/dV pass: one program = BLOCK_N keys of one (sequence, kv head); it owns dK/dV of those keys and sums
+    #     over every query head of the GQA group, so no atomics are needed. Tiles are kept transposed
+    #     (keys x queries): S^T, P^T.
+    #   dQ pass: one program = dQ of BLOCK_M query rows of one (sequence, query head); recomputes P from q, k, lse.
+    start = tl.program_id(0)
+    off_h = tl.program_id(1)  # kv head in the dK/dV pass, query head in the dQ pass
     off_b = tl.program_id(2)
     q_start, seq_q, k_start, seq_k, diag = _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN, BOTTOM_RIGHT)
-    if start_n * BLOCK_N >= seq_k:
-        return
-
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
+    Hkv = tl.num_programs(1) if DKDV_PASS else tl.num_programs(1) // GROUP
+    off_hk = off_h if DKDV_PASS else off_h // GROUP
+    K = _bh(K, off_b, off_hk, stride_kb, stride_kh)
+    V = _bh(V, off_b, off_hk, stride_vb, stride_vh)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    krows = (k_start + offs_n).to(tl.int64)
-    n_ok = offs_n[:, None] < seq_k
-    k = tl.load(
-        _bh(K, off_b, off_hk, stride_kb, stride_kh) + krows[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=n_ok & (offs_d[None, :] < D),
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_D)
-    v = tl.load(
-        _bh(V, off_b, off_hk, stride_vb, stride_vh) + krows[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-        mask=n_ok & (offs_dv[None, :] < DV),
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_DV)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
 
-    # Query rows that can see these keys: [lo, hi) (key j is seen by i in [j - diag - right, j - diag + left]).
-    lo = 0
-    hi = seq_q
-    if WIN_RIGHT:
-        lo = tl.maximum(start_n * BLOCK_N - diag - window_right, 0) // BLOCK_M * BLOCK_M
-    if WIN_LEFT:
-        hi = tl.minimum(start_n * BLOCK_N + BLOCK_N - diag + window_left, seq_q)
+    if DKDV_PASS:
+        if start * BLOCK_N >= seq_k:
+            return
+        offs_n = start * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        krows = (k_start + offs_n).to(tl.int64)
+        n_ok = offs_n[:, None] < seq_k
+        k = tl.load(K + krows[:, None] * stride_kn + offs_d[None, :], mask=n_ok & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(V + krows[:, None] * stride_vn + offs_dv[None, :], mask=n_ok & (offs_dv[None, :] < DV), other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # (BLOCK_N, BLOCK_D)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)  # (BLOCK_N, BLOCK_DV)
 
-    for g in range(0, GROUP):
-        off_h = off_hk * GROUP + g
-        q_base = _bh(Q, off_b, off_h, stride_qb, stride_qh)
-        do_base = _bh(DO, off_b, off_h, stride_gb, stride_gh)
-        l_base = _bh(Lse, off_b, off_h, stride_lb, stride_lh)
-        d_base = _bh(Delta, off_b, off_h, stride_lb, stride_lh)
-        m_base = _bh(Mask, off_b, off_h, stride_mb, stride_mh)
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            q, do, lse, delta = _bwd_query_rows(
-                q_base,
-                do_base,
-                l_base,
-                d_base,
-                rows,
-                (q_start + rows).to(tl.int64),
-                seq_q,
-                offs_d,
-                offs_dv,
-                D,
-                DV,
-                stride_qm,
-                stride_qd,
-                stride_gm,
-                stride_gd,
-                stride_lm,
+        # Query rows that can see these keys: [lo, hi) (key j is seen by i in [j - diag - right, j - diag + left]).
+        lo = 0
+        hi = seq_q
+        if WIN_RIGHT:
+            lo = tl.maximum(start * BLOCK_N - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        if WIN_LEFT:
+            hi = tl.minimum(start * BLOCK_N + BLOCK_N - diag + window_left, seq_q)
+
+        for g in range(0, GROUP):
+            off_hq = off_hk * GROUP + g
+            q_base = _bh(Q, off_b, off_hq, stride_qb, stride_qh)
+            do_base = _bh(DO, off_b, off_hq, stride_gb, stride_gh)
+            l_base = _lse_bh(Lse, off_b, off_hq, Hkv * GROUP, Lq, IS_VARLEN)
+            d_base = _lse_bh(Delta, off_b, off_hq, Hkv * GROUP, Lq, IS_VARLEN)
+            m_base = _bh(Mask, off_b, off_hq, stride_mb, stride_mh)
+            for start_m in range(lo, hi, BLOCK_M):
+                rows = start_m + offs_m
+                q, do, lse, delta = _bwd_query_rows(
+                    q_base,
+                    do_base,
+                    l_base,
+                    d_base,
+                    rows,
+                    (q_start + rows).to(tl.int64),
+                    seq_q,
+                    offs_d,
+                    offs_dv,
+                    D,
+                    DV,
+                    stride_qm,
+                    stride_gm,
+                )
+                sT, tT = _scores(
+                    mma(k, tl.trans(q), None),
+                    rows[None, :],
+                    offs_n[:, None],
+                    seq_q,
+                    seq_k,
+                    diag,
+                    m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                    scale,
+                    softcap,
+                    window_left,
+                    window_right,
+                    HAS_MASK,
+                    SOFTCAP,
+                    WIN_LEFT,
+                    WIN_RIGHT,
+                )
+                pT = exp_via_exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
+                dv = mma(pT, do, dv)
+                dsT = _bwd_ds(pT, mma(v, tl.trans(do), None), delta[None, :], tT, SOFTCAP)
+                dk = mma(dsT, q, dk)
+
+        dk *= scale
+        DK, stride_dkn = _rows_bh(DK, off_b, off_hk, Hkv, Lk, D, IS_VARLEN)
+        DV_, stride_dvn = _rows_bh(DV_, off_b, off_hk, Hkv, Lk, DV, IS_VARLEN)
+        tl.store(
+            DK + krows[:, None] * stride_dkn + offs_d[None, :],
+            dk.to(DK.dtype.element_ty),
+            mask=n_ok & (offs_d[None, :] < D),
+        )
+        tl.store(
+            DV_ + krows[:, None] * stride_dvn + offs_dv[None, :],
+            dv.to(DV_.dtype.element_ty),
+            mask=n_ok & (offs_dv[None, :] < DV),
+        )
+    else:
+        if start * BLOCK_M >= seq_q:
+            return
+        H = tl.num_programs(1)
+        offs_m = start * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        qrows = (q_start + offs_m).to(tl.int64)
+        q, do, lse, delta = _bwd_query_rows(
+            _bh(Q, off_b, off_h, stride_qb, stride_qh),
+            _bh(DO, off_b, off_h, stride_gb, stride_gh),
+            _lse_bh(Lse, off_b, off_h, H, Lq, IS_VARLEN),
+            _lse_bh(Delta, off_b, off_h, H, Lq, IS_VARLEN),
+            offs_m,
+            qrows,
+            seq_q,
+            offs_d,
+            offs_dv,
+            D,
+            DV,
+            stride_qm,
+            stride_gm,
+        )
+        kT_ptrs = K + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+        vT_ptrs = V + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn + offs_dv[:, None]  # (BLOCK_DV, BLOCK_N)
+        mask_ptrs = (
+            _bh(Mask, off_b, off_h, stride_mb, stride_mh)
+            + offs_m[:, None].to(tl.int64) * stride_mm
+            + offs_n[None, :] * stride_mn
+        )
+        lo, hi = _key_range(start, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
+            vT = tl.load(
+                vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV), other=0.0
             )
-            sT, tT = _scores(
-                mma(k, tl.trans(q), None),
-                rows[None, :],
-                offs_n[:, None],
+            s, t = _scores(
+                mma(q, kT, None),
+                offs_m[:, None],
+                cols[None, :],
                 seq_q,
                 seq_k,
                 diag,
-                m_base + rows[None, :].to(tl.int64) * stride_mm + offs_n[:, None] * stride_mn,
+                mask_ptrs + start_n * stride_mn,
                 scale,
                 softcap,
                 window_left,
@@ -518,164 +565,16 @@ def _attn_bwd_dkdv(
                 WIN_LEFT,
                 WIN_RIGHT,
             )
-            pT = exp_via_exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
-            dv = mma(pT, do, dv)
-            dsT = _bwd_ds(pT, mma(v, tl.trans(do), None), delta[None, :], tT, SOFTCAP)
-            dk = mma(dsT, q, dk)
-
-    dk *= scale
-    tl.store(
-        _bh(DK, off_b, off_hk, stride_dkb, stride_dkh) + krows[:, None] * stride_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=n_ok & (offs_d[None, :] < D),
-    )
-    tl.store(
-        _bh(DV_, off_b, off_hk, stride_dvb, stride_dvh) + krows[:, None] * stride_dvn + offs_dv[None, :],
-        dv.to(DV_.dtype.element_ty),
-        mask=n_ok & (offs_dv[None, :] < DV),
-    )
-
-
-@triton.jit
-def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    Mask,
-    DO,
-    Lse,
-    Delta,
-    DQ,
-    CuQ,
-    CuK,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_mb,
-    stride_mh,
-    stride_mm,
-    stride_mn,
-    stride_gb,
-    stride_gh,
-    stride_gm,
-    stride_gd,
-    stride_lb,
-    stride_lh,
-    stride_lm,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    Lq,
-    Lk,
-    GROUP,
-    D,
-    DV,
-    scale,
-    softcap,
-    window_left,
-    window_right,
-    HEAD_DIM_KEY: tl.constexpr,
-    CAUSAL_KEY: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    BOTTOM_RIGHT: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-    WIN_LEFT: tl.constexpr,
-    WIN_RIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    # One program: dQ of BLOCK_M query rows of one (sequence, query head); recomputes P from q, k and lse.
-    start_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
-    q_start, seq_q, k_start, seq_k, diag = _program(CuQ, CuK, off_b, Lq, Lk, IS_VARLEN, BOTTOM_RIGHT)
-    if start_m * BLOCK_M >= seq_q:
-        return
-    off_hk = off_h // GROUP
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    qrows = (q_start + offs_m).to(tl.int64)
-    q, do, lse, delta = _bwd_query_rows(
-        _bh(Q, off_b, off_h, stride_qb, stride_qh),
-        _bh(DO, off_b, off_h, stride_gb, stride_gh),
-        _bh(Lse, off_b, off_h, stride_lb, stride_lh),
-        _bh(Delta, off_b, off_h, stride_lb, stride_lh),
-        offs_m,
-        qrows,
-        seq_q,
-        offs_d,
-        offs_dv,
-        D,
-        DV,
-        stride_qm,
-        stride_qd,
-        stride_gm,
-        stride_gd,
-        stride_lm,
-    )
-    kT_ptrs = (
-        _bh(K, off_b, off_hk, stride_kb, stride_kh)
-        + (k_start + offs_n[None, :]).to(tl.int64) * stride_kn
-        + offs_d[:, None] * stride_kd
-    )  # (BLOCK_D, BLOCK_N)
-    vT_ptrs = (
-        _bh(V, off_b, off_hk, stride_vb, stride_vh)
-        + (k_start + offs_n[None, :]).to(tl.int64) * stride_vn
-        + offs_dv[:, None] * stride_vd
-    )  # (BLOCK_DV, BLOCK_N)
-    mask_ptrs = (
-        _bh(Mask, off_b, off_h, stride_mb, stride_mh)
-        + offs_m[:, None].to(tl.int64) * stride_mm
-        + offs_n[None, :] * stride_mn
-    )
-    lo, hi = _key_range(start_m, seq_k, diag, window_left, window_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kT = tl.load(kT_ptrs + start_n * stride_kn, mask=(cols[None, :] < seq_k) & (offs_d[:, None] < D), other=0.0)
-        vT = tl.load(vT_ptrs + start_n * stride_vn, mask=(cols[None, :] < seq_k) & (offs_dv[:, None] < DV), other=0.0)
-        s, t = _scores(
-            mma(q, kT, None),
-            offs_m[:, None],
-            cols[None, :],
-            seq_q,
-            seq_k,
-            diag,
-            mask_ptrs + start_n * stride_mn,
-            scale,
-            softcap,
-            window_left,
-            window_right,
-            HAS_MASK,
-            SOFTCAP,
-            WIN_LEFT,
-            WIN_RIGHT,
+            p = exp_via_exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            ds = _bwd_ds(p, mma(do, vT, None), delta[:, None], t, SOFTCAP)
+            dq = mma(ds, tl.trans(kT), dq)
+        dq *= scale
+        DQ, stride_dqm = _rows_bh(DQ, off_b, off_h, H, Lq, D, IS_VARLEN)
+        tl.store(
+            DQ + qrows[:, None] * stride_dqm + offs_d[None, :],
+            dq.to(DQ.dtype.element_ty),
+            mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D),
         )
-        p = exp_via_exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        ds = _bwd_ds(p, mma(do, vT, None), delta[:, None], t, SOFTCAP)
-        dq = mma(ds, tl.trans(kT), dq)
-    dq *= scale
-    tl.store(
-        _bh(DQ, off_b, off_h, stride_dqb, stride_dqh) + qrows[:, None] * stride_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=(offs_m[:, None] < seq_q) & (offs_d[None, :] < D),
-    )
 
 
 # ================================================================================================================
@@ -737,8 +636,8 @@ def _autotuned(fn, configs, smem):
 
 
 _FWD_KERNELS = _autotuned(_attn_fwd, _FWD_CONFIGS, _fwd_smem)
-_DKDV_KERNELS = _autotuned(_attn_bwd_dkdv, _BWD_CONFIGS, _bwd_smem)
-_DQ_KERNELS = _autotuned(_attn_bwd_dq, _BWD_CONFIGS, _bwd_smem)
+_DKDV_KERNELS = _autotuned(_attn_bwd, _BWD_CONFIGS, _bwd_smem)  # launched with DKDV_PASS=True
+_DQ_KERNELS = _autotuned(_attn_bwd, _BWD_CONFIGS, _bwd_smem)  # and False: one autotuner (cache) per pass
 
 
 # ================================================================================================================
@@ -789,12 +688,19 @@ def _prepare_mask(attn_mask, B, Hq, Lq, Lk):
     return m, tuple(m.stride())
 
 
-def _dense_strides(t):
-    return tuple(t.stride())
+def _unit_last(t):
+    """t with a unit head-dim stride (the kernels assume it; a copy only for the rare input without one)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _varlen_strides(t):  # (total, H, D) -> (batch, head, row, dim) with batch stride 0
-    return (0, t.stride(1), t.stride(0), t.stride(2))
+def _strides(t, is_varlen):
+    """(batch, head, row) strides: dense (B, H, L, D); varlen (total, H, D) with batch stride 0."""
+    return (0, t.stride(1), t.stride(0)) if is_varlen else tuple(t.stride()[:3])
+
+
+def _rows(t, is_varlen):
+    """Rows per (batch, head) of a q/k-shaped tensor: L (dense), total (varlen: lse's row length)."""
+    return t.shape[0] if is_varlen else t.shape[2]
 
 
 def _fwdlaunch(
@@ -808,8 +714,6 @@ def _fwdlaunch(
     B,
     Hq,
     Hkv,
-    Lq,
-    Lk,
     max_q,
     scale,
     window_left,
@@ -819,19 +723,17 @@ def _fwdlaunch(
     is_varlen,
 ):
     D, Dv = q.shape[-1], v.shape[-1]
-    strides = _varlen_strides if is_varlen else _dense_strides
     if is_varlen:
         out = q.new_empty((q.shape[0], Hq, Dv))  # (total_q, Hq, Dv)
         lse = q.new_empty((Hq, q.shape[0]), dtype=torch.float32)  # (Hq, total_q)
-        lse_strides = (0, lse.stride(0), lse.stride(1))
     else:
-        out = q.new_empty((B, Hq, Lq, Dv))
-        lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
-        lse_strides = tuple(lse.stride())
+        out = q.new_empty((B, Hq, q.shape[2], Dv))
+        lse = q.new_empty((B, Hq, q.shape[2]), dtype=torch.float32)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if out.numel() == 0 or lse.numel() == 0 or max_q == 0:
         return out.zero_(), lse.fill_(float("-inf"))
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     kernel = _FWD_KERNELS[_bucket(flags["HEAD_DIM_KEY"]), q.element_size()]
     launch(kernel)[_grid(max_q, Hq, B, "BLOCK_M")](
@@ -843,14 +745,12 @@ def _fwdlaunch(
         lse,
         cu_q,
         cu_k,
-        *strides(q),
-        *strides(k),
-        *strides(v),
+        *_strides(q, is_varlen),
+        *_strides(k, is_varlen),
+        *_strides(v, is_varlen),
         *mask_strides,
-        *strides(out)[:3],
-        *lse_strides,
-        Lq,
-        Lk,
+        _rows(q, is_varlen),
+        _rows(k, is_varlen),
         Hq // Hkv,
         D,
         Dv,
@@ -879,8 +779,6 @@ def _bwdlaunch(
     B,
     Hq,
     Hkv,
-    Lq,
-    Lk,
     max_q,
     max_k,
     scale,
@@ -891,23 +789,18 @@ def _bwdlaunch(
     is_varlen,
 ):
     D, Dv = q.shape[-1], v.shape[-1]
-    strides = _varlen_strides if is_varlen else _dense_strides
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, as the kernels store them
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if max_k == 0 or k.numel() == 0:  # no key at all: every output row was 0 and lse -inf
         return dq.zero_(), dk.zero_(), dv.zero_()
     if max_q == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    if is_varlen:
-        lse_strides = (0, lse.stride(0), lse.stride(1))
-        glse_strides = (0, grad_lse.stride(0), grad_lse.stride(1)) if grad_lse is not None else (0, 0, 0)
-    else:
-        lse_strides = tuple(lse.stride())
-        glse_strides = tuple(grad_lse.stride()) if grad_lse is not None else (0, 0, 0)
-    # Delta is stored with lse's strides (the dK/dV and dQ kernels index both with one set of strides).
-    delta = torch.empty_strided(lse.shape, lse.stride(), dtype=torch.float32, device=lse.device)
-    block_dv = pow2(Dv)
+    q, k, v, out, grad_out = (_unit_last(t) for t in (q, k, v, out, grad_out))
+    lse = lse.contiguous()  # lse, grad_lse and delta: contiguous, addressed by the kernels from their shape
+    grad_lse = grad_lse.contiguous() if grad_lse is not None else None
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    Lq, Lk = _rows(q, is_varlen), _rows(k, is_varlen)
     pre_block = 16 if INTERPRET else 64
     launch(_attn_bwd_preprocess)[(triton.cdiv(max_q, pre_block), Hq, B)](
         out,
@@ -915,67 +808,47 @@ def _bwdlaunch(
         grad_lse if grad_lse is not None else lse,
         delta,
         cu_q,
-        *strides(out),
-        *strides(grad_out),
-        *glse_strides,
-        *lse_strides,
+        *_strides(out, is_varlen),
+        *_strides(grad_out, is_varlen),
         Lq,
         Dv,
         IS_VARLEN=is_varlen,
         HAS_GLSE=grad_lse is not None,
         BLOCK_M=pre_block,
-        BLOCK_DV=block_dv,
+        BLOCK_DV=pow2(Dv),
     )
     flags = _flags(D, Dv, window_left, window_right, bottom_right, softcap, mask is not None, is_varlen)
     bucket = (_bucket(flags["HEAD_DIM_KEY"]), q.element_size())
-    mask_arg = mask if mask is not None else q
-    common = (Lq, Lk, Hq // Hkv, D, Dv, scale, softcap if softcap > 0 else 1.0, window_left, window_right)
-    launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](
+    args = (
         q,
         k,
         v,
-        mask_arg,
-        grad_out,
-        lse,
-        delta,
-        dk,
-        dv,
-        cu_q,
-        cu_k,
-        *strides(q),
-        *strides(k),
-        *strides(v),
-        *mask_strides,
-        *strides(grad_out),
-        *lse_strides,
-        *strides(dk)[:3],
-        *strides(dv)[:3],
-        *common,
-        **flags,
-        **_blocks(),
-    )
-    launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](
-        q,
-        k,
-        v,
-        mask_arg,
+        mask if mask is not None else q,
         grad_out,
         lse,
         delta,
         dq,
+        dk,
+        dv,
         cu_q,
         cu_k,
-        *strides(q),
-        *strides(k),
-        *strides(v),
+        *_strides(q, is_varlen),
+        *_strides(k, is_varlen),
+        *_strides(v, is_varlen),
         *mask_strides,
-        *strides(grad_out),
-        *lse_strides,
-        *strides(dq)[:3],
-        *common,
-        **flags,
-        **_blocks(),
+        *_strides(grad_out, is_varlen),
+        Lq,
+        Lk,
+        Hq // Hkv,
+        D,
+        Dv,
+        scale,
+        softcap if softcap > 0 else 1.0,
+        window_left,
+        window_right,
     )
+    launch(_DKDV_KERNELS[bucket])[_grid(max_k, Hkv, B, "BLOCK_N")](*args, **flags, DKDV_PASS=True, **_blocks())
+    launch(_DQ_KERNELS[bucket])[_grid(max_q, Hq, B, "BLOCK_M")](*args, **flags, DKDV_PASS=False, **_blocks())
     return dq, dk, dv
 
 
@@ -1010,8 +883,6 @@ def _attention_fwd_impl(
         B,
         Hq,
         Hkv,
-        Lq,
-        Lk,
         Lq,
         scale,
         _normalize_window(window_left, limit),
@@ -1058,8 +929,6 @@ def _attention_bwd_impl(
         Hkv,
         Lq,
         Lk,
-        Lq,
-        Lk,
         scale,
         _normalize_window(window_left, limit),
         _normalize_window(window_right, limit),
@@ -1095,8 +964,6 @@ def _varlen_fwd_impl(
         nseq,
         q.shape[1],
         k.shape[1],
-        0,
-        0,
         max_seqlen_q,
         scale,
         _normalize_window(window_left, limit),
@@ -1141,8 +1008,6 @@ def _varlen_bwd_impl(
         nseq,
         q.shape[1],
         k.shape[1],
-        0,
-        0,
         max_seqlen_q,
         max_seqlen_k,
         scale,

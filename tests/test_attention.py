@@ -473,6 +473,31 @@ def test_backward_through_lse_only_raw_op(gen, backend):
     assert dv is None or (dv == 0).all()
 
 
+def test_raw_bwd_any_strides(gen, backend):
+    """The raw backward op takes out, lse, grad_out and grad_lse in any layout (the Triton launcher makes lse and
+    grad_lse contiguous and gives out / grad_out a unit head-dim stride): the same numbers as contiguous ones (bit for
+    bit on Triton)."""
+    skip_unsupported("attention", backend, dtype=torch.float32, head_dim=16)
+    q, k, v = to_dev(backend, *(randn(2, 2, 9, 16, gen=gen) for _ in range(3)))
+    out, lse = fwd_op(backend)(q, k, v, None, 0.25, -1, 0, True, 0.0)
+    g_out, g_lse = to_dev(backend, randn(2, 2, 9, 16, gen=gen), randn(2, 2, 9, gen=gen))
+
+    def strided(t):  # same values, every stride different from the contiguous layout's
+        return (
+            torch.empty(tuple(reversed(t.shape)), dtype=t.dtype, device=t.device)
+            .permute(*reversed(range(t.dim())))
+            .copy_(t)
+        )
+
+    want = bwd_op(backend)(g_out, q, k, v, out, lse, None, 0.25, -1, 0, True, 0.0, g_lse)
+    args = [strided(t) for t in (g_out, q, k, v, out, lse)]
+    got = bwd_op(backend)(*args, None, 0.25, -1, 0, True, 0.0, strided(g_lse))
+    assert not args[5].is_contiguous()
+    tol = dict(atol=0, rtol=0) if backend == "triton" else {}  # the CPU kernel's blocking follows the strides
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", ["none", "top_left", "bottom_right"])
 def test_nan_in_query_row_stays_in_that_row(gen, dtype, causal, backend):
