@@ -206,3 +206,57 @@ def test_model_bench_quick_writes_table(tmp_path):
     assert {r["case"]["phase"] for r in ok} == {"prefill", "decode"}
     assert all(r["metric"] > 0 and r["max_err"] < 1e-3 for r in ok)
     assert "ratio vs hf_sdpa" in (tmp_path / "cpu_model_quick.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# decode steps go to fusedattn.decode_attention over transformers' cache tensors (issue 23)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_hf_decode_steps_use_decode_attention(kind, batch, cache, gen, monkeypatch):
+    if kind == "gpt2" and cache == "static":
+        pytest.skip("GPT-2 takes no static cache here")
+    sdpa = _model(kind, "sdpa")
+    ours = _model(kind, "fusedattn", state=sdpa.state_dict())
+    idx, mask = _left_padded(gen)  # rows 1 and 2 left padded: different starts (page-size-1 table)
+    idx, mask = idx[:batch], mask[:batch]
+    calls = []
+    real = fusedattn.decode_attention
+    monkeypatch.setattr(fusedattn, "decode_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        theirs, out = sdpa.generate(idx, **kw), ours.generate(idx, **kw)
+    assert torch.equal(out.sequences, theirs.sequences)
+    n_layer = 2
+    assert sum(s[1] == 1 for s in calls) == 11 * n_layer  # every one-token step of every layer
+    for a, b in zip(out.scores, theirs.scores):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_hf_static_cache_prompt_without_padding_matches_sdpa():
+    """A prompt into an empty static cache comes without a mask (sdpa's top-left is_causal): its first Lq keys
+    are the prompt, the rest of the buffer is empty. The old hook ran bottom-right causal over the whole buffer."""
+    sdpa = _model("llama", "sdpa")
+    ours = _model("llama", "fusedattn", state=sdpa.state_dict())
+    idx = torch.randint(3, V, (1, 13), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for m in (sdpa, ours):
+        c = transformers.StaticCache(config=m.config, max_cache_len=29)
+        with torch.no_grad():
+            logits.append(m(idx, past_key_values=c, use_cache=True).logits)
+    assert (logits[0] - logits[1]).abs().max() < 1e-4
+
+
+def test_hf_decode_arbitrary_mask_falls_back_visibly(gen):
+    q = torch.randn(2, 4, 1, 16, generator=gen)
+    k, v = torch.randn(2, 2, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[0, ..., 3] = False  # a hole: not one key range
+    module = torch.nn.Module()
+    with pytest.warns(UserWarning, match="dense kernel"):
+        out, _ = fhf.fusedattn_attention_forward(module, q, k, v, mask)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert (out - ref.transpose(1, 2)).abs().max() < 1e-5

@@ -3,14 +3,32 @@
     from fusedattn.transformer import hf
     hf.register()                                   # once per process
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="fusedattn")
-    model.generate(...)                             # prefill and decode run fusedattn.attention
+    model.generate(...)                             # prefill: fusedattn.attention; decode: decode_attention
 
 ``register()`` adds an attention function to transformers' ``AttentionInterface`` and a mask function to its
 ``AttentionMaskInterface`` under one name. The mask function is transformers' own SDPA mask builder: it returns
-None when the mask is plain causal or plain full attention (we then pass ``causal`` to the kernel), and a
-(B, 1, Lq, Lk) boolean mask (True = attend) once padding, sliding windows or packed sequences are involved,
-which our kernel takes as ``attn_mask``. transformers stays an optional dependency: nothing here imports it
-until ``register()`` is called.
+None when the mask is plain causal or plain full attention, and a (B, 1, Lq, Lk) boolean mask (True = attend) once
+padding, sliding windows, a static cache or packed sequences are involved. transformers stays an optional
+dependency: nothing here imports it until ``register()`` is called.
+
+Which kernel a call gets:
+  * decode steps -- at most ``DECODE_MAX_QUERIES`` query rows over more keys (Lk > Lq: transformers has
+    concatenated the cache in front) -- run ``fusedattn.decode_attention`` directly over transformers' cache
+    tensors: (B, Hkv, Lk, D) seen as (B, Lk, Hkv, D) through a transpose view (no copy; the last dimension is
+    contiguous), GQA without ``repeat_kv``. The mask is turned into per-sequence key ranges: every row of
+    sequence b must see exactly the keys ``start_b <= j < end_b`` with ``j <= end_b - Lq + i`` for query i
+    (bottom-right causal; for Lq > 1 also the same range without the causal part). That covers left padding
+    (masked-out leading positions), a static cache's unused tail and, for one query row, a sliding window.
+    One start for the whole batch: a sliced view and ``cache_seqlens = end - start``. Different starts (left
+    padding of a batch): a page-size-1 block table over an as_strided view whose page n is cache row n (pages
+    one key apart, heads their usual stride apart; it stays inside the tensor's storage), with
+    ``block_table[b, j] = page of key start_b + j``. The analysis is done once per mask tensor (transformers
+    hands the same mask to every layer).
+  * everything else -- prefill, masks that are not such ranges (arbitrary masks), float (additive) masks, rows
+    that see no key, grads, and masked calls under torch.compile (the analysis reads the mask's values) --
+    runs the dense ``fusedattn.attention`` with the mask. For a decode step with a mask that is not such ranges
+    (or a float mask, or k and v strides that differ) that is a visible fallback: a ``UserWarning`` names the
+    reason. Both kernels give the same result up to rounding; the decode kernel is the one built for few rows.
 """
 
 from __future__ import annotations
@@ -22,10 +40,137 @@ import torch
 
 import fusedattn
 
-__all__ = ["register", "fusedattn_attention_forward", "NAME"]
+__all__ = ["register", "fusedattn_attention_forward", "decode_plan", "NAME", "DECODE_MAX_QUERIES"]
 
 NAME = "fusedattn"
+# Decode steps: up to this many query rows with a cache go to decode_attention (its kernel processes all
+# group * Lq query rows of a kv head together; chunked prefills of more rows are the dense kernel's job).
+DECODE_MAX_QUERIES = 16
 _backend = "auto"
+
+
+class _Plan:
+    """How one mask maps onto decode_attention: per-sequence key ranges [start, end) and causality."""
+
+    def __init__(self, start: torch.Tensor, end: torch.Tensor, causal: bool):
+        self.start, self.end, self.causal = start, end, causal  # (B,) int64 each
+        self.uniform = bool((start == start[0]).all())
+        self.s0 = int(start[0]) if self.uniform else 0  # the common start (uniform)
+        self.seqlens = (end - (self.s0 if self.uniform else start)).to(torch.int32)  # (B,) keys per sequence
+        self.tables: dict = {}  # (stride_B, stride_L) -> page-size-1 block table (B, max_len) int32
+
+
+def decode_plan(
+    mask: Optional[torch.Tensor], B: int, Lq: int, Lk: int, device, causal: bool = True
+) -> "tuple[Optional[_Plan], str]":
+    """(plan, "") when ``mask`` (None, or bool (B or 1, 1, Lq, Lk), True = attend) is per-sequence key ranges
+    that decode_attention can express (see the module docstring), else (None, why not). ``causal``: what no
+    mask means (the module's is_causal)."""
+    if B == 0:
+        return None, "an empty batch"
+    if mask is None:  # sdpa's meaning: causal top-left (Lq > 1: a prompt into an empty static cache), else all keys
+        start = torch.zeros(B, dtype=torch.int64, device=device)
+        end = Lq if causal and Lq > 1 else Lk
+        return _Plan(start, torch.full((B,), end, dtype=torch.int64, device=device), causal), ""
+    if mask.dtype != torch.bool:
+        return None, "a float (additive) attention mask"
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, B) or tuple(mask.shape[2:]) != (Lq, Lk):
+        return None, f"a mask of shape {tuple(mask.shape)} (not (B or 1, 1, Lq, Lk))"
+    m = mask[:, 0]  # (Bm, Lq, Lk)
+    j = torch.arange(Lk, device=device)
+    last = m[:, -1]  # (Bm, Lk): the last query row sees the whole range
+    start = torch.where(last, j, Lk).amin(-1)  # (Bm,) first visible key
+    end = torch.where(last, j + 1, 0).amax(-1)  # (Bm,) one past the last
+    in_range = (j >= start[:, None, None]) & (j < end[:, None, None])  # (Bm, 1, Lk)
+    diag = end[:, None, None] - Lq + torch.arange(Lq, device=device)[:, None]  # (Bm, Lq, 1): bottom-right
+    expected = in_range & (j <= diag)  # (Bm, Lq, Lk)
+    if torch.equal(expected, m):
+        causal = True
+    elif Lq > 1 and torch.equal(in_range.expand_as(m), m):
+        causal = False
+        expected = in_range.expand_as(m)
+    else:
+        return None, "a mask that is not one key range per sequence (bottom-right causal inside)"
+    if not bool(expected.any(-1).all()):  # a prompt's padded rows (static cache): the dense kernel, no warning
+        return None, ""
+    return _Plan(start.expand(B).contiguous(), end.expand(B).contiguous(), causal), ""
+
+
+_last_plan: list = [None, -1, None, None]  # mask tensor (or None), its _version, the call's shape, plan or reason
+
+
+def _plan_for(given, mask, B, Lq, Lk, device, causal):
+    """decode_plan of ``mask`` (``given``, the tensor transformers passed, cut to Lk keys), cached for the mask
+    tensor transformers hands every layer of one forward."""
+    m, ver, key, res = _last_plan
+    shape = (B, Lq, Lk, device, causal)
+    if m is given and key == shape and (given is None or ver == given._version):
+        return res
+    res = decode_plan(mask, B, Lq, Lk, device, causal)
+    _last_plan[:] = [given, -1 if given is None else given._version, shape, res]
+    return res
+
+
+def _page_table(plan: _Plan, key: torch.Tensor) -> Optional[torch.Tensor]:
+    """Page-size-1 block table over ``_pages(key)``: row b lists the pages (cache rows) of keys start_b, ..."""
+    sB, _, sL, _ = key.stride()
+    if sL <= 0 or sB % sL:
+        return None
+    cached = plan.tables.get((sB, sL))
+    if cached is not None:
+        return cached
+    B = key.shape[0]
+    pages = _num_pages(key)
+    if pages >= 2**31:
+        return None
+    n = int((plan.end - plan.start).max())
+    first = torch.arange(B, device=key.device) * (sB // sL) + plan.start  # (B,) page of each sequence's first key
+    table = (first[:, None] + torch.arange(n, device=key.device)).clamp_(max=pages - 1).to(torch.int32)
+    plan.tables[(sB, sL)] = table
+    return table
+
+
+def _num_pages(key: torch.Tensor) -> int:
+    B, _, L, _ = key.shape
+    sB, _, sL, _ = key.stride()
+    return ((B - 1) * sB + (L - 1) * sL) // sL + 1
+
+
+def _pages(t: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, L, D) -> (num_pages, 1, Hkv, D): page n = the key n rows (stride_L apart) after the first, with
+    its heads stride_H apart. Read-only; the pages overlap nothing the kernel reads twice for one key."""
+    _, Hkv, _, D = t.shape
+    _, sH, sL, _ = t.stride()
+    return t.as_strided((_num_pages(t), 1, Hkv, D), (sL, sL, sH, 1))
+
+
+def _decode(query, key, value, plan: _Plan, scaling, window, softcap):
+    """decode_attention over transformers' caches; returns (B, Lq, Hq, D) or None when the layout does not fit."""
+    q = query.transpose(1, 2)  # (B, Lq, Hq, D), a view
+    if plan.uniform:
+        s0 = plan.s0
+        k = key[:, :, s0:].transpose(1, 2)  # (B, Lk - s0, Hkv, D), a view
+        v = value[:, :, s0:].transpose(1, 2)
+        table = None
+    else:
+        if key.stride() != value.stride():
+            return None
+        table = _page_table(plan, key)
+        if table is None:
+            return None
+        k, v = _pages(key), _pages(value)
+    return fusedattn.decode_attention(
+        q,
+        k,
+        v,
+        cache_seqlens=plan.seqlens,
+        block_table=table,
+        causal=plan.causal,
+        scale=scaling,
+        window=window,
+        softcap=softcap,
+        backend=_backend,
+    )
 
 
 def fusedattn_attention_forward(
@@ -56,17 +201,43 @@ def fusedattn_attention_forward(
         )
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     mask = attention_mask
-    if mask is not None:
+    if mask is not None and mask.shape[-1] > key.shape[2]:
         mask = mask[..., : key.shape[2]]  # some caches hand a mask wider than the keys they return
-        if mask.dtype != torch.bool and mask.dtype != query.dtype:
-            mask = mask.to(query.dtype)
-    # Causal only when there is no mask (the mask then already holds it) and more than one query; bottom-right
-    # alignment is what a query block at the end of a cached sequence needs.
-    causal = bool(is_causal) and mask is None and query.shape[2] > 1
+    B, _, Lq, _ = query.shape
+    Lk = key.shape[2]
     softcap = kwargs.get("softcap") or 0.0
+    sliding = kwargs.get("sliding_window")
+    if 0 < Lq <= DECODE_MAX_QUERIES and Lk > Lq and B > 0:
+        out, why = None, ""
+        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+            why = None  # decode_attention is inference-only; the dense kernel has a backward (not a fallback)
+        elif mask is not None and torch.compiler.is_compiling():
+            why = None  # the mask analysis reads values (a graph break); the dense kernel takes the mask as is
+        else:
+            plan, why = _plan_for(attention_mask, mask, B, Lq, Lk, query.device, bool(is_causal))
+            if plan is not None:
+                window = (int(sliding) - 1, 0) if sliding is not None and mask is None else (-1, -1)
+                out = _decode(query, key, value, plan, scaling, window, softcap)
+                why = "a cache layout without a page-size-1 view (k and v strides differ)" if out is None else ""
+        if out is not None:
+            return out, None
+        if why:
+            warnings.warn(
+                f"fusedattn: decode step (Lq={Lq}, Lk={Lk}) runs the dense kernel, not decode_attention: {why}",
+                UserWarning,
+                stacklevel=2,
+            )
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
+        mask = mask.to(query.dtype)
+    # Causal only when there is no mask (the mask then already holds it) and more than one query, as in
+    # transformers' sdpa_attention_forward. transformers skips the mask of a causal call with Lk > Lq only for a
+    # prompt into an empty static cache (sdpa's is_causal is top-left aligned): its first Lq keys are the prompt.
+    causal = bool(is_causal) and mask is None and Lq > 1
+    if causal and Lk > Lq:
+        key, value = key[:, :, :Lq], value[:, :, :Lq]
     window = (-1, -1)
-    if kwargs.get("sliding_window") is not None and mask is None:
-        window = (int(kwargs["sliding_window"]) - 1, 0 if causal else -1)
+    if sliding is not None and mask is None:
+        window = (int(sliding) - 1, 0 if causal else -1)
     out = fusedattn.attention(
         query,
         key,
