@@ -14,6 +14,7 @@ Kernels are torch ops in ``torch.ops.fusedattn`` (CPU: C++ in fusedattn._C). See
 import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _ops  # noqa: F401  (loads fusedattn._C: registers torch.ops.fusedattn.*)
+from . import backward  # noqa: F401  (registers torch.ops.fusedattn.attention_backward / varlen_attention_backward)
 from .api import attention, scaled_dot_product_attention
 from .decode import decode_attention, merge_attention_states
 from .dispatch import CHOICES as BACKENDS  # what backend= accepts: "auto" + dispatch.BACKENDS (the real ones)

@@ -140,24 +140,47 @@ def decode_attention(
 
 
 def merge_attention_states(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor, *, backend: str = "auto"
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    *,
+    layout: str = "blhd",
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge two attention states over disjoint key sets into the state over their union.
 
     Args:
-        out_a, out_b: (B, L, H, D) attention outputs (each normalized over its own keys), one dtype.
+        out_a, out_b: attention outputs (each normalized over its own keys): (B, L, H, D) with ``layout="blhd"``
+            (decode_attention's, flash-attn's), (B, H, L, D) with ``layout="bhld"`` (attention()'s). Said
+            explicitly: the shapes cannot tell the two apart when H == L.
         lse_a, lse_b: (B, H, L) float32 log-sum-exps of the scores behind them (as returned with
-            ``return_lse=True``).
+            ``return_lse=True``), in either layout.
+        out_dtype: None: out_a and out_b share a dtype, which the result keeps. A dtype (e.g. torch.float32):
+            both outputs are cast to it first (they may then differ, e.g. an fp32 running state and a bf16 block)
+            and the result is in it, so a ring of many merges does not round through bf16 at every step.
         backend: "auto", "cpu", "cuda", "triton" or "reference".
 
     Returns:
-        (out (B, L, H, D) in out_a's dtype, lse (B, H, L) float32), with M = max(lse_a, lse_b),
-        ``out = (e^(lse_a-M) out_a + e^(lse_b-M) out_b) / (e^(lse_a-M) + e^(lse_b-M))`` and
-        ``lse = M + log(e^(lse_a-M) + e^(lse_b-M))``. A side with lse -inf contributes nothing; both -inf
+        (out in out_a's layout and dtype (``out_dtype`` when given), lse (B, H, L) float32), with
+        M = max(lse_a, lse_b), ``out = (e^(lse_a-M) out_a + e^(lse_b-M) out_b) / (e^(lse_a-M) + e^(lse_b-M))``
+        and ``lse = M + log(e^(lse_a-M) + e^(lse_b-M))``. A side with lse -inf contributes nothing; both -inf
         give out 0 and lse -inf.
     """
+    if layout not in ("blhd", "bhld"):
+        raise ValueError(f'layout must be "blhd" (B, L, H, D) or "bhld" (B, H, L, D), got {layout!r}')
+    if out_dtype is not None:
+        if out_dtype not in dispatch.FUSED_DTYPES:
+            raise ValueError(f"out_dtype must be None or one of {dispatch.FUSED_DTYPES}, got {out_dtype!r}")
+        out_a, out_b = (t.to(out_dtype) if isinstance(t, torch.Tensor) else t for t in (out_a, out_b))
+    if layout == "bhld":  # the kernels read (B, L, H, D) with any strides: views, no copies
+        out_a, out_b = (
+            t.transpose(1, 2) if isinstance(t, torch.Tensor) and t.dim() == 4 else t for t in (out_a, out_b)
+        )
     checks.check_merge(out_a, lse_a, out_b, lse_b)
     checks.refuse_grad("merge_attention_states", out_a, lse_a, out_b, lse_b)
     D = out_a.shape[-1]
     op = dispatch.resolve("merge", backend, dispatch.Case(out_a.device, out_a.dtype, D, D)).op
-    return op(out_a, lse_a, out_b, lse_b)
+    out, lse = op(out_a, lse_a, out_b, lse_b)
+    return (out.transpose(1, 2), lse) if layout == "bhld" else (out, lse)
