@@ -10,11 +10,15 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "op_limits.h"
@@ -29,12 +33,33 @@ struct DeviceRules {
   explicit DeviceRules(const char* tag) : tag(tag) {}
   virtual ~DeviceRules() = default;
   const char* tag;  // "cpu" or "cuda", named in every message
+  // Every tensor argument passes here before any of its pointers is read: where it lives (on_device), that it
+  // is strided, and that its view lies inside its storage (check_storage).
+  void device(const at::Tensor& t, const char* name) const;
   // Raises unless tensor argument `name` lives where this device's kernels run.
-  virtual void device(const at::Tensor& t, const char* name) const = 0;
+  virtual void on_device(const at::Tensor& t, const char* name) const = 0;
   // Raises unless q (or the first tensor argument) has a dtype the kernels take; the default takes any and
   // leaves the case to the kernel dispatch, which names the op.
   virtual void dtype(const at::Tensor& /*t*/, const char* /*name*/) const {}
 };
+
+// The bytes of storage t's view reaches (storage offset and strides included) must exist: a freed storage
+// (t.untyped_storage().resize_(0)) or one shrunk under the view would have the kernels read or write memory the
+// tensor does not own. The rule of torch's own set_/as_strided (computeStorageNbytes, checkInBoundsForStorage).
+inline void check_storage(const DeviceRules& r, const at::Tensor& t, const char* name) {
+  const size_t need = at::detail::computeStorageNbytes(t.sizes(), t.strides(), t.itemsize(), t.storage_offset());
+  const size_t have = t.storage().nbytes();
+  FUSEDATTN_CHECK(r, need <= have, name, " of sizes ", t.sizes(), ", strides ", t.strides(), " and storage offset ",
+                  t.storage_offset(), " needs a storage of ", need, " bytes, but its storage holds ", have,
+                  " bytes (was it freed or resized, e.g. by untyped_storage().resize_(0)?)");
+}
+
+inline void DeviceRules::device(const at::Tensor& t, const char* name) const {
+  on_device(t, name);
+  FUSEDATTN_CHECK(*this, t.layout() == at::kStrided, name, " must be a strided (dense) tensor, got layout ",
+                  t.layout());
+  check_storage(*this, t, name);
+}
 
 inline void check_float_dtype(const DeviceRules& r, const at::Tensor& t, const char* name) {
   const at::ScalarType st = t.scalar_type();
@@ -132,14 +157,84 @@ struct DecodeShape {
 // sums of a few of them, as in a window's band (window_left + Lq + window_right), never wrap around int64.
 constexpr int64_t kMaxPositions = int64_t(1) << 60;
 
-// Shapes, dtypes, devices and scalars of decode_fwd (see its schema in csrc/torch_bindings.cpp). The index
-// values are not read here: the CPU binding reads them, the CUDA kernels clamp them (no device sync).
-inline DecodeShape check_decode(const DeviceRules& r, const at::Tensor& q, const at::Tensor& k_cache,
-                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                const std::optional<at::Tensor>& k_new, const std::optional<at::Tensor>& v_new,
-                                const std::optional<at::Tensor>& block_table,
-                                const std::optional<at::Tensor>& cache_batch_idx, int64_t window_left,
-                                int64_t window_right, double scale, double softcap, int64_t num_splits) {
+// decode_fwd's arguments, in the schema's order (csrc/torch_bindings.cpp).
+struct DecodeInputs {
+  const at::Tensor& q;
+  const at::Tensor& k_cache;
+  const at::Tensor& v_cache;
+  const at::Tensor& cache_seqlens;
+  const std::optional<at::Tensor>& k_new;
+  const std::optional<at::Tensor>& v_new;
+  const std::optional<at::Tensor>& block_table;
+  const std::optional<at::Tensor>& cache_batch_idx;
+  double scale;
+  int64_t window_left, window_right;
+  double softcap;
+  int64_t num_splits;
+};
+
+// The decode_fwd kernel of a device, with the schema's signature written once: each binding registers
+// decode_fwd_op<&its_impl>, where its_impl(const DecodeInputs&) starts with check_decode.
+template <std::tuple<at::Tensor, at::Tensor> (*Impl)(const DecodeInputs&)>
+std::tuple<at::Tensor, at::Tensor> decode_fwd_op(const at::Tensor& q, const at::Tensor& k_cache,
+                                                 const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                                 const std::optional<at::Tensor>& k_new,
+                                                 const std::optional<at::Tensor>& v_new,
+                                                 const std::optional<at::Tensor>& block_table,
+                                                 const std::optional<at::Tensor>& cache_batch_idx, double scale,
+                                                 int64_t window_left, int64_t window_right, double softcap,
+                                                 int64_t num_splits) {
+  return Impl(DecodeInputs{q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale,
+                           window_left, window_right, softcap, num_splits});
+}
+
+// The first and one-past-the-last byte a (non-empty) view can touch.
+inline std::pair<uintptr_t, uintptr_t> byte_span(const at::Tensor& t) {
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+  return {begin, begin + static_cast<uintptr_t>((last + 1) * t.itemsize())};
+}
+
+// The append writes k_cache and v_cache in place, reading k_new and v_new. As torch's own in-place writes (copy_,
+// index_put_), it refuses what would make the result depend on the order of the writes: a cache with internal
+// overlap (expand()ed over kv heads or sequences: two positions, one memory location), caches that share memory
+// (k_cache is v_cache, or overlapping views) -- ATen's has_internal_overlap / get_overlap_status, the tests of
+// assert_no_internal_overlap and assert_no_overlap -- and an input that is a view into a cache. For the last,
+// torch's test passes views it finds too hard to compare (a slice of a batched cache), so any k_new / v_new whose
+// bytes fall within a cache's is refused (clone() it first).
+inline void check_append_aliasing(const DeviceRules& r, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& k_new, const at::Tensor& v_new) {
+  constexpr const char* kClone = ". Please clone() the tensor before performing the operation.";
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+    FUSEDATTN_CHECK(r, at::has_internal_overlap(*t) != at::MemOverlap::Yes, "unsupported operation: more than one "
+                    "element of the written-to tensor ", name, " refers to a single memory location (an expand()ed "
+                    "cache?)", kClone);
+  const at::MemOverlapStatus kv = at::get_overlap_status(k_cache, v_cache);
+  FUSEDATTN_CHECK(r, kv != at::MemOverlapStatus::Full && kv != at::MemOverlapStatus::Partial, "unsupported "
+                  "operation: k_cache and v_cache, both written to, refer to the same memory locations", kClone);
+  for (const auto& [in, in_name] : {std::pair{&k_new, "k_new"}, {&v_new, "v_new"}}) {
+    if (in->numel() == 0) continue;
+    const auto [in_lo, in_hi] = byte_span(*in);
+    for (const auto& [c, c_name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}}) {
+      const at::MemOverlapStatus st = at::get_overlap_status(*c, *in);
+      bool overlaps = st == at::MemOverlapStatus::Full || st == at::MemOverlapStatus::Partial;
+      if (!overlaps && c->numel() > 0 && c->storage().is_alias_of(in->storage())) {
+        const auto [c_lo, c_hi] = byte_span(*c);
+        overlaps = in_lo < c_hi && c_lo < in_hi;
+      }
+      FUSEDATTN_CHECK(r, !overlaps, "unsupported operation: some elements of the input tensor ", in_name,
+                      " and the written-to tensor ", c_name, " refer to a single memory location", kClone);
+    }
+  }
+}
+
+// Shapes, dtypes, devices, storage, aliasing and scalars of decode_fwd (see its schema in
+// csrc/torch_bindings.cpp). The index values are not read here: the CPU binding reads them, the CUDA kernels
+// clamp them (no device sync).
+inline DecodeShape check_decode(const DeviceRules& r, const DecodeInputs& in) {
+  const auto& [q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, scale, window_left,
+               window_right, softcap, num_splits] = in;
   FUSEDATTN_CHECK(r, q.dim() == 4, "q must be 4-D (B, Lq, Hq, D), got shape ", q.sizes());
   FUSEDATTN_CHECK(r, k_cache.dim() == 4, "k_cache must be 4-D (B_cache, L_max, Hkv, D) or paged "
                   "(num_blocks, PAGE_SIZE, Hkv, D), got shape ", k_cache.sizes());
@@ -180,6 +275,12 @@ inline DecodeShape check_decode(const DeviceRules& r, const at::Tensor& q, const
                       t->size(3) == dim, name, " must have shape (B, Lnew, Hkv, ", dim, ") = (", s.B, ", ", s.Lnew,
                       ", ", s.Hkv, ", ", dim, "), got ", t->sizes());
     }
+    check_append_aliasing(r, k_cache, v_cache, *k_new, *v_new);
+    for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"}})
+      FUSEDATTN_CHECK(r, !t->is_inference() || c10::InferenceMode::is_enabled(), name, ": Inplace update to "
+                      "inference tensor outside InferenceMode is not allowed. You can make a clone to get a normal "
+                      "tensor before doing inplace update. See https://github.com/pytorch/rfcs/pull/17 for more "
+                      "details.");
   }
   s.paged = block_table.has_value();
   s.capacity = k_cache.size(1);
@@ -216,6 +317,14 @@ inline DecodeShape check_decode(const DeviceRules& r, const at::Tensor& q, const
 inline int64_t decode_keys_read(const DecodeShape& s, int64_t longest) {
   return s.window_left >= 0 ? std::min(longest, s.window_left + s.Lq + std::max<int64_t>(s.window_right, 0))
                             : longest;
+}
+
+// The split count a kernel runs: num_splits (explicit, or a heuristic's) but no more than the keys read, so
+// that no split is empty -- 1024 splits of 16 keys would allocate and merge 1024 partial states, 1008 of them
+// empty. The kernels cut `keys` keys into chunks of ceil(keys / S): for every S >= keys that is one key per
+// split, so the cap leaves the partition, and the result, unchanged.
+inline int64_t cap_splits(int64_t splits, int64_t keys) {
+  return std::clamp<int64_t>(splits, 1, std::max<int64_t>(keys, 1));
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -36,38 +36,39 @@ void fill_qkv(P& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   copy_strides(p.v_stride, v);
 }
 
-// Everything of decode_fwd but the split count and the outputs. seqlens, block_table and cache_batch_idx:
-// contiguous int32 (undefined when absent); k_new / v_new undefined when absent.
+// The fields of DecodeCommon (csrc/decode_params.h) but the split count and the outputs. seqlens, block_table
+// and cache_batch_idx: contiguous int32 copies of the arguments (undefined when absent).
 template <typename P>
-void fill_decode(P& p, const DecodeShape& s, const at::Tensor& q, const at::Tensor& k_cache,
-                 const at::Tensor& v_cache, const at::Tensor& seqlens, const at::Tensor& k_new,
-                 const at::Tensor& v_new, const at::Tensor& block_table, const at::Tensor& cache_batch_idx,
-                 double scale, double softcap) {
+void fill_decode(P& p, const DecodeShape& s, const DecodeInputs& in, const at::Tensor& seqlens,
+                 const at::Tensor& block_table, const at::Tensor& cache_batch_idx) {
   p.B = s.B;
   p.Hq = s.Hq;
   p.Hkv = s.Hkv;
   p.Lq = s.Lq;
   p.D = s.D;
-  p.q = q.data_ptr();
-  p.k_cache = k_cache.data_ptr();
-  p.v_cache = v_cache.data_ptr();
-  copy_strides(p.q_stride, q);
-  copy_strides(p.k_stride, k_cache);
-  copy_strides(p.v_stride, v_cache);
+  p.Dv = s.Dv;
+  p.q = in.q.data_ptr();
+  p.k_cache = in.k_cache.data_ptr();
+  p.v_cache = in.v_cache.data_ptr();
+  copy_strides(p.q_stride, in.q);
+  copy_strides(p.k_stride, in.k_cache);
+  copy_strides(p.v_stride, in.v_cache);
+  p.cache_rows = in.k_cache.size(0);
+  p.capacity = s.capacity;
   p.cache_seqlens = seqlens.data_ptr<int32_t>();
   p.cache_batch_idx = cache_batch_idx.defined() ? cache_batch_idx.data_ptr<int32_t>() : nullptr;
   p.block_table = block_table.defined() ? block_table.data_ptr<int32_t>() : nullptr;
   p.max_blocks = s.max_blocks;
   p.page_size = s.page_size;
-  if (k_new.defined()) {
-    p.k_new = k_new.data_ptr();
-    p.v_new = v_new.data_ptr();
-    copy_strides(p.kn_stride, k_new);
-    copy_strides(p.vn_stride, v_new);
+  if (in.k_new.has_value()) {  // an empty k_new (D == 0) has a null data pointer; the kernels go by Lnew
+    p.k_new = in.k_new->data_ptr();
+    p.v_new = in.v_new->data_ptr();
+    copy_strides(p.kn_stride, *in.k_new);
+    copy_strides(p.vn_stride, *in.v_new);
   }
   p.Lnew = s.Lnew;
-  p.scale = static_cast<float>(scale);
-  p.softcap = static_cast<float>(softcap);
+  p.scale = static_cast<float>(in.scale);
+  p.softcap = static_cast<float>(in.softcap);
   p.window_left = s.window_left;
   p.window_right = s.window_right;
 }

@@ -2,7 +2,9 @@
 //   CPU  -> csrc/cpu/attention.cpp, csrc/cpu/varlen.cpp, csrc/cpu/decode.cpp (TORCH_LIBRARY_IMPL(fusedattn, CPU, m))
 //   CUDA -> csrc/cuda/bindings.cpp (TORCH_LIBRARY_IMPL(fusedattn, CUDA, m)), when torch has CUDA
 // Fake (meta) implementations and autograd live in fusedattn/_ops.py, which torch imports on
-// demand through set_python_module when it needs them (e.g. under torch.compile).
+// demand through set_python_module when it needs them (e.g. under torch.compile). The one op that writes its
+// inputs, decode_fwd, also has an ADInplaceOrView kernel (the version-counter bookkeeping, bottom of this file).
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(fusedattn, m) {
@@ -59,4 +61,30 @@ TORCH_LIBRARY(fusedattn, m) {
   //   out_a, out_b (B, L, H, D), lse_a, lse_b (B, H, L) float32 -> out (B, L, H, D), lse (B, H, L).
   //   Both lse -inf: out 0, lse -inf.
   m.def("merge_attention_states(Tensor out_a, Tensor lse_a, Tensor out_b, Tensor lse_b) -> (Tensor out, Tensor lse)");
+}
+
+// decode_fwd writes k_cache and v_cache in place (the (a!) (b!) above). Its ADInplaceOrView kernel does the
+// bookkeeping of torch's in-place ops, as torch.library.custom_op's does for its mutates_args: it bumps the version
+// counter of every argument the schema marks written, before the kernel runs, so that a cache saved for backward
+// by another op and then appended into raises "modified by an inplace operation" at backward. (An inference tensor
+// has no version counter and no ADInplaceOrView key: check_decode refuses appends into one outside
+// torch.inference_mode(), as torch's in-place ops do.)
+namespace {
+void decode_fwd_inplace_or_view(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::FunctionSchema& schema = op.schema();
+  const size_t n = schema.arguments().size(), first = stack->size() - n;
+  for (size_t i = 0; i < n; ++i) {
+    const c10::IValue& arg = (*stack)[first + i];
+    if (arg.isTensor() && schema.is_mutable({c10::SchemaArgType::input, i})) {
+      const at::Tensor& t = arg.toTensor();
+      if (!t.is_inference()) torch::autograd::increment_version(t);
+    }
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedattn, ADInplaceOrView, m) {
+  m.impl("decode_fwd", torch::CppFunction::makeFromBoxedFunction<&decode_fwd_inplace_or_view>());
 }

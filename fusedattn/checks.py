@@ -98,6 +98,7 @@ def check_float_tensor(
         raise err(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if ndim is not None and t.dim() != ndim:
         raise err(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    check_storage(name, t, _memory_err(err))
 
 
 def check_like(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str = "q", err: Err = ValueError) -> None:
@@ -120,6 +121,7 @@ def check_int32(
         raise err(f"{name} must be on q's device {device}, got {t.device}")
     if t.dim() != len(shape) or any(s is not None and t.shape[d] != s for d, s in enumerate(shape)):
         raise err(f"{name} must have shape {layout}, got {tuple(t.shape)}")
+    check_storage(name, t, _memory_err(err))
 
 
 def check_heads(Hq: int, Hkv: int, q_name: str, kv_name: str, err: Err = ValueError) -> None:
@@ -150,6 +152,7 @@ def check_mask(attn_mask, q: torch.Tensor, full_shape: Tuple[int, ...], err: Err
         raise err(f"attn_mask must be bool or floating-point, got dtype {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise err(f"attn_mask must be on {q.device}, got {attn_mask.device}")
+    check_storage("attn_mask", attn_mask, _memory_err(err))
     shape = tuple(attn_mask.shape)
     if len(shape) > len(full_shape) or any(m != 1 and m != f for m, f in zip(shape[::-1], full_shape[::-1])):
         raise err(f"attn_mask of shape {shape} does not broadcast to {tuple(full_shape)}")
@@ -188,6 +191,7 @@ def check_cu_seqlens(name: str, cu, device: torch.device, err: Err = ValueError)
         raise err(f"{name} must be 1-D of shape (B + 1,), got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise err(f"{name} must be on q's device {device}, got {cu.device}")
+    check_storage(name, cu, _memory_err(err))
 
 
 def check_max_seqlen(name: str, m, err: Err = ValueError) -> None:
@@ -344,6 +348,113 @@ def check_decode_indices(
             )
 
 
+# ------------------------------------------------------------------------------------------------
+# memory: storage bounds, aliasing and in-place rules (the C++ ops' csrc/checks.h rules, for the Triton ops and the
+# reference; concrete tensors only: fake and functional tensors, while torch.compile traces, have no memory to test)
+# ------------------------------------------------------------------------------------------------
+def is_concrete(*ts) -> bool:
+    """True for plain tensors holding values (not fake / functional tensors while torch.compile traces); None
+    entries are ignored."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in ts)
+
+
+def check_storage(name: str, t: torch.Tensor, err: Err = RuntimeError) -> None:
+    """t's view (storage offset and strides included) lies inside its storage (every tensor check of this module
+    ends with it, before anything reads the tensor). A freed storage
+    (``t.untyped_storage().resize_(0)``) holds 0 bytes: a kernel given its pointer would read memory the tensor
+    does not own. The rule of torch's set_ / as_strided (and of the C++ ops' check_storage). Concrete tensors
+    only (skipped otherwise)."""
+    if not is_concrete(t) or t.layout != torch.strided:
+        return
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    need = (t.storage_offset() + extent) * t.element_size() if t.numel() else 0
+    have = t.untyped_storage().nbytes()
+    if need > have:
+        raise err(
+            f"{name} of sizes {list(t.shape)}, strides {list(t.stride())} and storage offset {t.storage_offset()} "
+            f"needs a storage of {need} bytes, but its storage holds {have} bytes (was it freed or resized, e.g. by "
+            f"untyped_storage().resize_(0)?)"
+        )
+
+
+def _memory_err(err: Err) -> Err:
+    """Memory errors (a view outside its storage) are RuntimeErrors, as torch's own (SDPA raises one for a freed
+    storage): the public functions' ValueError becomes a RuntimeError; an op's own error class stays."""
+    return RuntimeError if err is ValueError else err
+
+
+_CLONE = ". Please clone() the tensor before performing the operation."
+_INFERENCE = (
+    "Inplace update to inference tensor outside InferenceMode is not allowed. You can make a clone to get a "
+    "normal tensor before doing inplace update. See https://github.com/pytorch/rfcs/pull/17 for more details."
+)
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """The first and one-past-the-last byte a non-empty view can touch."""
+    last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """ATen's is_non_overlapping_and_dense: some permutation of t's dims is contiguous (size-1 dims aside)."""
+    expected = 1
+    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """ATen's get_overlap_status(a, b) is Full or Partial (TooHard, for views that are not non-overlapping and
+    dense, counts as no overlap there, as in torch's assert_no_overlap)."""
+    if a is b:
+        return True
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if not (_dense(a) and _dense(b)) or not _same_storage(a, b):
+        return False
+    (a0, a1), (b0, b1) = _byte_span(a), _byte_span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_append(k_cache, v_cache, k_new, v_new, err: Err = RuntimeError) -> None:
+    """The rules of torch's in-place writes for decode's append of k_new / v_new into k_cache / v_cache (those of
+    the C++ op, csrc/checks.h check_append_aliasing): no cache with internal overlap (expand()ed over kv heads or
+    sequences), no caches sharing memory (k_cache is v_cache), no k_new / v_new whose bytes fall within a cache's
+    (a view into it), and no inference tensor written outside torch.inference_mode(). Concrete tensors only."""
+    if k_new is None or not is_concrete(k_cache, v_cache, k_new, v_new):
+        return
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise err(f"{name}: {_INFERENCE}")
+        if torch._debug_has_internal_overlap(t) == 1:  # MemOverlap::Yes
+            raise err(
+                f"unsupported operation: more than one element of the written-to tensor {name} refers to a single "
+                f"memory location (an expand()ed cache?){_CLONE}"
+            )
+    if _overlaps(k_cache, v_cache):
+        raise err(
+            f"unsupported operation: k_cache and v_cache, both written to, refer to the same memory locations{_CLONE}"
+        )
+    for in_name, t in (("k_new", k_new), ("v_new", v_new)):
+        if t.numel() == 0:
+            continue
+        lo, hi = _byte_span(t)
+        for c_name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            shared = c.numel() > 0 and _same_storage(c, t) and lo < _byte_span(c)[1] and _byte_span(c)[0] < hi
+            if shared or _overlaps(c, t):
+                raise err(
+                    f"unsupported operation: some elements of the input tensor {in_name} and the written-to tensor "
+                    f"{c_name} refer to a single memory location{_CLONE}"
+                )
+
+
 def check_merge(out_a, lse_a, out_b, lse_b, err: Err = ValueError) -> None:
     """out_a, out_b (B, L, H, D) of one dtype and device; lse_a, lse_b (B, H, L) float32 beside them."""
     for name, t in (("out_a", out_a), ("out_b", out_b)):
@@ -360,3 +471,4 @@ def check_merge(out_a, lse_a, out_b, lse_b, err: Err = ValueError) -> None:
             raise err(f"{name} must be a float32 tensor of shape (B, H, L) = {(B, H, L)}, got {got}")
         if t.device != out_a.device:
             raise err(f"{name} must be on out_a's device {out_a.device}, got {t.device}")
+        check_storage(name, t, _memory_err(err))

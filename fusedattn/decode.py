@@ -98,6 +98,13 @@ def decode_attention(
     Returns:
         out (B, Lq, Hq, Dv) in q's dtype, and lse if ``return_lse``. A query that sees no key (an empty
         sequence) gives output 0 and lse -inf.
+
+    Raises:
+        ValueError for a bad argument (naming it); RuntimeError, as torch's own in-place writes, where the append
+        cannot be done safely: a cache with internal overlap (``expand()``-ed), caches sharing memory, ``k_new`` /
+        ``v_new`` a view into a cache, an inference-mode cache outside ``torch.inference_mode()``, or a tensor whose
+        storage no longer holds its view (freed by ``untyped_storage().resize_(0)``). The append bumps the caches'
+        version counters, as torch's in-place ops do.
     """
     checks.check_float_tensor("q", q, 4, "(B, Lq, Hq, D)")
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
@@ -108,6 +115,9 @@ def decode_attention(
     left, right = checks.check_window(window)
     checks.check_num_splits(num_splits)
     checks.refuse_grad("decode_attention", q, k_cache, v_cache, k_new, v_new)
+    # The append's aliasing and in-place rules (eager, concrete tensors), RuntimeErrors as torch's own (the C++ and
+    # Triton ops repeat them; the reference relies on these). check_decode checked every view against its storage.
+    checks.check_append(k_cache, v_cache, k_new, v_new)
     if not torch.compiler.is_compiling():
         checks.check_decode_indices(
             k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx

@@ -379,9 +379,7 @@ def _err(msg: str) -> RuntimeError:
     return RuntimeError(f"fusedattn (triton): {msg}")
 
 
-def _is_concrete(*ts) -> bool:
-    """True for plain tensors holding values (not fake / functional tensors while torch.compile traces)."""
-    return not torch.compiler.is_compiling() and all(t is None or type(t) is torch.Tensor for t in ts)
+_is_concrete = checks.is_concrete  # plain tensors holding values (not fake / functional ones while compiling)
 
 
 def _check_decode_args(
@@ -400,9 +398,11 @@ def _check_decode_args(
     num_splits,
 ) -> None:
     """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's), the rules of
-    fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars, then -- with concrete CPU tensors
-    (the interpreter) -- every index the kernels follow."""
+    fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars; with concrete tensors the
+    storage under every view and the append's aliasing and in-place rules (those of the C++ op); then -- with
+    concrete CPU tensors (the interpreter) -- every index the kernels follow."""
     checks.check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, err=_err)
+    checks.check_append(k_cache, v_cache, k_new, v_new, err=_err)
     if q.dtype not in _FUSED_DTYPES:
         raise _err(f"q must be float32, bfloat16 or float16, got {q.dtype}")
     checks.check_scale(scale, err=_err)
@@ -513,7 +513,11 @@ def _decode_impl(
     if window_left >= 0:
         max_keys = min(max_keys, window_left + Lq + max(window_right, 0))
     S = num_splits or num_splits_heuristic(B * Hkv, max_keys, _num_sms(q.device))
-    S = max(1, min(S, MAX_SPLITS))
+    # No more splits than key blocks: a program's range is whole BLOCK_N blocks, so splits past
+    # cdiv(max_keys, BLOCK_N) would be empty (1024 splits of 16 keys: 1024 partial states, 1023 of them empty).
+    # Every sequence (<= max_keys keys) gets one block per split for any S >= that bound: the same partition,
+    # the same result.
+    S = max(1, min(S, MAX_SPLITS, triton.cdiv(max_keys, BLOCK_N)))
     if S == 1:
         o_part, lse_part = out, lse
         o_strides = (0, *out.stride()[:3])
@@ -597,22 +601,10 @@ def _launch_combine(launch, o_part, lse_part, out, lse, S) -> None:
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b, launch) -> Tuple[torch.Tensor, torch.Tensor]:
-    if out_a.dim() != 4:
-        raise _err(f"out_a must be 4-D (B, L, H, D), got shape {tuple(out_a.shape)}")
-    if out_b.shape != out_a.shape or out_b.dtype != out_a.dtype or out_b.device != out_a.device:
-        raise _err(
-            f"out_b must match out_a's shape, dtype and device, got {out_b.dtype} {tuple(out_b.shape)} "
-            f"vs {out_a.dtype} {tuple(out_a.shape)}"
-        )
+    checks.check_merge(out_a, lse_a, out_b, lse_b, err=_err)
     if out_a.dtype not in _FUSED_DTYPES:
         raise _err(f"out_a must be float32, bfloat16 or float16, got {out_a.dtype}")
     B, L, H, D = out_a.shape
-    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
-        if t.dtype != torch.float32 or tuple(t.shape) != (B, H, L) or t.device != out_a.device:
-            raise _err(
-                f"{name} must be a float32 tensor of shape (B, H, L) = {(B, H, L)} on {out_a.device}, got "
-                f"{t.dtype} {tuple(t.shape)} on {t.device}"
-            )
     out = torch.empty((B, L, H, D), dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=out_a.device)
     # The two states side by side as (2, ...) so that one combine kernel serves both the splits and this merge.

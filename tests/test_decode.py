@@ -496,8 +496,8 @@ def test_triton_split_heuristic():
 # ---------------------------------------------------------------------------------------------- opcheck, compile
 
 
-def _op_args(gen, page, with_new):
-    inputs = make_batch(gen, [3, 11], Lq=2, Hq=4, D=16, page=page, Lnew=2 if with_new else 0)
+def _op_args(gen, page, with_new, lengths=(3, 11)):
+    inputs = make_batch(gen, list(lengths), Lq=2, Hq=4, D=16, page=page, Lnew=2 if with_new else 0)
     inputs = {n: (torch.nan_to_num(t) if t is not None and t.is_floating_point() else t) for n, t in inputs.items()}
     return (
         inputs["q"],
@@ -558,7 +558,7 @@ def test_triton_op_body_runs_on_fake_tensors(gen, page):
     def record(kernel):
         return _Grid(kernel, launched)
 
-    args = _op_args(gen, page, True)
+    args = _op_args(gen, page, True, lengths=(3, 300))  # more keys than one block: the 2 splits both run
     merge_args = (
         randn(2, 5, 3, 8, gen=gen),
         randn(2, 3, 5, gen=gen),

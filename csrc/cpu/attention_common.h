@@ -20,7 +20,7 @@ namespace fusedattn::cpu {
 // CPU tensors of float32, bfloat16 or float16.
 struct CpuRules final : DeviceRules {
   CpuRules() : DeviceRules("cpu") {}
-  void device(const at::Tensor& t, const char* name) const override {
+  void on_device(const at::Tensor& t, const char* name) const override {
     FUSEDATTN_CHECK(*this, t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
   }
   void dtype(const at::Tensor& t, const char* name) const override { check_float_dtype(*this, t, name); }

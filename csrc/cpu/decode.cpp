@@ -43,6 +43,7 @@ WorkSplit decode_work_split(int64_t B, int64_t Hkv, int64_t max_keys, int64_t th
     const int64_t affordable = std::max<int64_t>(1, max_keys / MIN_KEYS_PER_SPLIT);
     S = std::clamp<int64_t>((target + B - 1) / B, 1, std::min(affordable, MAX_SPLITS));
   }
+  S = cap_splits(S, max_keys);
   int64_t G = Hkv;
   while (G > 1 && B * S * (Hkv / G) < target) {
     do --G; while (Hkv % G != 0);  // next smaller divisor of Hkv
@@ -52,20 +53,14 @@ WorkSplit decode_work_split(int64_t B, int64_t Hkv, int64_t max_keys, int64_t th
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                  const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                  const std::optional<at::Tensor>& k_new,
-                                                  const std::optional<at::Tensor>& v_new,
-                                                  const std::optional<at::Tensor>& block_table,
-                                                  const std::optional<at::Tensor>& cache_batch_idx, double scale,
-                                                  int64_t window_left, int64_t window_right, double softcap,
-                                                  int64_t num_splits) {
-  const DecodeShape s = check_decode(kCpu, q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
-                                     cache_batch_idx, window_left, window_right, scale, softcap, num_splits);
+std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const DecodeInputs& in) {
+  const DecodeShape s = check_decode(kCpu, in);
+  const at::Tensor &q = in.q, &k_cache = in.k_cache;
+  const std::optional<at::Tensor>&block_table = in.block_table, &cache_batch_idx = in.cache_batch_idx;
   const int64_t B = s.B, Lq = s.Lq, Hq = s.Hq, Hkv = s.Hkv, Dv = s.Dv;
 
   // ---- values: every position and page the kernel will touch exists
-  const at::Tensor seqlens = cache_seqlens.contiguous();
+  const at::Tensor seqlens = in.cache_seqlens.contiguous();
   const at::Tensor bt = s.paged ? block_table->contiguous() : at::Tensor();
   const at::Tensor cbi = cache_batch_idx.has_value() ? cache_batch_idx->contiguous() : at::Tensor();
   if (cbi.defined()) {
@@ -97,11 +92,9 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cpu(const at::Tensor& q, const at:
   if (B == 0) return {out, lse};
 
   DecodeParams p{};
-  fill_decode(p, s, q, k_cache, v_cache, seqlens, k_new.value_or(at::Tensor()), v_new.value_or(at::Tensor()), bt,
-              cbi, scale, softcap);
+  fill_decode(p, s, in, seqlens, bt, cbi);
   p.dtype = in_dtype(q);
-  p.Dv = Dv;
-  const WorkSplit work = decode_work_split(B, Hkv, max_keys, at::get_num_threads(), num_splits);
+  const WorkSplit work = decode_work_split(B, Hkv, max_keys, at::get_num_threads(), in.num_splits);
   p.num_splits = work.splits;
   p.kv_heads_per_task = work.kv_heads_per_task;
   p.out = out.data_ptr();
@@ -123,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cpu(const at::Tensor& 
 }
 
 TORCH_LIBRARY_IMPL(fusedattn, CPU, m) {
-  m.impl("decode_fwd", &decode_fwd_cpu);
+  m.impl("decode_fwd", &decode_fwd_op<&decode_fwd_cpu>);
   m.impl("merge_attention_states", &merge_attention_states_cpu);
 }
 

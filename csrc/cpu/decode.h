@@ -6,35 +6,15 @@
 #include <cstdint>
 
 #include "cpu/attention.h"  // InDtype
+#include "decode_params.h"
 
 namespace fusedattn::cpu {
 
-// KV-cache decoding (fusedattn::decode_fwd). Sequence b has Lk_b = cache_seqlens[b] + Lnew keys
-// once k_new / v_new are appended at positions cache_seqlens[b] .. +Lnew-1. Query row i sits at
-// position Lk_b - Lq + i (bottom-right aligned) and sees key j iff
-//   Lk_b - Lq + i - window_left <= j <= Lk_b - Lq + i + window_right   (-1 = unbounded side).
-// Key j of sequence b, kv head h lives at
-//   contiguous: cache[cache_batch_idx ? cache_batch_idx[b] : b][j][h]
-//   paged:      cache[block_table[b][j / page_size]][j % page_size][h]
-struct DecodeParams {
-  InDtype dtype;
-  int64_t B, Hq, Hkv, Lq, D, Dv;
-  const void* q; int64_t q_stride[4];        // q: (B, Lq, Hq, D)
-  void* k_cache; int64_t k_stride[4];        // (B_cache, L_max, Hkv, D) or (num_blocks, PAGE_SIZE, Hkv, D); k_stride[3] == 1
-  void* v_cache; int64_t v_stride[4];        // same, head dim Dv; v_stride[3] == 1
-  const int32_t* cache_seqlens;              // (B,) contiguous: keys in the cache before the append
-  const int32_t* cache_batch_idx;            // (B,) contiguous, or null (contiguous cache only)
-  const int32_t* block_table;                // (B, max_blocks) contiguous, or null (contiguous cache)
-  int64_t max_blocks, page_size;             // paged only
-  const void* k_new; int64_t kn_stride[4];   // (B, Lnew, Hkv, D), or null
-  const void* v_new; int64_t vn_stride[4];   // (B, Lnew, Hkv, Dv), or null
-  int64_t Lnew;
-  float scale, softcap;
-  int64_t window_left, window_right;
-  int64_t num_splits;                        // >= 1: key-range splits per sequence, chosen by decode.cpp
+// KV-cache decoding (fusedattn::decode_fwd): the fields both devices share (csrc/decode_params.h, with the
+// semantics), plus the CPU's.
+struct DecodeParams : DecodeCommon {
+  InDtype dtype;                             // of q, the caches, k_new / v_new and out
   int64_t kv_heads_per_task;                 // divides Hkv: kv heads one task processes together
-  void* out;                                 // (B, Lq, Hq, Dv) contiguous, dtype of q
-  float* lse;                                // (B, Hq, Lq) contiguous, natural log
 };
 
 // Log-sum-exp merge of two attention states over disjoint key sets (merge_attention_states):

@@ -346,7 +346,9 @@ void copy_row(const T* src, int64_t src_stride, T* dst, int64_t n) {
 
 template <typename T>
 void append_new_rows(const DecodeParams& p, const CacheView<T>& kc, const CacheView<T>& vc) {
-  if (!p.k_new || p.Lnew == 0) return;
+  // By Lnew, not by the pointers: an empty k_new (key head dim 0) has a null data pointer while v_new still
+  // has rows to write, and the other way round.
+  if (p.Lnew == 0) return;
   const T* kn = static_cast<const T*>(p.k_new);
   const T* vn = static_cast<const T*>(p.v_new);
   // Parallel over kv heads only: heads never share a cache row, and within a head the sequences
@@ -357,10 +359,12 @@ void append_new_rows(const DecodeParams& p, const CacheView<T>& kc, const CacheV
       for (int64_t b = 0; b < p.B; ++b)
         for (int64_t i = 0; i < p.Lnew; ++i) {
           const int64_t j = p.cache_seqlens[b] + i;
-          copy_row(kn + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2], p.kn_stride[3],
-                   kc.row(b, j, h), p.D);
-          copy_row(vn + b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2], p.vn_stride[3],
-                   vc.row(b, j, h), p.Dv);
+          if (p.D > 0)
+            copy_row(kn + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2], p.kn_stride[3],
+                     kc.row(b, j, h), p.D);
+          if (p.Dv > 0)
+            copy_row(vn + b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2], p.vn_stride[3],
+                     vc.row(b, j, h), p.Dv);
         }
   });
 }

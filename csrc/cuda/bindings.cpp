@@ -61,7 +61,7 @@ struct CudaRules final : DeviceRules {
       : DeviceRules("cuda"), dev(first.device()), first_name(first_name) {}
   at::Device dev;
   const char* first_name;
-  void device(const at::Tensor& t, const char* name) const override {
+  void on_device(const at::Tensor& t, const char* name) const override {
     FUSEDATTN_CHECK(*this, t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
     FUSEDATTN_CHECK(*this, t.device() == dev, name, " must be on ", dev, " like ", first_name, ", got ", t.device());
   }
@@ -190,17 +190,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
-                                                   const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
-                                                   const std::optional<at::Tensor>& k_new,
-                                                   const std::optional<at::Tensor>& v_new,
-                                                   const std::optional<at::Tensor>& block_table,
-                                                   const std::optional<at::Tensor>& cache_batch_idx, double scale,
-                                                   int64_t window_left, int64_t window_right, double softcap,
-                                                   int64_t num_splits) {
+std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const DecodeInputs& in) {
+  const at::Tensor &q_in = in.q, &k_cache = in.k_cache, &v_cache = in.v_cache;
   const CudaRules r(q_in, "q");
-  const DecodeShape s = check_decode(r, q_in, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table,
-                                     cache_batch_idx, window_left, window_right, scale, softcap, num_splits);
+  const DecodeShape s = check_decode(r, in);
   const int64_t B = s.B, Lq = s.Lq, Hq = s.Hq, Hkv = s.Hkv, D = s.D, Lnew = s.Lnew, capacity = s.capacity;
   FUSEDATTN_CHECK(r, s.Dv == D, "decode_fwd needs the value head dim to equal the query head dim on the CUDA "
                   "kernels, got Dv = ", s.Dv, " and D = ", D);
@@ -219,15 +212,15 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q_in, const
   at::Tensor out = at::empty({B, Lq, Hq, D}, q_in.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
   if (B == 0) return {out, lse};
-  const at::Tensor q = tileable(q_in), seqlens = cache_seqlens.contiguous();
-  const at::Tensor bt = s.paged ? block_table->contiguous() : at::Tensor();
-  const at::Tensor cbi = cache_batch_idx.has_value() ? cache_batch_idx->contiguous() : at::Tensor();
+  const at::Tensor q = tileable(q_in), seqlens = in.cache_seqlens.contiguous();
+  const at::Tensor bt = s.paged ? in.block_table->contiguous() : at::Tensor();
+  const at::Tensor cbi = in.cache_batch_idx.has_value() ? in.cache_batch_idx->contiguous() : at::Tensor();
 
   // Splits (num_splits = 0): enough CTAs for two waves over the SMs, each split keeping MIN_KEYS_PER_SPLIT
   // keys of the longest possible sequence (the lengths themselves live on the device; reading them would sync).
   const int64_t row_chunks = (Lq * (Hq / Hkv) + DECODE_ROWS_PER_CTA - 1) / DECODE_ROWS_PER_CTA;
   const int64_t max_keys = decode_keys_read(s, capacity);
-  int64_t S = num_splits;
+  int64_t S = in.num_splits;
   if (S == 0) {
     int sms = 0;
     check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev.index()), "decode_fwd (SM count)");
@@ -235,16 +228,16 @@ std::tuple<at::Tensor, at::Tensor> decode_fwd_cuda(const at::Tensor& q_in, const
     S = std::clamp<int64_t>((2 * sms + ctas - 1) / ctas, 1, std::max<int64_t>(1, max_keys / MIN_KEYS_PER_SPLIT));
     S = std::min<int64_t>(S, 128);
   }
+  S = cap_splits(S, max_keys);
   TORCH_CHECK(S * row_chunks < (int64_t(1) << 31), "fusedattn (cuda): too many query rows per kv head (",
               Lq * (Hq / Hkv), ") for the decode grid");
   at::Tensor out_partial = at::empty({S, B, Lq, Hq, D}, q_in.options().dtype(at::kFloat));
   at::Tensor lse_partial = at::empty({S, B, Hq, Lq}, q_in.options().dtype(at::kFloat));
 
   DecodeParams p{};
-  fill_decode(p, s, q, k_cache, v_cache, seqlens, k_new.value_or(at::Tensor()), v_new.value_or(at::Tensor()), bt,
-              cbi, scale, softcap);
-  p.cache_rows = k_cache.size(0);
-  p.capacity = capacity;
+  const DecodeInputs tiled{q, k_cache, v_cache, in.cache_seqlens, in.k_new, in.v_new, in.block_table,
+                          in.cache_batch_idx, in.scale, in.window_left, in.window_right, in.softcap, in.num_splits};
+  fill_decode(p, s, tiled, seqlens, bt, cbi);
   p.num_splits = S;
   p.out_partial = out_partial.data_ptr<float>();
   p.lse_partial = lse_partial.data_ptr<float>();
@@ -282,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> merge_attention_states_cuda(const at::Tensor&
 TORCH_LIBRARY_IMPL(fusedattn, CUDA, m) {
   m.impl("attention_fwd", &attention_fwd_cuda);
   m.impl("attention_bwd", &attention_bwd_cuda);
-  m.impl("decode_fwd", &decode_fwd_cuda);
+  m.impl("decode_fwd", &decode_fwd_op<&decode_fwd_cuda>);
   m.impl("merge_attention_states", &merge_attention_states_cuda);
 }
 

@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "decode_params.h"
+
 namespace fusedattn::cuda {
 
 enum class InDtype : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -41,35 +43,14 @@ struct AttnBwdParams {
   int64_t window_left, window_right, diag_offset;
 };
 
-// KV-cache decoding with the semantics of csrc/cpu/decode.h (fusedattn::decode_fwd). Sequence b has
-// Lk_b = cache_seqlens[b] + Lnew keys (k_new / v_new are appended first, by decode_append_launch); query row i
-// sits at position Lk_b - Lq + i and sees key j iff  pos - window_left <= j <= pos + window_right.
-// Key j of sequence b, kv head h lives at
-//   contiguous: cache[cache_batch_idx ? cache_batch_idx[b] : b][j][h]
-//   paged:      cache[block_table[b][j / page_size]][j % page_size][h]
-// The GPU kernels do not trust the index tensors (reading them on the host would cost a device sync): a
-// sequence length is clamped to the cache capacity, and a page or cache row out of range reads as zeros.
-struct DecodeParams {
-  int64_t B, Hq, Hkv, Lq, D;                    // D: head dim of q, k and v (Dv == D)
-  const void* q; int64_t q_stride[4];           // q: (B, Lq, Hq, D), q_stride[3] == 1
-  void* k_cache; int64_t k_stride[4];           // (B_cache, L_max, Hkv, D) or (num_blocks, PAGE_SIZE, Hkv, D)
-  void* v_cache; int64_t v_stride[4];           // same; k_stride[3] == v_stride[3] == 1, 16-byte aligned rows
-  int64_t cache_rows;                           // B_cache (contiguous) or num_blocks (paged): valid first indices
-  int64_t capacity;                             // L_max (contiguous) or max_blocks * page_size (paged)
-  const int32_t* cache_seqlens;                 // (B,) contiguous: keys in the cache before the append
-  const int32_t* cache_batch_idx;               // (B,) contiguous, or null (contiguous cache only)
-  const int32_t* block_table;                   // (B, max_blocks) contiguous, or null (contiguous cache)
-  int64_t max_blocks, page_size;                // paged only
-  const void* k_new; int64_t kn_stride[4];      // (B, Lnew, Hkv, D), or null
-  const void* v_new; int64_t vn_stride[4];      // (B, Lnew, Hkv, D), or null
-  int64_t Lnew;
-  float scale, softcap;
-  int64_t window_left, window_right;
-  int64_t num_splits;                           // >= 1 key-range splits per (sequence, kv head)
+// KV-cache decoding (fusedattn::decode_fwd): the fields both devices share (csrc/decode_params.h, with the
+// semantics; here Dv == D and 16-byte aligned cache rows), plus the CUDA kernels' split scratch. k_new / v_new are
+// appended first, by decode_append_launch. The GPU kernels do not trust the index tensors (reading them on the host
+// would cost a device sync): a sequence length is clamped to the cache capacity, and a page or cache row out of
+// range (cache_rows) reads as zeros.
+struct DecodeParams : DecodeCommon {
   float* out_partial;                           // (num_splits, B, Lq, Hq, D) fp32 scratch
   float* lse_partial;                           // (num_splits, B, Hq, Lq) fp32 scratch, natural log
-  void* out;                                    // (B, Lq, Hq, D) contiguous, dtype of q
-  float* lse;                                   // (B, Hq, Lq) contiguous
 };
 
 // merge_attention_states: out = (w_a out_a + w_b out_b) / (w_a + w_b), w_x = e^(lse_x - max(lse_a, lse_b)).
