@@ -61,10 +61,32 @@ def attention(
         )
     case = dispatch.Case(q.device, q.dtype, q.shape[-1], v.shape[-1], has_mask=attn_mask is not None, softcap=softcap)
     op = dispatch.resolve("attention", backend, case).op
+    q, scale = _traceable_default_scale(q, scale)
     out, lse = op(
         q, k, v, attn_mask, checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, True, float(softcap)
     )
     return (out, lse) if return_lse else out
+
+
+def _traceable_default_scale(q: torch.Tensor, scale: Optional[float]) -> Tuple[torch.Tensor, Optional[float]]:
+    """(q, scale) to hand the op: as given, except under torch.jit.trace with the default scale.
+
+    The ops take the scale as a float, which torch.jit.trace records as a constant: a trace made at head dim 8
+    would keep 1/sqrt(8) when run at 32. torch's own SDPA computes its default inside the op from
+    ``query.size(-1)``, which the trace records. Here the trace records it too: the op keeps the trace-time scale
+    and q is multiplied by ``(1/sqrt(q.size(-1))) / that scale``, computed from the traced size (so the trace
+    records the arithmetic). The factor is exactly 1 at the traced head dim (the output is bit for bit the
+    untraced one); at another head dim q is scaled in float32 and rounded once to its dtype, as torch's math
+    SDPA scales q. Outside a trace nothing changes.
+    """
+    if scale is not None or not torch.jit.is_tracing():
+        return q, scale
+    d = q.size(-1)  # a 0-D tensor while tracing: what is computed from it is recorded
+    d = (d if isinstance(d, torch.Tensor) else torch.tensor(d)).to(torch.float64)
+    wanted = torch.where(d > 0, d.rsqrt(), torch.ones_like(d))  # checks.default_scale: 1 for an empty head dim
+    traced = checks.default_scale(None, q.shape[-1])  # the trace-time scale: a constant in the trace
+    factor = (wanted / traced).to(torch.float32)  # 1 +- 1 float64 ulp at the traced head dim: 1.0 in float32
+    return (q.to(torch.float32) * factor).to(q.dtype), traced
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,6 +160,7 @@ def scaled_dot_product_attention(
     Invalid arguments are left to torch, so they raise torch's own errors. Rows whose mask hides
     every key give 0 (torch may give NaN there).
     """
+    query, key, value, attn_mask = _autocast(query, key, value, attn_mask)
     if not _ours_to_interpret(query, key, value, attn_mask, is_causal, scale, enable_gqa):
         return _torch_sdpa(
             query,
@@ -159,5 +182,47 @@ def scaled_dot_product_attention(
         ndim=query.dim(),
         mask_requires_grad=attn_mask is not None and attn_mask.requires_grad,
     )
+    _check_mask_rank(query, key, attn_mask, dropout_p)
     op = dispatch.resolve("sdpa", "auto", case).op
+    query, scale = _traceable_default_scale(query, scale)
     return op(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _autocast(*tensors):
+    """The arguments as torch's SDPA sees them under autocast.
+
+    ``scaled_dot_product_attention`` is in autocast's ``lower_precision_fp`` list on CPU and on CUDA
+    (ATen's autocast_mode.cpp): every floating-point tensor argument on the autocast device, float64 aside, is
+    cast to the autocast dtype before the op runs (so fp32 q, k, v and a float mask under
+    ``torch.autocast("cpu", torch.bfloat16)`` run, and return, in bf16). The fused ops are not in any autocast
+    list (the autocast key falls through for them), so the drop-in applies the same policy itself. Plain
+    ``torch.is_autocast_enabled(device)`` / ``.to`` calls: traced by torch.compile as torch's own autocast is.
+    """
+    cast = []
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+            dev = t.device.type
+            if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+                t = t.to(torch.get_autocast_dtype(dev))
+        cast.append(t)
+    return cast
+
+
+def _check_mask_rank(query, key, attn_mask, dropout_p) -> None:
+    """torch's SDPA rejects an attn_mask of fewer than 2 dims with 4-D inputs (IndexError: its CPU kernel choice
+    reads the mask's size(-2)), where it would pick its fused kernel: no dropout, a mask that needs no gradient,
+    no empty input. The drop-in raises there too (the same type, naming attn_mask); 3-D and 5-D inputs take such
+    masks in torch, and here (they broadcast)."""
+    if (
+        attn_mask is not None
+        and attn_mask.dim() < 2
+        and query.dim() == 4
+        and dropout_p == 0.0
+        and not attn_mask.requires_grad
+        and query.numel() > 0
+        and key.numel() > 0
+    ):
+        raise IndexError(
+            f"attn_mask must have at least 2 dims (..., L, S) for 4-D query/key/value, got shape "
+            f"{tuple(attn_mask.shape)} (torch.nn.functional.scaled_dot_product_attention rejects it too)"
+        )

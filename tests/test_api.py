@@ -660,3 +660,164 @@ def test_compile_dynamic_fullgraph(gen):
                 )
             with torch.no_grad():
                 torch.testing.assert_close(compiled(*args, softcap), fn(*args, softcap), atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- torch's contract:
+# autocast, tracing, mask ranks, where warnings point
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ["none", "float", "bool", "causal"])
+@pytest.mark.parametrize("shape", [(2, 4, 13, 16), (8, 13, 16)])
+def test_sdpa_under_autocast_runs_in_the_autocast_dtype_like_torch(amp_dtype, mask, shape, gen):
+    """torch's SDPA is in autocast's lower_precision_fp list (CPU and CUDA): under torch.autocast float32 inputs
+    (and a float mask) are cast to the autocast dtype and the output is in it. The drop-in used to run, and
+    return, float32. Values: the 2x rule against float64 of the cast inputs; gradients reach the float32 inputs
+    in float32, as torch's."""
+    q, k, v = (randn(*shape, gen=gen, requires_grad=True) for _ in range(3))
+    kw = {}
+    if mask == "float":
+        kw["attn_mask"] = randn(shape[-2], shape[-2], gen=gen)
+    elif mask == "bool":
+        kw["attn_mask"] = torch.rand(shape[-2], shape[-2], generator=gen) > 0.3
+        kw["attn_mask"][:, 0] = True
+    elif mask == "causal":
+        kw["is_causal"] = True
+    with torch.autocast("cpu", amp_dtype):
+        out = fusedattn.scaled_dot_product_attention(q, k, v, **kw)
+        base = TORCH_SDPA(q, k, v, **kw)
+    assert base.dtype == amp_dtype and out.dtype == base.dtype
+    kw64 = dict(kw)
+    if mask == "float":
+        kw64["attn_mask"] = kw["attn_mask"].to(amp_dtype).double()
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = TORCH_SDPA(*(t.detach().to(amp_dtype).double() for t in (q, k, v)), **kw64)
+    assert_close_2x(out, ref, base)
+    g = randn(*out.shape, gen=gen).to(amp_dtype)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    base_grads = torch.autograd.grad(base, (q, k, v), g)
+    assert [t.dtype for t in grads] == [t.dtype for t in base_grads] == [torch.float32] * 3
+
+
+def test_sdpa_under_autocast_compiles_and_leaves_float64_alone(gen):
+    """The autocast policy traces with torch.compile(fullgraph=True), with autocast entered inside the compiled
+    function or around it; float64 inputs are not cast (autocast ignores them; the drop-in then hands them to
+    torch, which runs them in float64)."""
+    torch._dynamo.reset()
+    q, k, v = (randn(2, 4, 9, 16, gen=gen) for _ in range(3))
+
+    def inside(q, k, v):
+        with torch.autocast("cpu", torch.bfloat16):
+            return fusedattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def plain(q, k, v):
+        return fusedattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    with torch.no_grad():
+        want = inside(q, k, v)
+        assert want.dtype == torch.bfloat16
+        torch.testing.assert_close(torch.compile(inside, fullgraph=True, backend="aot_eager")(q, k, v), want)
+        compiled = torch.compile(plain, fullgraph=True, backend="aot_eager")
+        with torch.autocast("cpu", torch.bfloat16):
+            torch.testing.assert_close(compiled(q, k, v), want)
+        assert compiled(q, k, v).dtype == torch.float32  # autocast off again: the guard recompiles
+        q64 = q.double()
+        with torch.autocast("cpu", torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the float64 fallback's warning
+            out = fusedattn.scaled_dot_product_attention(q64, q64, q64)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, TORCH_SDPA(q64, q64, q64))
+
+
+def _trace(fn, *args):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's deprecation and the TracerWarnings of the shape checks
+        return torch.jit.trace(fn, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traced_default_scale_follows_the_head_dim(dtype, gen):
+    """torch.jit.trace records the default scale 1/sqrt(D) from the traced size, as torch's SDPA does: a drop-in
+    (or attention()) traced at D = 8 and run at D = 32 or 24 gives torch's answer there (the scale of D = 8 used
+    to be baked into the trace). At the traced head dim the traced output is the untraced one, bit for bit."""
+
+    def drop_in(q, k, v):
+        return fusedattn.scaled_dot_product_attention(q, k, v)
+
+    def flash(q, k, v):
+        return fusedattn.attention(q, k, v, causal=True)
+
+    def inputs(D):
+        return [randn(2, 3, 11, D, gen=gen, dtype=dtype) for _ in range(3)]
+
+    traced, traced_flash = _trace(drop_in, *inputs(8)), _trace(flash, *inputs(8))
+    x = inputs(8)
+    assert torch.equal(traced(*x), drop_in(*x)) and torch.equal(traced_flash(*x), flash(*x))
+    for D in (32, 24):
+        x = inputs(D)
+        out = traced(*x)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, TORCH_SDPA(*x), atol=2e-6, rtol=2e-6)
+            torch.testing.assert_close(traced_flash(*x), flash(*x), atol=2e-6, rtol=2e-6)
+        else:  # q is scaled by sqrt(8 / D) and rounded to bf16 once (as torch's math SDPA scales q): within 3x
+            ref = TORCH_SDPA(*(t.double() for t in x))
+            assert_close_2x(out, ref, TORCH_SDPA(*x), factor=3)
+            assert_close_2x(traced_flash(*x), attention_ref(*(t.double() for t in x), causal=True), flash(*x), factor=3)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [torch.tensor(True), torch.ones(7, dtype=torch.bool), torch.zeros(7), torch.tensor(0.0), torch.ones(1)],
+    ids=["0d_bool", "1d_bool", "1d_float", "0d_float", "1d_float_one"],
+)
+def test_sdpa_rejects_masks_of_fewer_than_2_dims_like_torch(mask, gen):
+    """With 4-D inputs torch's SDPA raises IndexError for a 0-D or 1-D attn_mask (the drop-in used to accept and
+    broadcast it): the drop-in raises the same type, naming attn_mask. With 3-D inputs torch takes such a mask,
+    and so does the drop-in, with torch's answer."""
+    q, k, v = randn(2, 4, 5, 8, gen=gen), randn(2, 4, 7, 8, gen=gen), randn(2, 4, 7, 8, gen=gen)
+    with pytest.raises(IndexError):
+        TORCH_SDPA(q, k, v, attn_mask=mask)
+    with pytest.raises(IndexError, match="attn_mask"):
+        fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", torch.bfloat16), pytest.raises(IndexError, match="attn_mask"):
+        fusedattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    q3, k3, v3 = q[0], k[0], v[0]
+    torch.testing.assert_close(
+        fusedattn.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask),
+        TORCH_SDPA(q3, k3, v3, attn_mask=mask),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def _warning_here(call, line: int) -> None:
+    """`call()` warns once (a fallback), and the warning points at `line` of this file: the user's call line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    fallbacks = [w for w in caught if "falling back" in str(w.message)]
+    assert len(fallbacks) == 1, [str(w.message) for w in caught]
+    assert (fallbacks[0].filename, fallbacks[0].lineno) == (__file__, line), str(fallbacks[0].message)
+
+
+def test_fallback_warnings_point_at_the_callers_line(gen):
+    """Every public function's fallback warning names the line that called it (stacklevel counts the frames
+    between warnings.warn and the user: one too many pointed at the caller's caller)."""
+    import inspect
+
+    q, k, v = (randn(1, 2, 5, 8, gen=gen, dtype=torch.float64) for _ in range(3))
+    qf = q.float()
+    here = inspect.currentframe()
+    _warning_here(lambda: fusedattn.scaled_dot_product_attention(q, k, v), here.f_lineno)
+    _warning_here(lambda: fusedattn.scaled_dot_product_attention(qf, qf, qf, dropout_p=0.5), here.f_lineno)
+    _warning_here(lambda: fusedattn.attention(q, k, v, causal=True), here.f_lineno)
+    cache, lens = randn(1, 6, 2, 8, gen=gen, dtype=torch.float64), torch.tensor([4], dtype=torch.int32)
+    qd = q[:, :, :1].transpose(1, 2)  # (1, 1, 2, 8)
+    _warning_here(lambda: fusedattn.decode_attention(qd, cache, cache, cache_seqlens=lens), here.f_lineno)
+    packed, cu = q[0].transpose(0, 1), torch.tensor([0, 5], dtype=torch.int32)  # (5, 2, 8)
+    _warning_here(lambda: fusedattn.varlen_attention(packed, packed, packed, cu, cu, 5, 5), here.f_lineno)
+    out, lse = q.transpose(1, 2)[:, :1], torch.zeros(1, 2, 1)  # (B, L, H, D) float64, lse float32
+    _warning_here(lambda: fusedattn.merge_attention_states(out, lse, out, lse), here.f_lineno)
+    with pytest.warns(UserWarning, match="falling back") as record:
+        fusedattn.scaled_dot_product_attention(q, k, v)
+    assert record[0].filename == __file__ and record[0].lineno == here.f_lineno - 1

@@ -408,6 +408,149 @@ def test_generate_bad_inputs():
         model(idx, caches=model.make_caches(2, 8)[:1])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_restores_each_modules_mode(use_cache, gen):
+    """generate() runs in eval mode (dropout off: the tokens are those of the model in eval mode) and leaves every
+    module in the mode the caller had it in (it used to leave the whole model in eval mode)."""
+    model = _tiny_gpt(dropout=0.5)
+    idx = torch.randint(0, 97, (2, 6), generator=gen)
+    want = model.generate(idx, 5, temperature=0, use_cache=use_cache)
+    model.train()
+    model.blocks[1].eval()  # a mixed state (e.g. a frozen block) must come back as it was, not as train()
+    before = {name: m.training for name, m in model.named_modules()}
+    got = model.generate(idx, 5, temperature=0, use_cache=use_cache)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="block_size"):  # a failing call restores the modes too
+        model.generate(idx, 500)
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("kw", [{}, {"use_cache": False}, {"paged": True, "page_size": 4}])
+def test_generate_empty_batch_gives_an_empty_result(kw):
+    """No prompts: an empty (0, T + max_new_tokens) result, as torch maps an empty batch to an empty batch (it
+    used to fail inside a min() over the empty batch); the arguments are still checked."""
+    model = _tiny_gpt()
+    idx = torch.zeros(0, 5, dtype=torch.long)
+    out = model.generate(idx, 3, **kw)
+    assert out.shape == (0, 8) and out.dtype == idx.dtype
+    out = model.generate(idx, 3, attention_mask=torch.zeros(0, 5, dtype=torch.long), **kw)
+    assert out.shape == (0, 8)
+    with pytest.raises(ValueError, match="block_size"):
+        model.generate(idx, 200, **kw)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(idx, -1, **kw)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.generate(idx, 3, attention_mask=torch.ones(1, 5), **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# KV caches: bookkeeping of the paged cache, argument checks of both
+# ------------------------------------------------------------------------------------------------
+def _paged_state(cache: kv_cache.PagedKVCache):
+    return (
+        list(cache.free_pages),
+        [list(p) for p in cache.pages],
+        cache.block_table.clone(),
+        cache.seqlens.clone(),
+        cache.k.clone(),
+        cache.v.clone(),
+    )
+
+
+def _assert_same_state(a, b):
+    assert a[0] == b[0] and a[1] == b[1]
+    for x, y in zip(a[2:], b[2:]):
+        assert torch.equal(x, y)
+
+
+def test_paged_cache_batch_append_out_of_pages_is_atomic(gen):
+    """A batch whose appends need more pages than are free raises and changes nothing: no sequence of the batch
+    keeps pages (the first sequences used to keep theirs while a later one ran out), through append, update and
+    attend; the same batch fits once pages are freed."""
+    cache = kv_cache.PagedKVCache(num_pages=6, page_size=4, max_batch=3, max_seq_len=16, num_kv_heads=1, head_dim=8)
+    k0 = randn(1, 5, 1, 8, gen=gen)
+    cache.append(k0, k0, seq_ids=[0])  # 2 pages; 4 free
+    k = randn(2, 9, 1, 8, gen=gen)  # 3 pages each: 6 needed
+    before = _paged_state(cache)
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.append(k, k, seq_ids=[1, 2])
+    _assert_same_state(_paged_state(cache), before)
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.update(0, k, k, seq_ids=[2, 1])
+    _assert_same_state(_paged_state(cache), before)
+    q = randn(2, 1, 2, 8, gen=gen)
+    with pytest.raises(RuntimeError, match="out of pages"):
+        cache.attend(q, k[:, :1].expand(2, 9, 1, 8), k[:, :1].expand(2, 9, 1, 8), seq_ids=[1, 2])
+    _assert_same_state(_paged_state(cache), before)
+    assert cache.num_free_pages == 4 and [len(p) for p in cache.pages] == [2, 0, 0]
+    cache.free([0])
+    cache.append(k, k, seq_ids=[1, 2])
+    assert cache.num_free_pages == 0 and cache.seqlens.tolist() == [0, 9, 9]
+
+
+def test_paged_cache_failed_append_holds_no_pages(gen):
+    """A call that fails after its pages were found (a k_new of the wrong head count, a bad decode argument)
+    gives them back: the cache is as before the call."""
+    cache = kv_cache.PagedKVCache(num_pages=8, page_size=4, max_batch=2, max_seq_len=16, num_kv_heads=1, head_dim=8)
+    k0 = randn(2, 3, 1, 8, gen=gen)
+    cache.append(k0, k0)
+    before = _paged_state(cache)
+    bad = randn(2, 6, 3, 8, gen=gen)  # 3 kv heads for a 1-head cache
+    with pytest.raises(RuntimeError):
+        cache.update(3, bad, bad)
+    _assert_same_state(_paged_state(cache), before)
+    k = randn(2, 6, 1, 8, gen=gen)
+    with pytest.raises((ValueError, RuntimeError)):
+        cache.attend(randn(2, 1, 2, 8, gen=gen), k, k, window=(-5, 0))  # rejected by decode_attention
+    _assert_same_state(_paged_state(cache), before)
+
+
+def test_paged_cache_rejects_sequences_past_max_seq_len(gen):
+    """max_seq_len = 10 with pages of 4: the block table has room for 12 tokens, but a sequence may hold 10
+    (11 used to be accepted)."""
+    cache = kv_cache.PagedKVCache(num_pages=6, page_size=4, max_batch=2, max_seq_len=10, num_kv_heads=1, head_dim=8)
+    k = randn(1, 11, 1, 8, gen=gen)
+    before = _paged_state(cache)
+    with pytest.raises(RuntimeError, match="max_seq_len"):
+        cache.append(k, k, seq_ids=[1])
+    _assert_same_state(_paged_state(cache), before)
+    cache.append(k[:, :10], k[:, :10], seq_ids=[1])
+    with pytest.raises(RuntimeError, match="max_seq_len"):
+        cache.attend(randn(1, 1, 2, 8, gen=gen), k[:, :1], k[:, :1], seq_ids=[1])
+    with pytest.raises(RuntimeError, match="max_seq_len"):
+        cache.update(7, k[:, :4], k[:, :4], seq_ids=[0])
+    assert cache.seqlens.tolist() == [0, 10] and cache.num_free_pages == 3
+    contiguous = kv_cache.KVCache(max_batch=2, max_seq_len=10, num_kv_heads=1, head_dim=8)
+    with pytest.raises(RuntimeError, match="max_seq_len"):
+        contiguous.append(k, k, seq_ids=[1])
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize(
+    "seq_ids", [[0.0, 1.7], [1.0], torch.tensor([1.0]), torch.tensor([0.5, 1.0], dtype=torch.float64), [True], 1.9]
+)
+def test_cache_rejects_non_integer_seq_ids(paged, seq_ids, gen):
+    """Float (or bool) seq_ids are refused, not truncated (1.7 used to address slot 1); so is a float pos."""
+    if paged:
+        cache = kv_cache.PagedKVCache(num_pages=8, page_size=4, max_batch=3, max_seq_len=8, num_kv_heads=1, head_dim=8)
+    else:
+        cache = kv_cache.KVCache(max_batch=3, max_seq_len=8, num_kv_heads=1, head_dim=8)
+    n = torch.as_tensor(seq_ids).numel()
+    k = randn(n, 2, 1, 8, gen=gen)
+    with pytest.raises(ValueError, match="seq_ids"):
+        cache.append(k, k, seq_ids=seq_ids)
+    with pytest.raises(ValueError, match="seq_ids"):
+        cache.attend(randn(n, 1, 2, 8, gen=gen), k, k, seq_ids=seq_ids)
+    with pytest.raises(ValueError, match="seq_ids"):
+        cache.reset(seq_ids)
+    with pytest.raises(ValueError, match="pos"):
+        cache.update(1.5, k, k, seq_ids=list(range(n)))
+    assert cache.seqlens.tolist() == [0, 0, 0]
+    cache.append(k, k, seq_ids=torch.arange(n, dtype=torch.int32))  # integer ids of any integer dtype
+    assert cache.seqlens.tolist()[:n] == [2] * n
+
+
 # ------------------------------------------------------------------------------------------------
 # training: the encoder-decoder learns to copy
 # ------------------------------------------------------------------------------------------------

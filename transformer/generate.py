@@ -65,9 +65,72 @@ def generate(
         False recomputes the whole sequence each step (the reference for the cached path).
     callback: called with the (B,) new tokens after each step (e.g. a progress bar).
     Returns (B, T + max_new_tokens): each row's prompt followed by its new tokens, padded on the side the
-    prompt was padded on (left-padded or unpadded input: simply idx followed by the new tokens).
+    prompt was padded on (left-padded or unpadded input: simply idx followed by the new tokens). A batch of no
+    prompts (B == 0) gives an empty (0, T + max_new_tokens) result, as torch's modules map an empty batch to an
+    empty batch (the arguments are still checked; the model is not run).
+
+    The model runs in eval mode (no dropout); each module's own mode (``training``) is restored afterwards, so a
+    call in the middle of training leaves the model training.
     """
+    if idx.dim() != 2:
+        raise ValueError(f"idx must be (B, T) token ids, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
+        raise ValueError(f"attention_mask must be (B, T) = {(B, T)} like idx, got {tuple(attention_mask.shape)}")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(
+            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
+            f"top_k={top_k}, top_p={top_p}"
+        )
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(
+            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}"
+        )
+    if B == 0:
+        return idx.new_empty((0, T + max_new_tokens))
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    try:
+        return _generate(
+            model,
+            idx,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos,
+            attention_mask,
+            use_cache,
+            paged,
+            page_size,
+            pad_token_id,
+            generator,
+            callback,
+        )
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _generate(
+    model,
+    idx,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    eos,
+    attention_mask,
+    use_cache,
+    paged,
+    page_size,
+    pad_token_id,
+    generator,
+    callback,
+) -> torch.Tensor:
+    """generate() once its arguments are checked, for B >= 1 prompts, with the model in eval mode."""
     B, T = idx.shape
     dev = idx.device
     mask = torch.ones_like(idx, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
@@ -85,17 +148,6 @@ def generate(
         ).all()
     ):
         raise ValueError("each row's real tokens (attention_mask == 1) must be contiguous")
-    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(
-            f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got temperature={temperature}, "
-            f"top_k={top_k}, top_p={top_p}"
-        )
-    if T + max_new_tokens > model.config.block_size:
-        raise ValueError(
-            f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size {model.config.block_size}"
-        )
     pad = pad_token_id if pad_token_id is not None else eos if eos is not None else 0
     # Move each row's real tokens to the front (right padding), so row b's token t sits at position t and its
     # cache holds exactly lengths[b] tokens after the prefill. Pads inside the model are token 0 (never

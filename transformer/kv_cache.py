@@ -17,7 +17,7 @@ K/V buffers come from ``fusedattn.zeros_kv_cache``: backed by transparent huge p
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class _CacheBase(nn.Module):
             if n > self.seqlens.shape[0]:
                 raise ValueError(f"batch {n} exceeds the cache's max_batch {self.seqlens.shape[0]}")
             return torch.arange(n, device=self.seqlens.device)
-        ids = torch.as_tensor(seq_ids, device=self.seqlens.device).to(torch.int64).reshape(-1)
+        ids = _integers("seq_ids", seq_ids, self.seqlens.device).reshape(-1)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.seqlens.shape[0]):
             raise ValueError(f"seq_ids must be in [0, {self.seqlens.shape[0]}), got {ids.tolist()}")
         if ids.unique().numel() != ids.numel():
@@ -65,8 +65,11 @@ class _CacheBase(nn.Module):
         raise NotImplementedError
 
     def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
-        """Make room for sequences `ids` to hold new_lengths tokens (raises if they cannot)."""
+        """Make room for sequences `ids` to hold new_lengths tokens, for all of them or (raising) for none."""
         raise NotImplementedError
+
+    def _unreserve(self) -> None:
+        """Undo the last _reserve (the call that needed the room failed): the cache is as before it."""
 
     def attend(
         self,
@@ -90,16 +93,20 @@ class _CacheBase(nn.Module):
             self.update(0, k_new, v_new, seq_ids=ids)
             return _attention_bhld(q, k_new, v_new, **kwargs)
         self._reserve(ids, lens + lnew)
-        out = decode_attention(
-            q,
-            self.k,
-            self.v,
-            cache_seqlens=lens,
-            k_new=k_new,
-            v_new=v_new,
-            **self._decode_kwargs(None if whole else ids),
-            **kwargs,
-        )
+        try:
+            out = decode_attention(
+                q,
+                self.k,
+                self.v,
+                cache_seqlens=lens,
+                k_new=k_new,
+                v_new=v_new,
+                **self._decode_kwargs(None if whole else ids),
+                **kwargs,
+            )
+        except BaseException:
+            self._unreserve()  # a failed append holds no pages
+            raise
         if whole:
             self.seqlens += lnew
         else:
@@ -142,19 +149,32 @@ class _CacheBase(nn.Module):
             )
         if ids.numel() != B:
             raise ValueError(f"k_new holds {B} sequences but seq_ids names {ids.numel()}")
-        start = torch.as_tensor(pos, device=self.seqlens.device).to(torch.int64).expand(B)
+        start = _integers("pos", pos, self.seqlens.device).expand(B)
         if B and int(start.min()) < 0:
             raise ValueError(f"pos must be >= 0, got {start.tolist()}")
         self._reserve(ids, start + lnew)
-        positions = start[:, None] + torch.arange(lnew, device=start.device)  # (B, Lnew)
-        first, second = self._slots(ids, positions)
-        self.k[first, second] = k_new.to(self.k.dtype)
-        self.v[first, second] = v_new.to(self.v.dtype)
+        try:
+            positions = start[:, None] + torch.arange(lnew, device=start.device)  # (B, Lnew)
+            first, second = self._slots(ids, positions)
+            self.k[first, second] = k_new.to(self.k.dtype)
+            self.v[first, second] = v_new.to(self.v.dtype)
+        except BaseException:
+            self._unreserve()  # a failed write holds no pages
+            raise
         self.seqlens[ids] = (start + lnew).to(torch.int32)
 
     def _slots(self, ids: torch.Tensor, positions: torch.Tensor):
         """Indices (first, second) with cache[first, second] = positions (B, Lnew) of sequences ids."""
         raise NotImplementedError
+
+
+def _integers(name: str, x, device) -> torch.Tensor:
+    """`x` (an int, a sequence of ints or an integer tensor) as an int64 tensor on `device`; a float, bool or
+    complex value is refused (converting it would truncate 1.7 to slot 1, or read True as slot 1)."""
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be integers (an int, a list of ints or an integer tensor), got dtype {t.dtype}")
+    return t.to(device=device, dtype=torch.int64)
 
 
 class KVCache(_CacheBase):
@@ -224,8 +244,11 @@ class PagedKVCache(_CacheBase):
         super().__init__()
         if page_size < 1 or num_pages < 1:
             raise ValueError(f"page_size and num_pages must be >= 1, got {page_size} and {num_pages}")
+        if max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be >= 0, got {max_seq_len}")
         shape = (num_pages, page_size, num_kv_heads)
         self.page_size = page_size
+        self.max_seq_len = max_seq_len  # the block table holds ceil(max_seq_len / page_size) pages: maybe more
         self.register_buffer("k", zeros_kv_cache((*shape, head_dim), dtype=dtype, device=device), persistent=False)
         self.register_buffer(
             "v", zeros_kv_cache((*shape, head_dim_v or head_dim), dtype=dtype, device=device), persistent=False
@@ -237,6 +260,7 @@ class PagedKVCache(_CacheBase):
         self.register_buffer("seqlens", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
         self.free_pages: List[int] = list(range(num_pages - 1, -1, -1))  # a stack: pop() gives page 0 first
         self.pages: List[List[int]] = [[] for _ in range(max_batch)]  # pages of each sequence slot, in order
+        self._reserved: List[Tuple[int, int, List[int]]] = []  # the last _reserve's (slot, first block, pages)
 
     @property
     def num_free_pages(self) -> int:
@@ -253,24 +277,41 @@ class PagedKVCache(_CacheBase):
     reset = free
 
     def _reserve(self, ids: torch.Tensor, new_lengths: torch.Tensor) -> None:
+        """Pages for every sequence of the batch, or none: each length is checked, and the pages counted, before
+        any page is taken (a batch that runs out leaves the pool, the block table and the sequences as they were).
+        """
+        self._reserved = []
+        grows = []
         for s, length in zip(ids.tolist(), new_lengths.tolist()):
-            need = -(-int(length) // self.page_size)
-            if need > self.block_table.shape[1]:
+            if length > self.max_seq_len:
                 raise RuntimeError(
-                    f"sequence {s} would hold {length} tokens, more than the block table's "
-                    f"{self.block_table.shape[1]} pages of {self.page_size}"
+                    f"PagedKVCache is full: sequence {s} would hold {int(length)} tokens, "
+                    f"max_seq_len is {self.max_seq_len}"
                 )
-            grow = need - len(self.pages[s])
-            if grow <= 0:
-                continue
-            if grow > len(self.free_pages):
-                raise RuntimeError(
-                    f"PagedKVCache is out of pages: sequence {s} needs {grow} more, {len(self.free_pages)} are free"
-                )
+            grow = -(-int(length) // self.page_size) - len(self.pages[s])
+            if grow > 0:
+                grows.append((s, grow))
+        needed = sum(g for _, g in grows)
+        if needed > len(self.free_pages):
+            raise RuntimeError(
+                f"PagedKVCache is out of pages: sequences {[s for s, _ in grows]} need {needed} more, "
+                f"{len(self.free_pages)} are free"
+            )
+        for s, grow in grows:
             new = [self.free_pages.pop() for _ in range(grow)]
             first = len(self.pages[s])
             self.pages[s].extend(new)
-            self.block_table[s, first:need] = torch.tensor(new, dtype=torch.int32, device=self.block_table.device)
+            self.block_table[s, first : first + grow] = torch.tensor(
+                new, dtype=torch.int32, device=self.block_table.device
+            )
+            self._reserved.append((s, first, new))
+
+    def _unreserve(self) -> None:
+        for s, first, new in reversed(self._reserved):
+            del self.pages[s][first:]
+            self.block_table[s, first : first + len(new)] = 0
+            self.free_pages.extend(reversed(new))
+        self._reserved = []
 
     def _decode_kwargs(self, ids: Optional[torch.Tensor]) -> dict:
         return {"block_table": self.block_table if ids is None else self.block_table[ids]}

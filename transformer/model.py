@@ -497,7 +497,8 @@ class GPT(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         """Sample max_new_tokens after each prompt idx (B, T) -> (B, T + max_new_tokens); see generate.generate
-        (attention_mask, use_cache, paged, page_size, pad_token_id, generator, callback)."""
+        (attention_mask, use_cache, paged, page_size, pad_token_id, generator, callback). Runs in eval mode and
+        leaves the model in the mode it found it; no prompts (B == 0) give an empty (0, T + max_new_tokens)."""
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, eos, **kwargs)
 
     @classmethod
