@@ -557,12 +557,16 @@ def sdpa_for_context_parallel(
     Inside the context torch wraps whatever ``F.scaled_dot_product_attention`` was when it entered: it turns the
     arguments into DTensors sharded on the sequence (dim 2) of the 1-D ``mesh`` and the output back into a local
     tensor. This function takes those DTensors' local shards and runs ``ring_attention`` on the mesh's process
-    group; no torch internals are patched (torch's DTensor SDPA handlers are not used, so it also runs on CPU
-    tensors with gloo, where torch's own ring has no handler for the CPU SDPA op). The shards are zigzag when
+    group, forward and backward; no torch internals are patched (torch's DTensor SDPA handlers are not used, so it
+    also runs on CPU tensors with gloo, where torch's own ring has no handler for the CPU SDPA op, and
+    non-causal with load balancing, which torch's ring refuses). torch installs its wrapper as
+    ``setattr(F, fn.__name__, wrapper)``, so this function's ``__name__`` is "scaled_dot_product_attention"
+    (under its own name the wrapper would land on ``F.sdpa_for_context_parallel`` and the SDPA call would attend
+    within each rank's shard only); a wrapper of your own must keep that name too. The shards are zigzag when
     torch's load balancer arranged them (head-tail: rank r holds chunks r and 2W-1-r, the same as ``shard``'s
-    zigzag): read from torch's ``_cp_options.enable_load_balance``, which context_parallel sets for the
-    duration of the context (private, torch 2.13); pass ``zigzag=`` (functools.partial) to say it yourself.
-    Called with plain tensors (outside the context) it is fusedattn's own drop-in.
+    zigzag): read from torch's ``_cp_options.enable_load_balance``, which context_parallel sets for the duration
+    of the context (private, torch 2.13; the switch torch users set to turn load balancing off); ``zigzag=``
+    overrides it. Called with plain tensors (outside the context) it is fusedattn's own drop-in.
     """
     from torch.distributed.tensor import DTensor
 
@@ -583,3 +587,7 @@ def sdpa_for_context_parallel(
     if q.shape[1] != k.shape[1] and not enable_gqa:
         raise ValueError(f"query has {q.shape[1]} heads, key {k.shape[1]}: pass enable_gqa=True for GQA")
     return ring_attention(q, k, v, mesh.get_group(), causal=is_causal, scale=scale, zigzag=zigzag)
+
+
+# torch's context_parallel replaces ``getattr(F, fn.__name__)`` by its wrapper of fn (see the docstring)
+sdpa_for_context_parallel.__name__ = "scaled_dot_product_attention"

@@ -237,3 +237,94 @@ def test_ring_attention_bad_inputs_name_the_argument():
         msgs = torch.load(os.path.join(tmp, "bad0.pt"))
     for msg, word in zip(msgs, ("layout", "window", "same tokens", "even local length", "cu_seqlens")):
         assert word in msg, (word, msg)
+
+
+# torch's context_parallel with our SDPA: (name, load balance, causal, dtype, Hkv); 4 query heads
+CP_CASES = [
+    (f"{'balanced' if lb else 'plain'}-{'causal' if c else 'full'}", lb, c, "fp32", 4)
+    for lb in (True, False)
+    for c in (True, False)
+] + [("balanced-causal-bf16-gqa", True, True, "bf16", 2)]
+
+
+def _context_parallel_worker(rank, world, init_file, result_dir):
+    """Every CP_CASES case under torch.distributed.tensor.experimental.context_parallel with
+    F.scaled_dot_product_attention = fd.sdpa_for_context_parallel, forward + backward; errors vs the float64
+    reference of this rank's shard (torch's head-tail order when balanced, checked as fd.shard's zigzag) beside
+    single-process fusedattn.attention's."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import _cp_options
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch_sdpa = F.scaled_dot_product_attention
+    results = {}
+    try:
+        for name, balance, causal, dt, hkv in CP_CASES:
+            dtype = DTYPES[dt]
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            q, dout = (torch.randn(2, 4, 32, 16, generator=g) for _ in range(2))
+            k, v = (torch.randn(2, hkv, 32, 16, generator=g) for _ in range(2))
+            ref = _grads(
+                lambda a, b, c: attention_ref(a, b, c, causal=causal, compute_dtype=torch.float64),
+                *(t.double() for t in (q, k, v, dout)),
+            )
+            base = _grads(
+                lambda a, b, c: fusedattn.attention(a, b, c, causal=causal), *(t.to(dtype) for t in (q, k, v, dout))
+            )
+            buffers = [t.to(dtype) for t in (q, k, v, dout)]  # context_parallel shards them in place
+            _cp_options.enable_load_balance = balance
+            F.scaled_dot_product_attention = fd.sdpa_for_context_parallel
+            try:
+                with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
+                    ring = _grads(
+                        lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal, enable_gqa=hkv != 4),
+                        *buffers,
+                    )
+                restored = F.scaled_dot_product_attention is fd.sdpa_for_context_parallel
+            finally:
+                F.scaled_dot_product_attention = torch_sdpa
+                _cp_options.enable_load_balance = True
+            errs = {"restored": restored}
+            for part, r, b, f in zip(("out", "dq", "dk", "dv"), ring, base, ref):
+                f_sh, b_sh = (fd.shard(t, rank, world, dim=2, zigzag=balance) for t in (f, b))
+                assert r.dtype == dtype and r.shape == f_sh.shape, (part, r.dtype, r.shape, f_sh.shape)
+                errs[part] = ((r.double() - f_sh).abs().max().item(), (b_sh.double() - f_sh).abs().max().item())
+            results[name] = errs
+        dist.barrier()
+    except Exception:
+        results["error"] = traceback.format_exc()
+        raise
+    finally:
+        torch.save(results, os.path.join(result_dir, f"cp{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_sdpa_under_torch_context_parallel():
+    """torch's context_parallel (world 2, gloo, CPU) runs fd.sdpa_for_context_parallel as its SDPA: each rank's
+    output and dq/dk/dv shard match single-process attention under the 2x (3x) rule, with and without torch's
+    load balancing, causal and not, GQA; torch restores our function as F's SDPA when the context exits."""
+    world = 2
+    with tempfile.TemporaryDirectory() as tmp:
+        error = None
+        try:
+            mp.spawn(_context_parallel_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
+        except Exception as e:
+            error = e
+        per_rank = [
+            torch.load(p) if os.path.exists(p) else {} for p in (os.path.join(tmp, f"cp{r}.pt") for r in range(world))
+        ]
+    for rank, results in enumerate(per_rank):
+        assert "error" not in results, f"rank {rank} raised:\n{results['error']}"
+        for name, *_ in CP_CASES:
+            got = results.get(name)
+            assert got is not None, f"rank {rank} did not run {name} (world error: {error})"
+            assert got.pop("restored"), f"{name}: F.scaled_dot_product_attention not restored after the context"
+            for part, (err, base) in got.items():
+                factor = 2 if part == "out" else 3
+                assert err <= factor * base + 1e-5, (
+                    f"{name} rank {rank} {part}: max abs err {err:.3e} > {factor} x single-process err {base:.3e}"
+                )
