@@ -1,15 +1,23 @@
-"""Property-based fuzzing of the CPU attention kernel against the reference (hypothesis).
+"""Property-based fuzzing of every kernel family against the reference (hypothesis).
 
-Each example draws shapes (B, Hq, Hkv | Hq, Lq, Lk including 0, 1 and odd lengths, D and Dv from 1 to 256),
-dtype, input layout, mask (none / bool / additive, broadcast shapes, rows that see nothing), causal alignment,
-sliding window, softcap and scale, then checks fusedattn's CPU kernel against the float64 reference under the 2x
-rule (forward; backward on smaller draws). Invalid draws must raise ValueError from the public function (and
+attention(): each example draws shapes (B, Hq, Hkv | Hq, Lq, Lk including 0, 1 and odd lengths, D and Dv from 1
+to 256), dtype, input layout, mask (none / bool / additive, broadcast shapes, rows that see nothing), causal
+alignment, sliding window, softcap and scale, then checks the CPU kernel against the float64 reference under the
+2x rule (forward; backward on smaller draws). Invalid draws must raise ValueError from the public function (and
 RuntimeError from the raw op).
 
+decode_attention, varlen_attention and merge_attention_states: one test per backend (cpu, triton through the
+interpreter with fewer and smaller draws, cuda where built, reference), each drawing contiguous or paged caches
+(page sizes 1..64, permuted and shared pages, block-table tails pointing anywhere), cache_batch_idx, in-place
+appends (the cache after the call must equal the reference's, slot for slot), Lq > 1, GQA, windows, softcap,
+scale and split counts; varlen batches with empty sequences and max_seqlen above every length; merges of two
+partial states in both layouts, sides that saw no key, fp32 partial outputs.
+
 Profiles (registered here, not loaded globally, so other hypothesis tests keep their settings):
-  ci    the default: ~200 examples over the tests, derandomized (CI sees the same examples every run), < 1 min
-  long  FUSEDATTN_FUZZ_PROFILE=long: ~4800 random examples (~5 min on 2 cores), database on, so a failure
-        is replayed first on the next run
+  ci    the default, derandomized (CI sees the same examples every run): 205 attention() examples, then per
+        backend 200 decode / 150 varlen / 100 merge (25 / 20 / 20 through the Triton interpreter)
+  long  FUSEDATTN_FUZZ_PROFILE=long: ~20x as many random examples, database on, so a failure is replayed first
+        on the next run
 
     FUSEDATTN_FUZZ_PROFILE=long python -m pytest tests/test_fuzz.py -q
 """
@@ -324,3 +332,275 @@ def test_invalid_draws_raise(p, corruption, r):
         scale = 1.0 if kw["scale"] is None else kw["scale"]
         with pytest.raises(RuntimeError, match="fusedattn"):
             fwd_op(q, k, v, mask, scale, window[0], window[1], causal != "top_left", kw["softcap"])
+
+
+# ---------------------------------------------------------------------------------------------- decode, varlen, merge
+# One test per (family, backend): each draws its problems with hypothesis under the profile above; the Triton
+# interpreter (numpy on the CPU) gets fewer, smaller draws. A draw the backend cannot serve (dispatch's
+# unsupported reason) is rejected with assume(), as the grids skip it.
+
+from fusedattn import dispatch  # noqa: E402
+from fusedattn.reference import attention_ref, decode_attention_ref, merge_attention_states_ref  # noqa: E402
+from conftest import backend_params, device_for, interpreted, max_abs_err  # noqa: E402
+from test_varlen import cu, ref_call, run  # noqa: E402
+
+hypothesis_assume = hypothesis.assume
+
+
+def _decode_call(fn, x, dtype=None, **kw):
+    """fn(q, k_cache, v_cache, **the rest) on fresh copies of x (the append writes the caches), floating
+    tensors cast to `dtype`; returns (out, lse, k_cache after, v_cache after)."""
+    x = {
+        n: None if t is None else (t.to(dtype) if dtype is not None and t.is_floating_point() else t.clone())
+        for n, t in x.items()
+    }
+    q, kc, vc = x.pop("q"), x.pop("k_cache"), x.pop("v_cache")
+    out, lse = fn(q, kc, vc, **x, **kw, return_lse=True)
+    return out.cpu(), lse.cpu(), kc.cpu(), vc.cpu()
+
+
+def check_decode(x, backend, num_splits, **kw):
+    """decode_attention on `backend` vs the float64 reference under the 2x rule; the append wrote exactly the
+    reference's slots (and nothing else)."""
+    dev = device_for(backend)
+    xd = {n: None if t is None else t.to(dev) for n, t in x.items()}
+    out, lse, k_after, v_after = _decode_call(
+        fusedattn.decode_attention, xd, backend=backend, num_splits=num_splits, **kw
+    )
+    ref, ref_lse, _, _ = _decode_call(decode_attention_ref, x, torch.float64, compute_dtype=torch.float64, **kw)
+    dtype = x["q"].dtype
+    base, base_lse, k_ref, v_ref = _decode_call(decode_attention_ref, x, compute_dtype=dtype, **kw)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    # Triton rounds P to the input dtype before P @ V (as FlashAttention does; kernels/decode.py): one ulp of
+    # the output's magnitude, not half, where the baseline is exact by luck (e.g. bf16, two keys, D = 9).
+    ulp = 2.0 if backend == "triton" else 1.0
+    assert_close_2x(out, ref, base, atol=ulp * _tol(ref, dtype))
+    assert_close_2x(lse, ref_lse, base_lse, atol=_tol(ref_lse, torch.float32), name="lse")
+    assert max_abs_err(k_after, k_ref) == 0 and max_abs_err(v_after, v_ref) == 0
+
+
+def budget(backend: str, ci: int, ci_interpreted: int, long: int):
+    """The examples of one (family, backend) test: fewer through the Triton interpreter."""
+    return fuzz_settings(ci_interpreted if interpreted(backend) else ci, long // 4 if interpreted(backend) else long)
+
+
+def supported(family: str, backend: str, dtype, D: int, Dv: int, softcap: float) -> bool:
+    case = dispatch.Case(torch.device(device_for(backend)), dtype, D, Dv, softcap=softcap)
+    return dispatch.unsupported_reason(family, backend, case) is None
+
+
+def windows(max_side: int):
+    side = st.one_of(st.sampled_from([-1, -1, 0, 1, 2, 16]), st.integers(-1, max_side))
+    return st.one_of(st.just((-1, -1)), st.tuples(side, side))
+
+
+@st.composite
+def decode_problems(draw, small: bool):
+    """A valid decode_attention call: contiguous or paged cache (page sizes 1 .. 64, permuted pages, pages
+    shared between sequences when nothing is appended), lengths from 0 up to the capacity, an in-place append
+    of Lnew rows into slots no other sequence writes, cache_batch_idx, Lq > 1, GQA, windows, softcap, splits."""
+    max_len = 40 if small else 300
+    dtype = draw(st.sampled_from(DTYPES))
+    B = draw(st.integers(1, 2 if small else 4))
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.sampled_from([1, 2, 4]))
+    D = draw(dims(32 if small else 256))
+    Dv = draw(st.one_of(st.just(D), dims(32 if small else 256)))
+    Lq = draw(st.sampled_from([1, 1, 2, 3, 5]))
+    Lnew = draw(st.sampled_from([0, 0, 1, 2, 4]))
+    total = [draw(st.one_of(st.just(0), lengths(max_len))) for _ in range(B)]
+    total = [max(t, Lnew) for t in total]  # the append needs Lnew slots
+    cached = [t - Lnew for t in total]
+    seed = draw(st.integers(0, 2**32 - 1))
+    g = torch.Generator().manual_seed(seed)
+    paged = draw(st.booleans())
+    block_table = cache_batch_idx = None
+    if paged:
+        page = draw(st.sampled_from([1, 2, 3, 7, 16, 17, 64]))
+        pages = [-(-t // page) for t in total]
+        shared = Lnew == 0 and draw(st.booleans())
+        width = max(pages + [1]) + draw(st.integers(0, 2))
+        if shared:  # every sequence reads from one small pool of pages, in any order, repeats allowed
+            num_blocks = max(max(pages + [1]), draw(st.integers(1, 6)))
+            table = torch.randint(0, num_blocks, (B, width), generator=g, dtype=torch.int32)
+        else:  # disjoint permuted pages; the unused tail of a row points anywhere
+            num_blocks = sum(pages) + draw(st.integers(0, 3)) + 1
+            order = torch.randperm(num_blocks, generator=g)
+            table = torch.randint(0, num_blocks, (B, width), generator=g, dtype=torch.int32)
+            start = 0
+            for b in range(B):
+                table[b, : pages[b]] = order[start : start + pages[b]].to(torch.int32)
+                start += pages[b]
+        block_table = table
+        shape_k, shape_v = (num_blocks, page, Hkv, D), (num_blocks, page, Hkv, Dv)
+        desc_cache = dict(page=page, num_blocks=num_blocks, shared=shared)
+    else:
+        L_max = max(total + [1]) + draw(st.integers(0, 5))
+        rows = B + draw(st.integers(0, 2))
+        if draw(st.integers(0, 2)) != 0:  # (booleans() came out False in ~9 of 10 derandomized draws)
+            perm = torch.randperm(rows, generator=g)[:B]
+            if Lnew == 0 and draw(st.booleans()):  # repeated rows are fine when nothing is written
+                perm = torch.randint(0, rows, (B,), generator=g)
+            cache_batch_idx = perm.to(torch.int32)
+        elif rows != B:
+            rows = B
+        shape_k, shape_v = (rows, L_max, Hkv, D), (rows, L_max, Hkv, Dv)
+        desc_cache = dict(L_max=L_max, rows=rows, cache_batch_idx=cache_batch_idx is not None)
+    inputs = dict(
+        q=torch.randn(B, Lq, Hq, D, generator=g).to(dtype),
+        k_cache=torch.randn(shape_k, generator=g).to(dtype),
+        v_cache=torch.randn(shape_v, generator=g).to(dtype),
+        cache_seqlens=torch.tensor(cached, dtype=torch.int32),
+        k_new=torch.randn(B, Lnew, Hkv, D, generator=g).to(dtype) if Lnew else None,
+        v_new=torch.randn(B, Lnew, Hkv, Dv, generator=g).to(dtype) if Lnew else None,
+        block_table=block_table,
+        cache_batch_idx=cache_batch_idx,
+    )
+    kw = dict(
+        causal=draw(st.booleans()),
+        window=draw(windows(max_len + 2)),
+        softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 30.0])),
+        scale=draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False))),
+        num_splits=draw(st.sampled_from([0, 0, 1, 2, 3, 7, 64])),
+    )
+    desc = dict(
+        dtype=str(dtype).replace("torch.", ""), B=B, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, Lq=Lq, Lnew=Lnew, lengths=total
+    )
+    return Problem(inputs, None, None, kw, None, dict(desc, **desc_cache, **kw, seed=seed))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_decode_matches_reference(backend):
+    @budget(backend, ci=200, ci_interpreted=25, long=4000)
+    @given(decode_problems(small=interpreted(backend)))
+    def prop(p):
+        x = p.q
+        hypothesis_assume(
+            supported("decode", backend, x["q"].dtype, x["q"].shape[-1], x["v_cache"].shape[-1], p.kwargs["softcap"])
+        )
+        check_decode(x, backend, **p.kwargs)
+
+    prop()
+
+
+@st.composite
+def varlen_problems(draw, small: bool):
+    """A valid varlen_attention call: 0 .. 5 sequences of query / key lengths from 0 (empty sequences, empty
+    batches) upwards, GQA, D != Dv, causal or not, windows, softcap, scale."""
+    max_len = 24 if small else 200
+    dtype = draw(st.sampled_from(DTYPES))
+    n = draw(st.integers(0, 3 if small else 5))
+    seqs = [(draw(lengths(max_len)), draw(lengths(max_len))) for _ in range(n)]
+    Hkv = draw(st.integers(1, 2))
+    Hq = Hkv * draw(st.sampled_from([1, 2, 3]))
+    D = draw(dims(32 if small else 128))
+    Dv = draw(st.one_of(st.just(D), dims(32 if small else 128)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    g = torch.Generator().manual_seed(seed)
+    lq, lk = [a for a, _ in seqs], [b for _, b in seqs]
+    extra = draw(st.sampled_from([0, 0, 3]))  # max_seqlen may exceed every length
+    x = dict(
+        q=torch.randn(sum(lq), Hq, D, generator=g).to(dtype),
+        k=torch.randn(sum(lk), Hkv, D, generator=g).to(dtype),
+        v=torch.randn(sum(lk), Hkv, Dv, generator=g).to(dtype),
+        cu_seqlens_q=cu(lq),
+        cu_seqlens_k=cu(lk),
+        max_seqlen_q=max(lq, default=0) + extra,
+        max_seqlen_k=max(lk, default=0) + extra,
+    )
+    kw = dict(
+        causal=draw(st.booleans()),
+        window=draw(windows(max_len + 2)),
+        softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 30.0])),
+        scale=draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False))),
+    )
+    desc = dict(dtype=str(dtype).replace("torch.", ""), seqs=seqs, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, extra=extra)
+    return Problem(x, None, None, kw, None, dict(desc, **kw, seed=seed))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_varlen_matches_reference(backend):
+    @budget(backend, ci=150, ci_interpreted=20, long=3000)
+    @given(varlen_problems(small=interpreted(backend)))
+    def prop(p):
+        x = p.q
+        hypothesis_assume(
+            supported("varlen", backend, x["q"].dtype, x["q"].shape[-1], x["v"].shape[-1], p.kwargs["softcap"])
+        )
+        dev = device_for(backend)
+        x = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
+        out, lse = run(backend, x, **p.kwargs)
+        ref, ref_lse = ref_call(x, torch.float64, **p.kwargs)
+        base, base_lse = ref_call(x, x["q"].dtype, **p.kwargs)
+        assert out.shape == base.shape and out.dtype == x["q"].dtype
+        assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+        assert_close_2x(out.cpu(), ref, base, atol=_tol(ref, x["q"].dtype))
+        assert_close_2x(lse.cpu(), ref_lse, base_lse, atol=_tol(ref_lse, torch.float32), name="lse")
+
+    prop()
+
+
+@st.composite
+def merge_problems(draw, small: bool):
+    """Two attention states over a random partition of the keys (per batch, head and key; a side may get no
+    key at all for some or every row: lse -inf there), in layout blhd or bhld, out_dtype None or float32."""
+    dtype = draw(st.sampled_from(DTYPES))
+    B, H = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    L, Lk = draw(lengths(17 if small else 70)), draw(st.integers(1, 20 if small else 90))
+    D = draw(dims(32 if small else 256))
+    seed = draw(st.integers(0, 2**32 - 1))
+    g = torch.Generator().manual_seed(seed)
+    p_a = draw(st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]))
+    in_a = torch.rand(B, H, 1, Lk, generator=g) < p_a
+    if draw(st.booleans()) and L:  # some rows see no key on one side
+        rows = torch.rand(L, generator=g) < 0.3
+        side = torch.rand(L, generator=g) < 0.5
+        keep_a = torch.where(rows[:, None], side[:, None].expand(L, Lk), torch.ones(L, Lk, dtype=torch.bool))
+        keep_b = torch.where(rows[:, None], ~side[:, None].expand(L, Lk), torch.ones(L, Lk, dtype=torch.bool))
+    else:
+        keep_a = keep_b = torch.ones(L, Lk, dtype=torch.bool)
+    scale = draw(st.sampled_from([1.0, 3.0]))  # a spread of lse values
+    q = (torch.randn(B, H, L, D, generator=g) * scale).to(dtype)
+    k, v = torch.randn(B, H, Lk, D, generator=g).to(dtype), torch.randn(B, H, Lk, D, generator=g).to(dtype)
+    states = []
+    for mask in (in_a & keep_a, ~in_a & keep_b):
+        o, lse = attention_ref(q, k, v, attn_mask=mask, return_lse=True)
+        states += [o.to(dtype), lse.float()]
+    layout = draw(st.sampled_from(["blhd", "bhld"]))
+    out_dtype = draw(st.sampled_from([None, None, torch.float32]))
+    desc = dict(dtype=str(dtype).replace("torch.", ""), B=B, H=H, L=L, Lk=Lk, D=D, p_a=p_a, layout=layout, seed=seed)
+    return Problem(states, None, None, dict(layout=layout, out_dtype=out_dtype), None, dict(desc, out_dtype=out_dtype))
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_merge_matches_reference(backend):
+    @budget(backend, ci=100, ci_interpreted=20, long=2000)
+    @given(merge_problems(small=interpreted(backend)))
+    def prop(p):
+        out_a, lse_a, out_b, lse_b = p.q  # (B, H, L, D) outputs, (B, H, L) lse
+        D, layout, out_dtype = out_a.shape[-1], p.kwargs["layout"], p.kwargs["out_dtype"]
+        hypothesis_assume(supported("merge", backend, out_a.dtype, D, D, 0.0))
+        dev = device_for(backend)
+        if layout == "blhd":
+            a, b = out_a.transpose(1, 2).contiguous(), out_b.transpose(1, 2).contiguous()
+        else:
+            a, b = out_a, out_b
+        out, lse = fusedattn.merge_attention_states(
+            a.to(dev), lse_a.to(dev), b.to(dev), lse_b.to(dev), layout=layout, out_dtype=out_dtype, backend=backend
+        )
+        out, lse = out.cpu(), lse.cpu()
+        if layout == "bhld":
+            out = out.transpose(1, 2)
+        # the reference takes (B, L, H, D)
+        ra, rb = out_a.transpose(1, 2), out_b.transpose(1, 2)
+        ref, ref_lse = merge_attention_states_ref(ra.double(), lse_a, rb.double(), lse_b, compute_dtype=torch.float64)
+        cdt = out_dtype or out_a.dtype
+        base, base_lse = merge_attention_states_ref(ra.to(cdt), lse_a, rb.to(cdt), lse_b, compute_dtype=cdt)
+        assert out.dtype == cdt and lse.dtype == torch.float32
+        assert_close_2x(out, ref, base.to(cdt), atol=_tol(ref, cdt))
+        assert_close_2x(lse, ref_lse, base_lse.float(), atol=_tol(ref_lse, torch.float32), name="lse")
+        empty = lse_a.isinf() & lse_b.isinf()  # no key on either side: output 0, lse -inf
+        assert (out.transpose(1, 2)[empty] == 0).all() and (lse[empty] == -math.inf).all()
+
+    prop()
