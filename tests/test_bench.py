@@ -213,3 +213,33 @@ def test_cuda_attention_run_order_covers_every_kind_at_a_length_first():
     assert {(c["mode"], c["D"], c["causal"]) for c in order[: len(kinds)]} == kinds
     assert {(c["dtype"], c["L"]) for c in order[: len(kinds)]} == {("bf16", 4096)}
     assert fam.run_order(cases, "cpu") == cases
+
+
+def test_distributed_family_spawns_its_world_and_writes_tables(tmp_path, monkeypatch):
+    """The distributed family end to end on tiny cases: a spawned 2-process gloo world, the correctness gate,
+    both rows timed per case, the communication columns; `all` leaves it out; a ring needs 2 ranks."""
+    from fusedattn.bench import distributed as dfam
+
+    tiny = [
+        dfam._case(2, 64, dt, c, m, H=2, D=16)
+        for dt in ("fp32", "bf16")
+        for c in (True, False)
+        for m in ("fwd", "fwd+bwd")
+    ]
+    monkeypatch.setattr(dfam, "cases", lambda **kw: tiny)  # the parent picks the cases and hands them to the world
+    bench.main(["distributed", "--repeats", "2", "--out", str(tmp_path)])
+    exts = ("csv", "json", "md", "png") if HAVE_MPL else ("csv", "json", "md")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"cpu_distributed.{ext}" for ext in exts]
+    data = json.loads((tmp_path / "cpu_distributed.json").read_text())
+    rows = data["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 2 * len(tiny), [r["status"] for r in rows]
+    assert [(r["case"], r["backend"]) for r in rows] == [(c, b) for c in tiny for b in ("fusedattn", "one_process")]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["max_err"] < (1e-5 if r["case"]["dtype"] == "fp32" else 3e-2), r
+    ring = [r for r in rows if r["backend"] == "fusedattn"]
+    assert all(r["extra"]["compute_only_ms"] > 0 and 0 <= r["extra"]["wait_share"] <= 1 for r in ring)
+    md = (tmp_path / "cpu_distributed.md").read_text()
+    assert "ratio vs one_process" in md and "comm share" in md and "wait share" in md
+    assert "distributed" in bench.FAMILIES and "distributed" not in bench.IN_ALL
+    with pytest.raises(ValueError, match="--world-size"):
+        dfam.run_family(device="cpu", dtypes=None, quick=True, repeats=1, out_dir=None, world_size=1)

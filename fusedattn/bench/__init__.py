@@ -8,6 +8,10 @@ and plots.
     python -m fusedattn bench attention --where D=64,128 --where L=1024,16384   # a subset of the cases
     python -m fusedattn bench decode attention --where decode:B=64 --time-cap 150 --out OUT --bundle bench
 
+``distributed`` (ring attention over W CPU processes on gloo, ``--world-size W``, default 2, vs one-process
+attention at the same total length, and the communication share) spawns its own processes and takes
+minutes (~6 on 2 cores): ``all`` leaves it out, name it.
+
 ``--where [FAMILY:]KEY=V1,V2`` keeps the cases whose KEY is one of the values (repeatable; without FAMILY it
 applies to every family run). ``--time-cap S``: cases (and backends) not started within S seconds of the
 start are listed as "skipped (time cap)", so the run ends with its tables. ``--bundle NAME``: all families in
@@ -18,22 +22,26 @@ when a fusedattn backend is absent, WRONG or raised (a peer's failure is only re
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
 import torch
 
-from . import attention, decode, model
+from . import attention, decode, distributed, model
 from .core import machine_info, parse_where, run_family, write_bundle
 
-FAMILIES = {fam.name: fam for fam in (attention, decode, model)}
+FAMILIES = {fam.name: fam for fam in (attention, decode, model, distributed)}
+IN_ALL = [n for n, fam in FAMILIES.items() if getattr(fam, "in_all", True)]  # `all`: not distributed (slow)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m fusedattn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("family", nargs="*", default=["all"], help=f"{', '.join(FAMILIES)} or all (default)")
+    ap.add_argument(
+        "family", nargs="*", default=["all"], help=f"{', '.join(FAMILIES)} or all (the default: {', '.join(IN_ALL)})"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument(
         "--dtype",
@@ -64,8 +72,11 @@ def main(argv=None) -> None:
         metavar="NAME",
         help="with --out: every family in NAME.{md,json,csv} + <device>_<family>.png",
     )
+    ap.add_argument(
+        "--world-size", type=int, default=2, metavar="W", help="distributed: the ring's processes (default 2)"
+    )
     args = ap.parse_args(argv)
-    names = list(FAMILIES) if "all" in args.family else args.family
+    names = [*IN_ALL, *(n for n in args.family if n != "all")] if "all" in args.family else args.family
     unknown = [n for n in names if n not in FAMILIES]
     if unknown:
         ap.error(f"unknown family {', '.join(unknown)} (choose from {', '.join(FAMILIES)} or all)")
@@ -85,8 +96,11 @@ def main(argv=None) -> None:
     results = []
     for name in dict.fromkeys(names):
         fam = FAMILIES[name]
-        rows = run_family(
-            fam,
+        # a family that runs in processes of its own (distributed) brings its engine
+        own = getattr(fam, "run_family", None)
+        engine = own or functools.partial(run_family, fam)
+        extra = {"world_size": args.world_size} if own else {}
+        rows = engine(
             device=args.device,
             dtypes=args.dtype,
             quick=args.quick,
@@ -96,6 +110,7 @@ def main(argv=None) -> None:
             where=where,
             deadline=deadline,
             write=not args.bundle,
+            **extra,
         )
         results.append((fam, rows, info))
     if args.bundle:
