@@ -243,3 +243,28 @@ def test_distributed_family_spawns_its_world_and_writes_tables(tmp_path, monkeyp
     assert "distributed" in bench.FAMILIES and "distributed" not in bench.IN_ALL
     with pytest.raises(ValueError, match="--world-size"):
         dfam.run_family(device="cpu", dtypes=None, quick=True, repeats=1, out_dir=None, world_size=1)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_hf_family_quick_decode_tokens_and_attention_share(tmp_path, monkeypatch):
+    """bench hf --quick: decode (dynamic and static cache) and prefill rows for every attn_implementation, decode
+    tokens identical to sdpa's, attention shares measured for sdpa and fusedattn; eager's prefill past the memory
+    limit is a planned skip, not an error."""
+    from fusedattn.bench import hf
+
+    monkeypatch.setattr(hf, "EAGER_MAX_GIB", 0.0)
+    bench.main(["hf", "--quick", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_hf_quick.json").read_text())
+    rows = {(r["case"]["phase"], r["case"]["cache"], r["backend"]): r for r in data["rows"]}
+    for cache in ("dynamic", "static"):
+        for b in ("sdpa", "fusedattn", "eager"):
+            r = rows[("decode", cache, b)]
+            assert r["status"] == "ok" and r["median_ms"] > 0 and r["max_err"] == 0, r
+            assert r["tokens = sdpa"] == "8/8"
+        for b in ("sdpa", "fusedattn"):
+            share = rows[("decode", cache, b)][f"attn share {b}"]
+            assert share.endswith("%") and 0 < float(share[:-1]) <= 100
+    assert rows[("prefill", "dynamic", "fusedattn")]["status"] == "ok"
+    assert rows[("prefill", "dynamic", "eager")]["status"].startswith("skipped (memory)")
+    md = (tmp_path / "cpu_hf_quick.md").read_text()
+    assert "ratio vs sdpa" in md and "attn share fusedattn" in md

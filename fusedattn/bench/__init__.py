@@ -1,5 +1,5 @@
 """Benchmarks: ``python -m fusedattn bench [FAMILY ...] [--device] [--dtype] [--quick] [--where] [--time-cap]
-[--out DIR [--bundle NAME]]``; FAMILY is attention, decode, model or all (the default).
+[--out DIR [--bundle NAME]]``; FAMILY is attention, decode, model, hf or all (the default).
 
 Each family module (``attention.py``, ``decode.py``, ``model.py``) names its cases, its peers, its correctness
 check and its FLOP/byte formula; ``core.py`` holds the method: timing, memory, tables, CSV/JSON
@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from . import attention, decode, distributed, model
+from . import attention, decode, distributed, hf, model
 from .core import machine_info, parse_where, run_family, write_bundle
 
-FAMILIES = {fam.name: fam for fam in (attention, decode, model, distributed)}
+FAMILIES = {fam.name: fam for fam in (attention, decode, model, hf, distributed)}
 IN_ALL = [n for n, fam in FAMILIES.items() if getattr(fam, "in_all", True)]  # `all`: not distributed (slow)
 
 
