@@ -237,9 +237,10 @@ def test_distributed_family_spawns_its_world_and_writes_tables(tmp_path, monkeyp
     for r in rows:
         assert r["median_ms"] > 0 and r["max_err"] < (1e-5 if r["case"]["dtype"] == "fp32" else 3e-2), r
     ring = [r for r in rows if r["backend"] == "fusedattn"]
-    assert all(r["extra"]["compute_only_ms"] > 0 and 0 <= r["extra"]["wait_share"] <= 1 for r in ring)
+    assert all(r["extra"]["compute_only_ms"] > 0 and r["extra"]["transfer_only_ms"] > 0 for r in ring)
+    assert all(0 <= r["extra"]["wait_share"] <= 1 for r in ring)
     md = (tmp_path / "cpu_distributed.md").read_text()
-    assert "ratio vs one_process" in md and "comm share" in md and "wait share" in md
+    assert all(h in md for h in ("ratio vs one_process", "transfer share", "comm share", "wait share"))
     assert "distributed" in bench.FAMILIES and "distributed" not in bench.IN_ALL
     with pytest.raises(ValueError, match="--world-size"):
         dfam.run_family(device="cpu", dtypes=None, quick=True, repeats=1, out_dir=None, world_size=1)

@@ -19,7 +19,10 @@ Method:
   * timing: a warm-up of each variant, then ``repeats`` rounds in a seeded shuffled order (core.round_orders,
     the same on every rank); each call starts after a barrier, and its time is the slowest rank's
     (``time.perf_counter``, Python's garbage collector off): the ring's wall time as a caller sees it;
-  * communication share, two ways:
+  * communication, three ways:
+      - ``transfer share`` = "transfer only" / ring: "transfer only" is the ring's exchanges without its compute
+        (the same blocks, sends and receives, step by step, each step waited for): what the transfers would cost
+        if nothing overlapped them;
       - ``comm share`` = (ring - compute only) / ring, medians: "compute only" is the same ring, the same blocks,
         kernels and merges per step, with each send/recv replaced by a local copy of the block (no transport;
         its numbers are wrong, its work is the same). This is what communication costs the ring in all, the
@@ -59,8 +62,9 @@ formula = (
     "FLOPs = 4*B*H*L^2*D (L the total length over all ranks), x0.5 when causal, x3.5 for fwd+bwd. fusedattn = "
     "ring_attention over W gloo processes (causal: zigzag shards, else plain), T threads each; one_process = "
     "fusedattn.attention on the whole sequence in one process, W*T threads. compute-only ms: the ring with every "
-    "send/recv replaced by a local copy; comm share = (ring - compute only) / ring; wait share = time blocked "
-    "on transfers (mean over ranks) / ring time."
+    "send/recv replaced by a local copy; transfer-only ms: the ring's sends/recvs without its compute; transfer "
+    "share = transfer only / ring; comm share = (ring - compute only) / ring; wait share = time blocked on "
+    "transfers (mean over ranks) / ring time."
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECK_L = 1024  # the correctness check's length (the float64 reference materializes the scores)
@@ -103,11 +107,14 @@ def _pct(x) -> str:
     return "-" if x is None else f"{x:.0%}"
 
 
+def _ms(key: str):
+    return lambda r: "-" if r.extra.get(key) is None else f"{r.extra[key]:.2f}"
+
+
 extra_columns = [
-    (
-        "compute-only ms",
-        lambda r: "-" if r.extra.get("compute_only_ms") is None else f"{r.extra['compute_only_ms']:.2f}",
-    ),
+    ("compute-only ms", _ms("compute_only_ms")),
+    ("transfer-only ms", _ms("transfer_only_ms")),
+    ("transfer share", lambda r: _pct(r.extra.get("transfer_share"))),
     ("comm share", lambda r: _pct(r.extra.get("comm_share"))),
     ("wait share", lambda r: _pct(r.extra.get("wait_share"))),
 ]
@@ -121,7 +128,8 @@ def format_row(r: Row, rows: list[Row]) -> str:
     tail = ""
     if r.backend == "fusedattn":
         tail = (
-            f" compute-only {r.extra['compute_only_ms']:.2f} ms, comm share {_pct(r.extra['comm_share'])}, "
+            f" compute-only {r.extra['compute_only_ms']:.2f} ms, transfer-only {r.extra['transfer_only_ms']:.2f} ms"
+            f" ({_pct(r.extra['transfer_share'])}), comm share {_pct(r.extra['comm_share'])}, "
             f"wait share {_pct(r.extra['wait_share'])}"
         )
     return (
@@ -248,7 +256,24 @@ def _measure(case: dict, rank: int, world: int, threads: int, reps: int) -> dict
             finally:
                 torch.set_num_threads(threads)
 
-    fns = {"ring": ring, "compute_only": compute_only, "one_process": one_process}
+    def transfer_only():
+        """The ring's exchanges alone, step by step as the ring starts them: K/V W-1 times (forward); for fwd+bwd
+        then the backward's K/V W-1 times beside its float32 dK/dV accumulators W times."""
+        ring = fd._Ring(None)
+        kv = (ks, vs)
+        steps = [(kv, None)] * (world - 1)
+        if bwd:
+            dkv = (torch.zeros(ks.shape, dtype=torch.float32), torch.zeros(vs.shape, dtype=torch.float32))
+            steps += [(kv, dkv)] * (world - 1) + [(None, dkv)]
+        for blocks, accs in steps:
+            reqs = []
+            if blocks is not None:
+                reqs += ring.exchange(blocks, fd._KV_TAG)[1]
+            if accs is not None:
+                reqs += ring.exchange(accs, fd._DKV_TAG)[1]
+            ring.wait(reqs)
+
+    fns = {"ring": ring, "compute_only": compute_only, "transfer_only": transfer_only, "one_process": one_process}
     times = {n: [] for n in fns}
     waits = []
 
@@ -312,9 +337,11 @@ def _rows_for(case: dict, rank: int, world: int, threads: int, default_repeats: 
         for k, val in _stats(m["times"][key]).items():
             setattr(row, k, val)
         row.metric = work(case) / (row.median_ms * 1e-3) / 1e9
-    comp = statistics.median(m["times"]["compute_only"])
+    comp, transfer = (statistics.median(m["times"][k]) for k in ("compute_only", "transfer_only"))
     ring.extra = {
         "compute_only_ms": comp,
+        "transfer_only_ms": transfer,
+        "transfer_share": transfer / ring.median_ms,
         "comm_share": (ring.median_ms - comp) / ring.median_ms,
         "wait_share": m["wait_share"],
     }
