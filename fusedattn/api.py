@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, dispatch
+from .sinks import apply_sinks
 
 # torch's own function (captured by dispatch before anyone can monkeypatch F.scaled_dot_product_attention): the
 # drop-in hands it every call that is not ours to interpret.
@@ -33,6 +34,7 @@ def attention(
     attn_mask: Optional[torch.Tensor] = None,
     window: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -46,7 +48,10 @@ def attention(
         attn_mask: bool (True = keep) or additive float, broadcastable to (B, Hq, Lq, Lk).
         window: (left, right) sliding window around the same diagonal, -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)`` (before the mask).
-        return_lse: also return the log-sum-exp of each row's scores, (B, Hq, Lq) float32.
+        sinks: (Hq,) float, optional: attention sinks (gpt-oss), one learned logit per query head that joins
+            every row's softmax denominator (not scaled, capped or masked; no value). Differentiable.
+        return_lse: also return the log-sum-exp of each row's scores, (B, Hq, Lq) float32 (with sinks: of the
+            scores and the sink).
         backend: "auto", "cpu", "triton", "cuda" or "reference" (see fusedattn.dispatch).
 
     Returns:
@@ -54,6 +59,7 @@ def attention(
         gives output 0 and lse -inf (never NaN). Differentiable in q, k, v (and through lse).
     """
     left, right = checks.check_attention(q, k, v, attn_mask, scale, window, softcap)
+    checks.check_sinks(sinks, q, q.shape[1])
     if attn_mask is not None and attn_mask.requires_grad:
         raise ValueError(
             "attn_mask must not require grad: the fused kernels give no mask gradient "
@@ -65,6 +71,8 @@ def attention(
     out, lse = op(
         q, k, v, attn_mask, checks.default_scale(scale, q.shape[-1]), left, 0 if causal else right, True, float(softcap)
     )
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, "bhld")
     return (out, lse) if return_lse else out
 
 

@@ -124,6 +124,21 @@ def check_int32(
     check_storage(name, t, _memory_err(err))
 
 
+def check_sinks(sinks, q: torch.Tensor, num_heads: int, err: Err = ValueError) -> None:
+    """Attention sinks: None, or a floating (num_heads,) tensor on q's device (any float dtype)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise err(f"sinks must be a torch.Tensor or None, got {type(sinks).__name__}")
+    if not sinks.is_floating_point():
+        raise err(f"sinks must be a floating-point tensor, got dtype {sinks.dtype}")
+    if sinks.dim() != 1 or sinks.shape[0] != num_heads:
+        raise err(f"sinks must have shape (Hq,) = ({num_heads},), one logit per query head, got {tuple(sinks.shape)}")
+    if sinks.device != q.device:
+        raise err(f"sinks must be on q's device {q.device}, got {sinks.device}")
+    check_storage("sinks", sinks, _memory_err(err))
+
+
 def check_heads(Hq: int, Hkv: int, q_name: str, kv_name: str, err: Err = ValueError) -> None:
     """GQA / MQA: every kv head serves the same number of query heads."""
     if Hkv == 0 or Hq % Hkv != 0:

@@ -26,6 +26,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks, dispatch
+from .sinks import apply_sinks
 
 __all__ = ["decode_attention", "merge_attention_states"]
 
@@ -64,6 +65,7 @@ def decode_attention(
     window: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     num_splits: int = 0,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -90,7 +92,10 @@ def decode_attention(
             log-sum-exp (split-KV); 0 picks a count from the sequence lengths, B * Hkv and the thread count
             (Triton: from the cache capacity, B * Hkv and the SM count; see kernels/decode.py).
             Results agree across split counts up to rounding.
-        return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32.
+        sinks: (Hq,) float, optional: attention sinks (gpt-oss), as in ``fusedattn.attention``; joined once, after
+            the splits are merged.
+        return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32 (with sinks: of
+            the scores and the sink).
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedattn.dispatch). "auto": "cpu" for CPU
             tensors; for CUDA tensors the CUDA kernel where it covers the call (float16 / bfloat16, head dim 64,
             128 or 256, Dv == D, 16-byte aligned cache rows), else Triton's.
@@ -114,7 +119,8 @@ def decode_attention(
     checks.check_softcap(softcap)
     left, right = checks.check_window(window)
     checks.check_num_splits(num_splits)
-    checks.refuse_grad("decode_attention", q, k_cache, v_cache, k_new, v_new)
+    checks.check_sinks(sinks, q, q.shape[2])
+    checks.refuse_grad("decode_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     # The append's aliasing and in-place rules (eager, concrete tensors), RuntimeErrors as torch's own (the C++ and
     # Triton ops repeat them; the reference relies on these). check_decode checked every view against its storage.
     checks.check_append(k_cache, v_cache, k_new, v_new)
@@ -146,6 +152,8 @@ def decode_attention(
         float(softcap),
         num_splits,
     )
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, "blhd")
     return (out, lse) if return_lse else out
 
 

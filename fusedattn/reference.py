@@ -102,6 +102,7 @@ def attention_ref(
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     generator: Optional[torch.Generator] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention computed the obvious way (see the module docstring for the exact semantics).
 
@@ -114,10 +115,13 @@ def attention_ref(
         dropout_p: dropout on the probabilities, drawn from ``generator``.
         return_lse: also return the log-sum-exp of the (scaled, capped, masked) scores per query row.
         compute_dtype: dtype of every intermediate; inputs are cast to it.
+        sinks: (Hq,) attention sinks (gpt-oss): one logit per query head, appended to every row's scores as an
+            extra column that joins the softmax (not scaled, capped or masked) and has no value vector.
 
     Returns:
         out (B, Hq, Lq, Dv) in q.dtype, and with ``return_lse`` the lse (B, Hq, Lq) in float32
-        (float64 when ``compute_dtype`` is float64). Rows with no visible key give out = 0, lse = -inf.
+        (float64 when ``compute_dtype`` is float64). Rows with no visible key give out = 0, lse = -inf (with
+        sinks: out = 0, lse = the sink). The lse includes the sink.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
@@ -160,11 +164,16 @@ def attention_ref(
             scores = scores + attn_mask.to(compute_dtype)
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        if sinks.shape != (Hq,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({Hq},), got {tuple(sinks.shape)}")
+        sink_col = sinks.to(compute_dtype).view(1, Hq, 1, 1).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink_col], dim=-1)  # (B, Hq, Lq, Lk + 1)
 
     # Softmax with a finite shift. The max is detached: softmax and lse are shift invariant, so gradients are
     # unchanged, and a fully masked row (max = -inf) shifts by 0 so that exp gives 0 instead of NaN. NaN
     # scores make the max NaN, which propagates to the row's output on purpose.
-    if Lk > 0:
+    if scores.shape[-1] > 0:
         row_max = scores.detach().amax(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
     else:
         row_max = scores.new_full((B, Hq, Lq, 1), float("-inf"))
@@ -178,6 +187,8 @@ def attention_ref(
 
     lse = torch.log(safe_sum) + row_max
     lse = lse.masked_fill(empty_row, float("-inf")).squeeze(-1)  # (B, Hq, Lq)
+    if sinks is not None:
+        probs = probs[..., :Lk]  # the sink's column has no value
 
     if dropout_p > 0:
         if dropout_p == 1.0:
@@ -213,6 +224,7 @@ def varlen_attention_ref(
     softcap: float = 0.0,
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Attention over packed sequences with FlashAttention's ``flash_attn_varlen_func`` semantics, one sequence
     at a time through ``attention_ref``.
@@ -225,7 +237,7 @@ def varlen_attention_ref(
             reference takes the same arguments as ``fusedattn.varlen_attention``.
         causal, window: per sequence, bottom-right aligned: with Lq, Lk the sequence's lengths, query i sees key
             j iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right`` (causal: right = 0).
-        scale, softcap, compute_dtype: as in ``attention_ref``.
+        scale, softcap, compute_dtype, sinks: as in ``attention_ref``.
 
     Returns:
         out (total_q, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (Hq, total_q) (FlashAttention's varlen
@@ -259,6 +271,7 @@ def varlen_attention_ref(
             softcap=softcap,
             return_lse=True,
             compute_dtype=compute_dtype,
+            sinks=sinks,
         )
         outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse[0])  # (Hq, Lq)
@@ -310,6 +323,7 @@ def decode_attention_ref(
     softcap: float = 0.0,
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float32,
+    sinks: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """KV-cache attention with FlashAttention's ``flash_attn_with_kvcache`` semantics, one sequence at a time
     through ``attention_ref``.
@@ -326,7 +340,7 @@ def decode_attention_ref(
         cache_batch_idx: (B,) cache row of each sequence (contiguous cache), default ``arange(B)``.
         causal, window: bottom-right aligned over the sequence after the append, Lk = cache_seqlens[b] + Lnew:
             query i (position Lk - Lq + i) sees key j iff ``Lk - Lq + i - left <= j <= Lk - Lq + i + right``.
-        scale, softcap, compute_dtype: as in ``attention_ref``.
+        scale, softcap, compute_dtype, sinks: as in ``attention_ref``.
 
     Returns:
         out (B, Lq, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (B, Hq, Lq). A query that sees no key
@@ -356,6 +370,7 @@ def decode_attention_ref(
             softcap=softcap,
             return_lse=True,
             compute_dtype=compute_dtype,
+            sinks=sinks,
         )  # (1, Hq, Lq, Dv), (1, Hq, Lq)
         outs.append(out[0].transpose(0, 1))  # (Lq, Hq, Dv)
         lses.append(lse[0])

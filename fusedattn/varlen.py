@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, dispatch
+from .sinks import apply_sinks
 
 __all__ = ["varlen_attention"]
 
@@ -37,6 +38,7 @@ def varlen_attention(
     scale: Optional[float] = None,
     window: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -55,8 +57,9 @@ def varlen_attention(
         scale: multiplies q.k; default ``1/sqrt(D)``.
         window: (left, right) sliding window around the same diagonal, -1 = unbounded.
         softcap: if > 0, scores become ``softcap * tanh(scores / softcap)``.
+        sinks: (Hq,) float, optional: attention sinks (gpt-oss), as in ``fusedattn.attention``. Differentiable.
         return_lse: also return the log-sum-exp of each row's scores, (Hq, total_q) float32 (FlashAttention's
-            varlen layout).
+            varlen layout; with sinks: of the scores and the sink).
         backend: "auto", "cpu", "triton" or "reference" (see fusedattn.dispatch).
 
     Returns:
@@ -67,6 +70,7 @@ def varlen_attention(
     left, right = checks.check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window, softcap
     )
+    checks.check_sinks(sinks, q, q.shape[1])
     if not torch.compiler.is_compiling():
         checks.check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", max_seqlen_q, "max_seqlen_q")
         checks.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k", max_seqlen_k, "max_seqlen_k")
@@ -86,4 +90,6 @@ def varlen_attention(
         True,
         float(softcap),
     )
+    if sinks is not None:
+        out, lse = apply_sinks(out, lse, sinks, "varlen")
     return (out, lse) if return_lse else out

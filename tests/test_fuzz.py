@@ -10,8 +10,8 @@ decode_attention, varlen_attention and merge_attention_states: one test per back
 interpreter with fewer and smaller draws, cuda where built, reference), each drawing contiguous or paged caches
 (page sizes 1..64, permuted and shared pages, block-table tails pointing anywhere), cache_batch_idx, in-place
 appends (the cache after the call must equal the reference's, slot for slot), Lq > 1, GQA, windows, softcap,
-scale and split counts; varlen batches with empty sequences and max_seqlen above every length; merges of two
-partial states in both layouts, sides that saw no key, fp32 partial outputs.
+scale, split counts and attention sinks; varlen batches with empty sequences, max_seqlen above every length and
+sinks; merges of two partial states in both layouts, sides that saw no key, fp32 partial outputs.
 
 Profiles (registered here, not loaded globally, so other hypothesis tests keep their settings):
   ci    the default, derandomized (CI sees the same examples every run): 205 attention() examples, then per
@@ -364,8 +364,9 @@ def check_decode(x, backend, num_splits, **kw):
     reference's slots (and nothing else)."""
     dev = device_for(backend)
     xd = {n: None if t is None else t.to(dev) for n, t in x.items()}
+    kw_dev = dict(kw, sinks=None if kw.get("sinks") is None else kw["sinks"].to(dev))
     out, lse, k_after, v_after = _decode_call(
-        fusedattn.decode_attention, xd, backend=backend, num_splits=num_splits, **kw
+        fusedattn.decode_attention, xd, backend=backend, num_splits=num_splits, **kw_dev
     )
     ref, ref_lse, _, _ = _decode_call(decode_attention_ref, x, torch.float64, compute_dtype=torch.float64, **kw)
     dtype = x["q"].dtype
@@ -388,6 +389,13 @@ def budget(backend: str, ci: int, ci_interpreted: int, long: int):
 def supported(family: str, backend: str, dtype, D: int, Dv: int, softcap: float) -> bool:
     case = dispatch.Case(torch.device(device_for(backend)), dtype, D, Dv, softcap=softcap)
     return dispatch.unsupported_reason(family, backend, case) is None
+
+
+def _draw_sinks(draw, Hq: int, g: torch.Generator):
+    """None (most draws) or (Hq,) attention sinks in float32, around the scores' range."""
+    if draw(st.integers(0, 2)) != 0:
+        return None
+    return torch.randn(Hq, generator=g) * draw(st.sampled_from([1.0, 4.0]))
 
 
 def windows(max_side: int):
@@ -463,6 +471,7 @@ def decode_problems(draw, small: bool):
         softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 30.0])),
         scale=draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False))),
         num_splits=draw(st.sampled_from([0, 0, 1, 2, 3, 7, 64])),
+        sinks=_draw_sinks(draw, Hq, g),
     )
     desc = dict(
         dtype=str(dtype).replace("torch.", ""), B=B, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, Lq=Lq, Lnew=Lnew, lengths=total
@@ -514,6 +523,7 @@ def varlen_problems(draw, small: bool):
         window=draw(windows(max_len + 2)),
         softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 30.0])),
         scale=draw(st.one_of(st.none(), st.floats(-2.0, 2.0, allow_nan=False, allow_infinity=False))),
+        sinks=_draw_sinks(draw, Hq, g),
     )
     desc = dict(dtype=str(dtype).replace("torch.", ""), seqs=seqs, Hq=Hq, Hkv=Hkv, D=D, Dv=Dv, extra=extra)
     return Problem(x, None, None, kw, None, dict(desc, **kw, seed=seed))
@@ -530,7 +540,8 @@ def test_varlen_matches_reference(backend):
         )
         dev = device_for(backend)
         x = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
-        out, lse = run(backend, x, **p.kwargs)
+        sinks = p.kwargs["sinks"]
+        out, lse = run(backend, x, **dict(p.kwargs, sinks=None if sinks is None else sinks.to(dev)))
         ref, ref_lse = ref_call(x, torch.float64, **p.kwargs)
         base, base_lse = ref_call(x, x["q"].dtype, **p.kwargs)
         assert out.shape == base.shape and out.dtype == x["q"].dtype
