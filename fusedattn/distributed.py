@@ -480,7 +480,9 @@ def ring_attention(
 
     Returns:
         this rank's shard of the output in q's dtype and layout (and lse). Differentiable in q, k, v: the
-        backward is collective too (every rank must run it).
+        backward is collective too (every rank must run it). In bf16/fp16 each gradient is the float32 sum of
+        the W blocks' partials, which the block kernel returns in the input dtype: up to W more roundings than
+        one process's single call (ring-flash-attn on flash-attn's backward does the same).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs an initialized torch.distributed process group")

@@ -15,7 +15,10 @@ Backends (rows):
 Method:
   * correctness first, on a reduced copy of the case (L <= 1024, 2 heads): every rank compares its shard of the
     ring's output (and dq, dk, dv for fwd+bwd) with the float64 reference, beside one-process attention's error:
-    the 2x rule (3x for gradients), else the row is WRONG and not timed;
+    the 2x rule (3x for gradients), else the row is WRONG and not timed. In bf16 the gradients' bound adds
+    W * 2^-8 * max |grad|: the block backward returns each step's dq/dk/dv partial in bf16 (the kernel
+    accumulates in float32 but rounds its outputs), so the ring's float32 sum carries W more roundings than one
+    process's single call (measured: dv 3.1x one-process's error at L=1024, W=2);
   * timing: a warm-up of each variant, then ``repeats`` rounds in a seeded shuffled order (core.round_orders,
     the same on every rank); each call starts after a barrier, and its time is the slowest rank's
     (``time.perf_counter``, Python's garbage collector off): the ring's wall time as a caller sees it;
@@ -64,7 +67,9 @@ formula = (
     "fusedattn.attention on the whole sequence in one process, W*T threads. compute-only ms: the ring with every "
     "send/recv replaced by a local copy; transfer-only ms: the ring's sends/recvs without its compute; transfer "
     "share = transfer only / ring; comm share = (ring - compute only) / ring; wait share = time blocked on "
-    "transfers (mean over ranks) / ring time."
+    "transfers (mean over ranks) / ring time. err (on the check case, L <= 1024, 2 heads): fusedattn's is the max "
+    "over its output and (fwd+bwd) gradients, one_process's its output's; bf16 gradients may exceed 3x one "
+    "process's error by W roundings of the per-step partials (see the module docstring)."
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHECK_L = 1024  # the correctness check's length (the float64 reference materializes the scores)
@@ -191,7 +196,10 @@ def _run(fn, q, k, v, dout):
 
 
 def _check(case: dict, rank: int, world: int):
-    """(ring err, one-process err, ring within the 2x/3x rule) on the reduced case, max over ranks and outputs."""
+    """(ring err, one-process err, None or what failed) on the reduced case, max over ranks and outputs. The bound
+    per output: 2x (out) or 3x (dq, dk, dv) one-process attention's error + 1e-5; in bf16 the gradients' bound
+    adds W roundings of the per-step partials (W * 2^-8 * max |grad|): each block's backward returns its dq/dk/dv
+    partial in the input dtype, which the ring then sums in float32 (one process rounds once)."""
     import torch.distributed as dist
 
     from .. import api
@@ -215,17 +223,22 @@ def _check(case: dict, rank: int, world: int):
         *(sh(t) for t in (q, k, v)),
         sh(dout) if bwd else None,
     )
-    # per output: ring err, one-process err, the rule's bound; then the max over ranks
-    errs = torch.tensor(
-        [
-            [(r.double() - sh(f)).abs().max().item(), (sh(o).double() - sh(f)).abs().max().item()]
-            for r, o, f in zip(ring, one, ref)
-        ]
-    )
-    ok = torch.tensor([float(all(e[0] <= (2 if i == 0 else 3) * e[1] + 1e-5 for i, e in enumerate(errs.tolist())))])
-    dist.all_reduce(errs, op=dist.ReduceOp.MAX)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return errs[:, 0].max().item(), errs[0, 1].item(), bool(ok.item())
+    unit = 2.0**-8 if case["dtype"] == "bf16" else 0.0  # bf16's unit roundoff (8 significant bits)
+    rows = []  # per output: ring err, one-process err, bound
+    for i, (r, o, f) in enumerate(zip(ring, one, ref)):
+        ring_err, one_err = (r.double() - sh(f)).abs().max().item(), (sh(o).double() - sh(f)).abs().max().item()
+        bound = (2 if i == 0 else 3) * one_err + 1e-5 + (0.0 if i == 0 else world * unit * f.abs().max().item())
+        rows.append([ring_err, one_err, bound])
+    errs = torch.tensor(rows, dtype=torch.float64)
+    dist.all_reduce(errs, op=dist.ReduceOp.MAX)  # ring err and bound: the worst rank's (bounds: the loosest)
+    fails = torch.tensor([float(e[0] > e[2]) for e in rows])
+    dist.all_reduce(fails, op=dist.ReduceOp.MAX)
+    bad = [
+        f"{n} err {errs[i, 0].item():.1e} > bound {errs[i, 2].item():.1e}"
+        for i, n in enumerate(("out", "dq", "dk", "dv")[: len(rows)])
+        if fails[i] > 0
+    ]
+    return errs[:, 0].max().item(), errs[0, 1].item(), "; ".join(bad) or None
 
 
 def _measure(case: dict, rank: int, world: int, threads: int, reps: int) -> dict:
@@ -317,14 +330,16 @@ def _rows_for(case: dict, rank: int, world: int, threads: int, default_repeats: 
     ring = Row(name, case, "fusedattn", "ok", metric_name=metric_name)
     one = Row(name, case, "one_process", "ok", metric_name=metric_name)
     try:
-        ring_err, one_err, ok = _check(case, rank, world)
+        ring_err, one_err, bad = _check(case, rank, world)
         ring.max_err, one.max_err = ring_err, one_err
-        if not ok:
-            ring.status = f"WRONG (err {ring_err:.1e} > 2x one-process {one_err:.1e})"
+        if bad:
+            ring.status = f"WRONG ({bad})"
         one_tol = 1e-4 if case["dtype"] == "fp32" else 3e-2
         if not one_err <= one_tol:
             one.status = f"WRONG (err {one_err:.1e} > {one_tol:.1e})"
         if ring.status != "ok":
+            if one.status == "ok":
+                one.status = "not timed (the ring failed its check)"
             return [ring, one]
         m = _measure(case, rank, world, threads, repeats(case, default_repeats))
     except Exception as e:  # noqa: BLE001 (reported in the table; the other ranks fail with it)
