@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from fusedattn import bench
 from fusedattn.bench import attention as fam
@@ -261,7 +262,7 @@ def test_hf_family_quick_decode_tokens_and_attention_share(tmp_path, monkeypatch
         for b in ("sdpa", "fusedattn", "eager"):
             r = rows[("decode", cache, b)]
             assert r["status"] == "ok" and r["median_ms"] > 0 and r["max_err"] == 0, r
-            assert r["tokens = sdpa"] == "8/8"
+            assert r["tokens = sdpa"] == "8/8"  # fp32, no ties here
         for b in ("sdpa", "fusedattn"):
             share = rows[("decode", cache, b)][f"attn share {b}"]
             assert share.endswith("%") and 0 < float(share[:-1]) <= 100
@@ -269,3 +270,23 @@ def test_hf_family_quick_decode_tokens_and_attention_share(tmp_path, monkeypatch
     assert rows[("prefill", "dynamic", "eager")]["status"].startswith("skipped (memory)")
     md = (tmp_path / "cpu_hf_quick.md").read_text()
     assert "ratio vs sdpa" in md and "attn share fusedattn" in md
+
+
+def test_hf_family_token_check_accepts_only_rounding_ties():
+    """A sequence may leave sdpa's greedy tokens where sdpa's top two logits are within the implementations'
+    logit difference (a tie), not where the winner was clear."""
+    from fusedattn.bench.hf import _compare_tokens
+
+    ref_logits = torch.zeros(2, 3, 4)
+    ref_logits[:, :, 1] = 1.0  # sdpa picks token 1 everywhere, by a margin of 1
+    ref_logits[0, 1, 2] = 1.0 - 1e-7  # except a near-tie (one fp32 ulp) at sequence 0, step 1
+    ref_tokens = ref_logits.argmax(-1)
+    logits = ref_logits.clone()
+    logits[0, 1, 2] += 2e-7  # another rounding: token 2 wins
+    logits[0, 2] = torch.tensor([0.0, 0.0, 0.0, 5.0])  # after the tie the inputs differ: not compared
+    res = _compare_tokens(logits.argmax(-1), logits, ref_tokens, ref_logits)
+    assert (res["ties"], res["not_ties"], res["tokens_equal"], res["tokens_total"]) == (1, 0, 4, 6)
+    assert 0 < res["logits_diff"] < 1e-6
+    logits[1, 0, 3] = 1.5  # a clear winner (by 1) changed: wrong
+    res = _compare_tokens(logits.argmax(-1), logits, ref_tokens, ref_logits)
+    assert res["not_ties"] == 1
