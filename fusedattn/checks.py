@@ -322,6 +322,41 @@ def check_decode(
         )
 
 
+def check_rotary(rotary_cos, rotary_sin, q, k_new, err: Err = ValueError) -> None:
+    """Rotary tables of a decode call: both or neither; (seqlen_ro, rotary_dim / 2) floating tensors on q's device,
+    rotary_dim <= D; they rotate q and k_new, so k_new must be given. No tensor values."""
+    if rotary_cos is None and rotary_sin is None:
+        return
+    if rotary_cos is None or rotary_sin is None:
+        raise err("rotary_cos and rotary_sin must be given together (or both left None)")
+    if k_new is None:
+        raise err("rotary_cos / rotary_sin rotate q and k_new before the append: they need k_new and v_new")
+    D = q.shape[-1]
+    for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+        check_float_tensor(name, t, 2, "(seqlen_ro, rotary_dim / 2)", err)
+        if t.device != q.device:
+            raise err(f"{name} must be on q's device {q.device}, got {t.device}")
+    if rotary_sin.shape != rotary_cos.shape:
+        raise err(f"rotary_sin must have rotary_cos's shape {tuple(rotary_cos.shape)}, got {tuple(rotary_sin.shape)}")
+    if not 0 < 2 * rotary_cos.shape[1] <= D:
+        raise err(
+            f"rotary_cos must have shape (seqlen_ro, rotary_dim / 2) with 0 < rotary_dim <= head dim {D}, got "
+            f"{tuple(rotary_cos.shape)}"
+        )
+
+
+def check_rotary_positions(rotary_cos, cache_seqlens, rows: int, err: Err = ValueError) -> None:
+    """Eager only: positions cache_seqlens[b] .. cache_seqlens[b] + rows - 1 exist in the tables."""
+    if rows == 0 or cache_seqlens.numel() == 0:
+        return
+    need = int(cache_seqlens.max()) + rows
+    if need > rotary_cos.shape[0]:
+        raise err(
+            f"rotary_cos has {rotary_cos.shape[0]} positions but the call rotates up to position {need - 1} "
+            f"(max cache_seqlens + {rows} - 1)"
+        )
+
+
 def check_decode_indices(
     k_cache, cache_seqlens, Lnew: int, block_table, cache_batch_idx, err: Err = ValueError
 ) -> None:

@@ -26,6 +26,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import checks, dispatch
+from .rotary import apply_rotary
 from .sinks import apply_sinks
 
 __all__ = ["decode_attention", "merge_attention_states"]
@@ -47,6 +48,18 @@ def _cache_rows_aligned(*caches: torch.Tensor) -> bool:
     return True
 
 
+def _rotate(q, k_new, cache_seqlens, cos, sin, interleaved: bool, causal: bool, window):
+    """q and k_new rotated at their cache positions (flash_attn_with_kvcache's rule, see decode_attention)."""
+    B, Lq, Lnew = q.shape[0], q.shape[1], k_new.shape[1]
+    per_row = causal or tuple(window) != (-1, -1)
+    if not torch.compiler.is_compiling():
+        checks.check_rotary_positions(cos, cache_seqlens, max(Lnew, Lq if per_row else 1))
+    start = cache_seqlens.to(torch.int64)[:, None]  # (B, 1)
+    pos_k = start + torch.arange(Lnew, device=q.device)  # (B, Lnew)
+    pos_q = start + torch.arange(Lq, device=q.device) if per_row else start.expand(B, Lq)
+    return apply_rotary(q, cos, sin, pos_q, interleaved), apply_rotary(k_new, cos, sin, pos_k, interleaved)
+
+
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
@@ -66,6 +79,9 @@ def decode_attention(
     softcap: float = 0.0,
     num_splits: int = 0,
     sinks: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    rotary_interleaved: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -94,6 +110,12 @@ def decode_attention(
             Results agree across split counts up to rounding.
         sinks: (Hq,) float, optional: attention sinks (gpt-oss), as in ``fusedattn.attention``; joined once, after
             the splits are merged.
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2), optional (with k_new): rotary embedding applied
+            before the append, as flash_attn_with_kvcache does: k_new row i of sequence b at position
+            ``cache_seqlens[b] + i``; q likewise when causal or windowed, else every q row at
+            ``cache_seqlens[b]``. The first rotary_dim dims of each head rotate; k_new itself is not modified.
+        rotary_interleaved: False (default): GPT-NeoX / Llama pairs (i, i + rotary_dim/2); True: GPT-J pairs
+            (2i, 2i+1) (flash-attn's default). See fusedattn.rotary.
         return_lse: also return the log-sum-exp of each query row's scores, (B, Hq, Lq) float32 (with sinks: of
             the scores and the sink).
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see fusedattn.dispatch). "auto": "cpu" for CPU
@@ -120,6 +142,7 @@ def decode_attention(
     left, right = checks.check_window(window)
     checks.check_num_splits(num_splits)
     checks.check_sinks(sinks, q, q.shape[2])
+    checks.check_rotary(rotary_cos, rotary_sin, q, k_new)
     checks.refuse_grad("decode_attention", q, k_cache, v_cache, k_new, v_new, sinks)
     # The append's aliasing and in-place rules (eager, concrete tensors), RuntimeErrors as torch's own (the C++ and
     # Triton ops repeat them; the reference relies on these). check_decode checked every view against its storage.
@@ -128,6 +151,8 @@ def decode_attention(
         checks.check_decode_indices(
             k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx
         )
+    if rotary_cos is not None:
+        q, k_new = _rotate(q, k_new, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, causal, window)
     case = dispatch.Case(
         q.device,
         q.dtype,

@@ -19,7 +19,7 @@ Outputs are contiguous (B, L, H, D).
 Not supported, raising NotImplementedError that names the argument (never a silently different result):
 ``dropout_p > 0``, ``alibi_slopes``, ``return_attn_probs=True`` / ``return_softmax=True`` (use
 ``_flash_attn_forward`` or ``flash_attn_with_kvcache(..., return_softmax_lse=True)`` for the lse),
-``rotary_cos`` / ``rotary_sin`` and ``cache_leftpad`` in ``flash_attn_with_kvcache``, ``block_table``,
+``cache_leftpad`` in ``flash_attn_with_kvcache``, ``block_table``,
 ``leftpad_k`` and ``seqused_k`` in the varlen functions, ``rng_state`` in the private backwards (it only
 replays dropout). ``deterministic`` is accepted and ignored: fusedattn has one backward per backend, whatever
 its own reduction order is. ``zero_tensors`` is accepted (flash-attn's own kernels ignore it too).
@@ -82,8 +82,6 @@ def _unsupported(fn: str, **args) -> None:
         "alibi_slopes": lambda x: x is not None,
         "return_attn_probs": bool,
         "return_softmax": bool,
-        "rotary_cos": lambda x: x is not None,
-        "rotary_sin": lambda x: x is not None,
         "cache_leftpad": lambda x: x is not None,
         "block_table": lambda x: x is not None,
         "leftpad_k": lambda x: x is not None,
@@ -96,8 +94,6 @@ def _unsupported(fn: str, **args) -> None:
         "return_attn_probs": "the fused kernels never materialize the probabilities (the lse is available from "
         "_flash_attn_forward / _flash_attn_varlen_forward)",
         "return_softmax": "the fused kernels never materialize the probabilities",
-        "rotary_cos": "apply the rotary embedding to q and k before the call",
-        "rotary_sin": "apply the rotary embedding to q and k before the call",
         "cache_leftpad": "left-padded caches are not supported",
         "block_table": "paged K/V is supported by flash_attn_with_kvcache only",
         "leftpad_k": "left-padded keys are not supported",
@@ -387,12 +383,12 @@ def flash_attn_with_kvcache(
     (B_cache, L_max, Hkv, D) or paged (num_blocks, PAGE_SIZE, Hkv, D) with ``block_table`` (any PAGE_SIZE),
     k / v (B, Lnew, Hkv, D) appended **in place** at ``cache_seqlens`` before attending. ``cache_seqlens``: int
     or (B,) int32; None means every sequence fills the cache (not allowed with k / v). Returns out
-    (B, Lq, Hq, Dv), and softmax_lse (B, Hq, Lq) float32 with ``return_softmax_lse``. No backward (as
-    flash-attn's)."""
+    (B, Lq, Hq, Dv), and softmax_lse (B, Hq, Lq) float32 with ``return_softmax_lse``. ``rotary_cos`` /
+    ``rotary_sin`` (seqlen_ro, rotary_dim / 2) rotate q and k before the append (k at cache_seqlens + i; q
+    likewise when causal or local, else at cache_seqlens), GPT-J pairs unless ``rotary_interleaved=False``. No
+    backward (as flash-attn's)."""
     _unsupported(
         "flash_attn_with_kvcache",
-        rotary_cos=rotary_cos,
-        rotary_sin=rotary_sin,
         cache_leftpad=cache_leftpad,
         alibi_slopes=alibi_slopes,
     )
@@ -419,6 +415,9 @@ def flash_attn_with_kvcache(
         window=_window(window_size),
         softcap=_softcap(softcap),
         num_splits=num_splits,
+        rotary_cos=rotary_cos,
+        rotary_sin=rotary_sin,
+        rotary_interleaved=bool(rotary_interleaved),
         return_lse=bool(return_softmax_lse),
         backend=_backend(backend),
     )

@@ -307,6 +307,34 @@ def _cache_positions(
     return torch.full_like(pos, row), pos
 
 
+def rotary_ref(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    start: int,
+    interleaved: bool = False,
+    same_position: bool = False,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Rotary embedding of one sequence's rows x (L, H, D) at positions start, start + 1, ... (all at ``start``
+    with ``same_position``), written as a complex rotation: each pair (a, b) of the first rotary_dim = 2 *
+    cos.shape[1] dims becomes (a + ib) * (cos + i sin) at its position. Pairs are (2i, 2i+1) when
+    ``interleaved`` (GPT-J), else (i, i + rotary_dim/2) (GPT-NeoX). Returns x's dtype, computed in compute_dtype."""
+    L, half = x.shape[0], cos.shape[1]
+    pos = torch.full((L,), start) if same_position else torch.arange(start, start + L)
+    cdt = torch.float64 if compute_dtype == torch.float64 else torch.float32  # complex needs a float32/64 base
+    xr = x[..., : 2 * half].to(compute_dtype).to(cdt)
+    if interleaved:
+        pairs = xr.reshape(L, x.shape[1], half, 2)
+    else:
+        pairs = torch.stack((xr[..., :half], xr[..., half:]), dim=-1)  # (L, H, half, 2)
+    z = torch.view_as_complex(pairs.contiguous())  # (L, H, half)
+    turn = torch.complex(cos[pos].to(cdt), sin[pos].to(cdt))[:, None, :]  # (L, 1, half)
+    r = torch.view_as_real(z * turn).to(compute_dtype)  # (L, H, half, 2)
+    r = r.reshape(L, x.shape[1], 2 * half) if interleaved else torch.cat((r[..., 0], r[..., 1]), dim=-1)
+    return torch.cat((r.to(x.dtype), x[..., 2 * half :]), dim=-1)
+
+
 def decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -324,6 +352,9 @@ def decode_attention_ref(
     return_lse: bool = False,
     compute_dtype: torch.dtype = torch.float32,
     sinks: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    rotary_interleaved: bool = False,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """KV-cache attention with FlashAttention's ``flash_attn_with_kvcache`` semantics, one sequence at a time
     through ``attention_ref``.
@@ -341,6 +372,9 @@ def decode_attention_ref(
         causal, window: bottom-right aligned over the sequence after the append, Lk = cache_seqlens[b] + Lnew:
             query i (position Lk - Lq + i) sees key j iff ``Lk - Lq + i - left <= j <= Lk - Lq + i + right``.
         scale, softcap, compute_dtype, sinks: as in ``attention_ref``.
+        rotary_cos, rotary_sin, rotary_interleaved: rotary embedding of k_new (row i of sequence b at position
+            cache_seqlens[b] + i) and q (likewise when causal or windowed, else all at cache_seqlens[b]) before
+            the append, see ``rotary_ref``.
 
     Returns:
         out (B, Lq, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (B, Hq, Lq). A query that sees no key
@@ -349,6 +383,15 @@ def decode_attention_ref(
     B, Lq, Hq, _ = q.shape
     seqlens = [int(cache_seqlens)] * B if isinstance(cache_seqlens, int) else [int(x) for x in cache_seqlens.tolist()]
     Lnew = 0 if k_new is None else k_new.shape[1]
+    if rotary_cos is not None:
+        per_row = causal or tuple(window) != (-1, -1)
+        rot = dict(cos=rotary_cos, sin=rotary_sin, interleaved=rotary_interleaved, compute_dtype=compute_dtype)
+        k_new = torch.stack([rotary_ref(k_new[b], start=seqlens[b], **rot) for b in range(B)]) if B else k_new
+        q = (
+            torch.stack([rotary_ref(q[b], start=seqlens[b], same_position=not per_row, **rot) for b in range(B)])
+            if B
+            else q
+        )
     if k_new is not None:
         for b in range(B):
             idx = _cache_positions(k_cache, b, seqlens[b], seqlens[b] + Lnew, block_table, cache_batch_idx)

@@ -178,13 +178,40 @@ def test_with_kvcache_appends_in_place(backend, gen):
     )
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("interleaved", [True, False], ids=["gptj", "neox"])
+def test_with_kvcache_rotary(causal, interleaved, gen):
+    """flash-attn's rule: k rotated at cache_seqlens + i; q likewise when causal, else all at cache_seqlens;
+    GPT-J pairs by default; then appended and attended as without rotary."""
+    from fusedattn.reference import rotary_ref
+
+    B, Lmax, Hkv, Hq, D, Lnew = 2, 12, 1, 2, 16, 2
+    k_cache, v_cache = randn(B, Lmax, Hkv, D, gen=gen), randn(B, Lmax, Hkv, D, gen=gen)
+    kc0, vc0 = k_cache.clone(), v_cache.clone()
+    q, kn, vn = randn(B, Lnew, Hq, D, gen=gen), randn(B, Lnew, Hkv, D, gen=gen), randn(B, Lnew, Hkv, D, gen=gen)
+    angle = torch.rand(Lmax, 4, generator=gen) * 6.3  # rotary_dim 8 of 16
+    cos, sin = angle.cos(), angle.sin()
+    lens = (3, 7)
+    kw = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=torch.tensor(lens, dtype=torch.int32), causal=causal)
+    if not interleaved:
+        kw["rotary_interleaved"] = False
+    out = fai.flash_attn_with_kvcache(q, k_cache, v_cache, kn, vn, backend="cpu", **kw)
+    for b, n in enumerate(lens):
+        k_ro = rotary_ref(kn[b], cos, sin, n, interleaved=interleaved)
+        q_ro = rotary_ref(q[b], cos, sin, n, interleaved=interleaved, same_position=not causal)
+        torch.testing.assert_close(k_cache[b, n : n + Lnew], k_ro)
+        kk, vv = torch.cat([kc0[b, :n], k_ro])[None], torch.cat([vc0[b, :n], vn[b]])[None]
+        ref, _ = _ref_blhd(q_ro[None].double(), kk.double(), vv.double(), causal=causal)
+        base, _ = _ref_blhd(q_ro[None], kk, vv, dtype=torch.float32, causal=causal)
+        assert_close_2x(out[b : b + 1], ref, base)
+
+
 @pytest.mark.parametrize(
     "call, name",
     [
         (lambda q: fai.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p"),
         (lambda q: fai.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2)), "alibi_slopes"),
         (lambda q: fai.flash_attn_func(q, q, q, return_attn_probs=True), "return_attn_probs"),
-        (lambda q: fai.flash_attn_with_kvcache(q, q, q, rotary_cos=torch.ones(4, 8)), "rotary_cos"),
         (
             lambda q: fai.flash_attn_with_kvcache(q, q, q, cache_leftpad=torch.zeros(1, dtype=torch.int32)),
             "cache_leftpad",

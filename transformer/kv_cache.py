@@ -25,6 +25,7 @@ from torch import nn
 import fusedattn
 from fusedattn.decode import decode_attention
 from fusedattn.memory import zeros_kv_cache
+from fusedattn.rotary import apply_rotary
 
 __all__ = ["KVCache", "PagedKVCache"]
 
@@ -87,11 +88,17 @@ class _CacheBase(nn.Module):
         lnew = 0 if k_new is None else k_new.shape[1]
         whole = seq_ids is None and q.shape[0] == self.seqlens.shape[0]  # every slot, in order: no gathers
         lens = self.seqlens if whole else self.seqlens[ids]  # (B,) int32
-        if self._prefill_from_empty(q, k_new, v_new, lens, kwargs):
+        dense_kwargs = {n: x for n, x in kwargs.items() if n not in self._ROTARY_KWARGS}
+        if self._prefill_from_empty(q, k_new, v_new, lens, dense_kwargs):
             # A prompt into empty sequences: store it, then attend over k_new / v_new themselves with the
-            # dense kernel (a prefill is compute-bound; the decode kernel is built for a few queries).
+            # dense kernel (a prefill is compute-bound; the decode kernel is built for a few queries). Rotary
+            # tables: q and k_new rotate at positions 0 .. Lnew-1 first, as decode_attention would rotate them.
+            if kwargs.get("rotary_cos") is not None:
+                pos = torch.arange(lnew, device=q.device).expand(q.shape[0], lnew)
+                rot = (kwargs["rotary_cos"], kwargs["rotary_sin"], pos, kwargs.get("rotary_interleaved", False))
+                q, k_new = apply_rotary(q, *rot), apply_rotary(k_new, *rot)
             self.update(0, k_new, v_new, seq_ids=ids)
-            return _attention_bhld(q, k_new, v_new, **kwargs)
+            return _attention_bhld(q, k_new, v_new, **dense_kwargs)
         self._reserve(ids, lens + lnew)
         try:
             out = decode_attention(
@@ -114,6 +121,7 @@ class _CacheBase(nn.Module):
         return out
 
     _DENSE_KWARGS = frozenset({"causal", "scale", "window", "softcap", "return_lse", "backend"})
+    _ROTARY_KWARGS = frozenset({"rotary_cos", "rotary_sin", "rotary_interleaved"})
 
     def _prefill_from_empty(self, q, k_new, v_new, lens, kwargs) -> bool:
         """True when attend() can use fusedattn.attention: several new tokens, one query per new token, every

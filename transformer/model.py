@@ -193,7 +193,8 @@ class MultiHeadAttention(nn.Module):
         seq_ids=None,
     ) -> torch.Tensor:
         """x (B, T, C); context (B, S, C) for cross attention; key_padding_mask (B, T or S) bool; positions (B, T)
-        for rotary. With a KV cache (self attention only), k/v are appended to it and the queries attend to
+        for rotary (with a KV cache and no positions, q and k rotate at the cache positions inside
+        decode_attention's append). With a KV cache (self attention only), k/v are appended to it and the queries attend to
         everything cached through fusedattn.decode_attention (causal, bottom-right); padding is then expressed
         by the cache's per-sequence lengths, not by a mask. Returns (B, T, C)."""
         B, T, _ = x.shape
@@ -206,13 +207,16 @@ class MultiHeadAttention(nn.Module):
         else:
             q, k, v = self.qkv_proj(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
             q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if self.rotary is not None:
+        rotary_in_cache = self.rotary is not None and cache is not None and positions is None
+        if self.rotary is not None and not rotary_in_cache:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         if cache is not None:
             if self.cross:
                 raise ValueError("a KV cache is for self attention only")
             backend = "reference" if self.backend == "torch" else self.backend  # sdpa has no cached decode
-            y = cache.attend(q, k, v, seq_ids=seq_ids, causal=True, backend=backend)  # (B, T, H, D)
+            # Rotary at the cache positions (cache length + 0..T-1) is done by the append itself.
+            rot = dict(rotary_cos=self.rotary.cos, rotary_sin=self.rotary.sin) if rotary_in_cache else {}
+            y = cache.attend(q, k, v, seq_ids=seq_ids, causal=True, backend=backend, **rot)  # (B, T, H, D)
         else:
             y = attend(
                 q.transpose(1, 2),
@@ -442,12 +446,13 @@ class GPT(nn.Module):
         B, T = idx.shape
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per layer ({len(self.blocks)}), got {len(caches)}")
+        block_positions = positions  # None with caches: the rotary (if any) rotates at the cache positions
         if positions is None:
             if caches is not None:
                 ids = caches[0]._ids(seq_ids, B)
                 positions = caches[0].seqlens[ids].long()[:, None] + torch.arange(T, device=idx.device)  # (B, T)
             else:
-                positions = _positions(attention_mask, B, T, idx.device)
+                positions = block_positions = _positions(attention_mask, B, T, idx.device)
         if int(positions.max()) >= self.config.block_size:
             raise ValueError(f"position {int(positions.max())} is past block_size {self.config.block_size}")
         x = self.drop(self.embed(idx, positions))  # (B, T, C)
@@ -456,7 +461,7 @@ class GPT(nn.Module):
                 x,
                 causal=True,
                 key_padding_mask=attention_mask if caches is None else None,
-                positions=positions,
+                positions=block_positions,
                 cache=None if caches is None else caches[i],
                 seq_ids=seq_ids,
             )
