@@ -10,7 +10,7 @@ and plots.
 
 ``distributed`` (ring attention over W CPU processes on gloo, ``--world-size W``, default 2, vs one-process
 attention at the same total length, and the communication share) spawns its own processes and takes
-minutes (~6 on 2 cores): ``all`` leaves it out, name it.
+minutes (~5 on 2 loaded cores): ``all`` leaves it out, name it.
 
 ``--where [FAMILY:]KEY=V1,V2`` keeps the cases whose KEY is one of the values (repeatable; without FAMILY it
 applies to every family run). ``--time-cap S``: cases (and backends) not started within S seconds of the
