@@ -322,6 +322,31 @@ def check_decode(
         )
 
 
+def check_leftpad(cache_leftpad, cache_seqlens, k_cache, v_cache, block_table, err: Err = ValueError) -> None:
+    """cache_leftpad (B,) int32 on the caches' device, contiguous caches only, 0 <= leftpad <= cache_seqlens
+    (eager: reads the values), and a cache layout whose positions can be addressed as pages of one stride."""
+    if block_table is not None:
+        raise err("cache_leftpad is for contiguous caches: a paged cache expresses padding by its block table")
+    B = cache_seqlens.shape[0]
+    check_int32("cache_leftpad", cache_leftpad, (B,), f"(B,) = ({B},)", cache_seqlens.device, err)
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        s0, s1 = t.stride(0), t.stride(1)
+        inner = (t.shape[2] - 1) * t.stride(2) + (t.shape[3] - 1) * t.stride(3)
+        if t.numel() and (s1 <= 0 or s0 % s1 or (t.shape[1] > 1 and inner >= s1)):
+            raise err(
+                f"cache_leftpad needs {name} positions laid out one after another, (B_cache, L_max, Hkv, D) with "
+                f"stride(0) a multiple of stride(1) and each position's heads within stride(1); got strides {t.stride()}"
+            )
+    if not torch.compiler.is_compiling() and B:
+        bad = ((cache_leftpad < 0) | (cache_leftpad > cache_seqlens)).nonzero()
+        if bad.numel():
+            b = int(bad[0])
+            raise err(
+                f"cache_leftpad[{b}] = {int(cache_leftpad[b])} must be in [0, cache_seqlens[{b}] = "
+                f"{int(cache_seqlens[b])}]"
+            )
+
+
 def check_rotary(rotary_cos, rotary_sin, q, k_new, err: Err = ValueError) -> None:
     """Rotary tables of a decode call: both or neither; (seqlen_ro, rotary_dim / 2) floating tensors on q's device,
     rotary_dim <= D; they rotate q and k_new, so k_new must be given. No tensor values."""

@@ -60,6 +60,23 @@ def _rotate(q, k_new, cache_seqlens, cos, sin, interleaved: bool, causal: bool, 
     return apply_rotary(q, cos, sin, pos_q, interleaved), apply_rotary(k_new, cos, sin, pos_k, interleaved)
 
 
+def _leftpad_as_pages(k_cache, v_cache, cache_seqlens, leftpad, cache_batch_idx):
+    """A left-padded contiguous cache as a paged one with PAGE_SIZE 1: page p of the view is the position at element
+    offset p * stride(1), so position j of cache row r is page r * (stride(0) / stride(1)) + j, and sequence b's
+    logical key i is page row_b * rstride + leftpad_b + i. Lengths become cache_seqlens - leftpad."""
+    B, L_max = cache_seqlens.shape[0], k_cache.shape[1]
+    views = []
+    for t in (k_cache, v_cache):
+        s0, s1 = t.stride(0), t.stride(1)
+        pages = (t.shape[0] - 1) * (s0 // s1) + L_max if t.shape[0] else 0
+        views.append(t.as_strided((pages, 1, t.shape[2], t.shape[3]), (s1, s1, t.stride(2), t.stride(3))))
+    rows = torch.arange(B, device=k_cache.device) if cache_batch_idx is None else cache_batch_idx.to(torch.int64)
+    first = rows * (k_cache.stride(0) // k_cache.stride(1)) + leftpad.to(torch.int64)  # (B,)
+    j = torch.arange(L_max, device=k_cache.device)
+    table = (first[:, None] + torch.minimum(j, (L_max - 1 - leftpad.to(torch.int64))[:, None])).to(torch.int32)
+    return views[0], views[1], table, cache_seqlens - leftpad
+
+
 # ------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------
@@ -73,6 +90,7 @@ def decode_attention(
     v_new: Optional[torch.Tensor] = None,
     block_table: Optional[torch.Tensor] = None,
     cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
     causal: bool = True,
     scale: Optional[float] = None,
     window: Tuple[int, int] = (-1, -1),
@@ -99,6 +117,11 @@ def decode_attention(
         block_table: (B, max_blocks) int32: page ``block_table[b, j // PAGE_SIZE]`` holds key j of sequence b.
             Any PAGE_SIZE >= 1. Only the pages a sequence uses are read (the rest of its row may be anything).
         cache_batch_idx: (B,) int32: cache row of each sequence (contiguous cache), default ``arange(B)``.
+        cache_leftpad: (B,) int32, optional (contiguous cache): sequence b's keys start at position
+            ``cache_leftpad[b]`` (a left-padded batch); positions before it are never read. ``cache_seqlens`` stays
+            the end position (where the append writes), so the sequence holds ``cache_seqlens - cache_leftpad``
+            keys; causal and window align on them. Served by the paged kernels over a page-size-1 view of the
+            cache (no copy; a (B, L_max) int32 block table is built per call).
         causal: bottom-right aligned over the sequence after the append (Lk = cache_seqlens[b] + Lnew): query i
             sees keys ``j <= Lk - Lq + i``.
         scale: multiplies q.k; default ``1/sqrt(D)``.
@@ -151,8 +174,14 @@ def decode_attention(
         checks.check_decode_indices(
             k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx
         )
-    if rotary_cos is not None:
+    if rotary_cos is not None:  # at the physical positions, as flash-attn (with or without cache_leftpad)
         q, k_new = _rotate(q, k_new, cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, causal, window)
+    if cache_leftpad is not None:
+        checks.check_leftpad(cache_leftpad, cache_seqlens, k_cache, v_cache, block_table)
+        k_cache, v_cache, block_table, cache_seqlens = _leftpad_as_pages(
+            k_cache, v_cache, cache_seqlens, cache_leftpad, cache_batch_idx
+        )
+        cache_batch_idx = None
     case = dispatch.Case(
         q.device,
         q.dtype,

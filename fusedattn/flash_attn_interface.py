@@ -19,7 +19,7 @@ Outputs are contiguous (B, L, H, D).
 Not supported, raising NotImplementedError that names the argument (never a silently different result):
 ``dropout_p > 0``, ``alibi_slopes``, ``return_attn_probs=True`` / ``return_softmax=True`` (use
 ``_flash_attn_forward`` or ``flash_attn_with_kvcache(..., return_softmax_lse=True)`` for the lse),
-``cache_leftpad`` in ``flash_attn_with_kvcache``, ``block_table``,
+``block_table``,
 ``leftpad_k`` and ``seqused_k`` in the varlen functions, ``rng_state`` in the private backwards (it only
 replays dropout). ``deterministic`` is accepted and ignored: fusedattn has one backward per backend, whatever
 its own reduction order is. ``zero_tensors`` is accepted (flash-attn's own kernels ignore it too).
@@ -82,7 +82,6 @@ def _unsupported(fn: str, **args) -> None:
         "alibi_slopes": lambda x: x is not None,
         "return_attn_probs": bool,
         "return_softmax": bool,
-        "cache_leftpad": lambda x: x is not None,
         "block_table": lambda x: x is not None,
         "leftpad_k": lambda x: x is not None,
         "seqused_k": lambda x: x is not None,
@@ -94,7 +93,6 @@ def _unsupported(fn: str, **args) -> None:
         "return_attn_probs": "the fused kernels never materialize the probabilities (the lse is available from "
         "_flash_attn_forward / _flash_attn_varlen_forward)",
         "return_softmax": "the fused kernels never materialize the probabilities",
-        "cache_leftpad": "left-padded caches are not supported",
         "block_table": "paged K/V is supported by flash_attn_with_kvcache only",
         "leftpad_k": "left-padded keys are not supported",
         "seqused_k": "seqused_k is not supported (pass the real lengths in cu_seqlens_k)",
@@ -386,12 +384,8 @@ def flash_attn_with_kvcache(
     (B, Lq, Hq, Dv), and softmax_lse (B, Hq, Lq) float32 with ``return_softmax_lse``. ``rotary_cos`` /
     ``rotary_sin`` (seqlen_ro, rotary_dim / 2) rotate q and k before the append (k at cache_seqlens + i; q
     likewise when causal or local, else at cache_seqlens), GPT-J pairs unless ``rotary_interleaved=False``. No
-    backward (as flash-attn's)."""
-    _unsupported(
-        "flash_attn_with_kvcache",
-        cache_leftpad=cache_leftpad,
-        alibi_slopes=alibi_slopes,
-    )
+    backward (as flash-attn's). ``cache_leftpad`` (B,) int32: sequence b's keys start there (contiguous caches)."""
+    _unsupported("flash_attn_with_kvcache", alibi_slopes=alibi_slopes)
     checks.check_float_tensor("q", q, 4, "(B, Lq, Hq, D)")
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (or neither)")
@@ -410,6 +404,7 @@ def flash_attn_with_kvcache(
         v_new=v,
         block_table=block_table,
         cache_batch_idx=cache_batch_idx,
+        cache_leftpad=cache_leftpad,
         causal=bool(causal),
         scale=softmax_scale,
         window=_window(window_size),

@@ -355,6 +355,7 @@ def decode_attention_ref(
     rotary_cos: Optional[torch.Tensor] = None,
     rotary_sin: Optional[torch.Tensor] = None,
     rotary_interleaved: bool = False,
+    cache_leftpad: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """KV-cache attention with FlashAttention's ``flash_attn_with_kvcache`` semantics, one sequence at a time
     through ``attention_ref``.
@@ -375,6 +376,8 @@ def decode_attention_ref(
         rotary_cos, rotary_sin, rotary_interleaved: rotary embedding of k_new (row i of sequence b at position
             cache_seqlens[b] + i) and q (likewise when causal or windowed, else all at cache_seqlens[b]) before
             the append, see ``rotary_ref``.
+        cache_leftpad: (B,) first valid position of each sequence (contiguous caches): its keys are positions
+            cache_leftpad[b] .. cache_seqlens[b] + Lnew - 1, and causal / window align on them.
 
     Returns:
         out (B, Lq, Hq, Dv) in q.dtype, and with ``return_lse`` the lse (B, Hq, Lq). A query that sees no key
@@ -399,7 +402,8 @@ def decode_attention_ref(
             v_cache[idx] = v_new[b]  # (Lnew, Hkv, Dv)
     outs, lses = [], []
     for b in range(B):
-        idx = _cache_positions(k_cache, b, 0, seqlens[b] + Lnew, block_table, cache_batch_idx)
+        first = 0 if cache_leftpad is None else int(cache_leftpad[b])
+        idx = _cache_positions(k_cache, b, first, seqlens[b] + Lnew, block_table, cache_batch_idx)
         k = k_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, D)
         v = v_cache[idx].permute(1, 0, 2).unsqueeze(0)  # (1, Hkv, Lk, Dv)
         out, lse = attention_ref(

@@ -212,10 +212,6 @@ def test_with_kvcache_rotary(causal, interleaved, gen):
         (lambda q: fai.flash_attn_func(q, q, q, dropout_p=0.1), "dropout_p"),
         (lambda q: fai.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2)), "alibi_slopes"),
         (lambda q: fai.flash_attn_func(q, q, q, return_attn_probs=True), "return_attn_probs"),
-        (
-            lambda q: fai.flash_attn_with_kvcache(q, q, q, cache_leftpad=torch.zeros(1, dtype=torch.int32)),
-            "cache_leftpad",
-        ),
         (lambda q: fai._flash_attn_forward(q, q, q, 0.0, None, False, -1, -1, 0.0, None, True), "return_softmax"),
     ],
 )
