@@ -269,7 +269,8 @@ def test_hf_family_quick_decode_tokens_and_attention_share(tmp_path, monkeypatch
     assert rows[("prefill", "dynamic", "fusedattn")]["status"] == "ok"
     assert rows[("prefill", "dynamic", "eager")]["status"].startswith("skipped (memory)")
     md = (tmp_path / "cpu_hf_quick.md").read_text()
-    assert "ratio vs sdpa" in md and "attn share fusedattn" in md
+    assert "ratio vs sdpa" in md and "attn share fusedattn" in md and "step ratio vs sdpa" in md
+    assert float(rows[("decode", "static", "fusedattn")]["step ms fusedattn"]) > 0
 
 
 def test_hf_family_token_check_accepts_only_rounding_ties():

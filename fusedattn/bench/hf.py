@@ -25,7 +25,9 @@ steps with the same inputs is reported beside.
 Prefill -- the last position's logits on a reduced copy (B <= 2, P <= 64) against the model in float64 (eager).
 Attention share (decode, sdpa and fusedattn): the time inside transformers' attention function (the registered
 callable wrapped by a perf_counter timer) over the time of the whole forward, summed over steps 2..N of one
-untimed decode call (the check's). "bound" = 1 / (1 - sdpa's share): the decode speed-up over sdpa
+untimed decode call (the check's). Each step of the other calls is timed too: "step ms" is their median,
+"step ratio vs sdpa" sdpa's over fusedattn's (7 x 16 samples each: sturdier than the 5 call times on a machine
+shared with other jobs). "bound" = 1 / (1 - sdpa's share): the decode speed-up over sdpa
 if fusedattn's attention took no time at all.
 
 "eager" materialises the (B, H, P, P) scores of a prefill: it is skipped where they would take more than
@@ -38,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import statistics
 import time
 from typing import Optional
 
@@ -60,7 +63,8 @@ formula = (
     "(bf16) on the same inputs (must be 0), tokens = sdpa counts the "
     "identical tokens and the ties; prefill err = "
     "max |last logits - float64 eager| on a reduced copy. attn share = time inside the attention function / "
-    "time of the step (steps 2..N of the check's untimed call); bound = 1 / (1 - sdpa share)."
+    "time of the step (steps 2..N of the check's untimed call); bound = 1 / (1 - sdpa share). step ms = median "
+    "of every decode step of the case's untimed warm-up and timed calls; step ratio = sdpa step / fusedattn step."
 )
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 N_STEPS = 16
@@ -255,9 +259,9 @@ class _AttnTimer:
         self.iface._global_mapping[self.impl] = self.orig
 
 
-def _decode(inputs: dict, case: dict, impl: str, share: bool = False):
-    """N greedy steps from the rewound cache: (tokens (B, N), last logits (B, V), largest |logits| seen per step
-    list or None, attention share or None)."""
+def _decode(inputs: dict, case: dict, impl: str, share: bool = False, steps: Optional[list] = None):
+    """N greedy steps from the rewound cache: (tokens (B, N), step logits (B, N, V), attention share or None).
+    ``steps``: each step's seconds are appended to it."""
     model, cache, P, N = inputs["model"], inputs["cache"], case["P"], case["N"]
     model.set_attn_implementation(impl)
     _rewind(cache, P)
@@ -274,7 +278,10 @@ def _decode(inputs: dict, case: dict, impl: str, share: bool = False):
             if i > 0:  # step 1 pays first-call costs (allocations, the mask analysis' caches)
                 attn, step = attn + timer.seconds, step + t
         else:
+            t0 = time.perf_counter()
             logits = model(tok, past_key_values=cache, use_cache=True).logits[:, -1]
+            if steps is not None:
+                steps.append(time.perf_counter() - t0)
         tok = logits.argmax(-1, keepdim=True)
         toks.append(tok)
         logits_all.append(logits)
@@ -299,7 +306,8 @@ class _Impl:
     def __call__(self, inputs: dict, case: dict):
         if case["phase"] == "prefill":
             return _prefill(inputs, case, self.impl)
-        return _decode(inputs, case, self.impl)[0]
+        steps = _results.setdefault(_key(case), {}).setdefault(self.impl, {}).setdefault("steps", [])
+        return _decode(inputs, case, self.impl, steps=steps)[0]
 
 
 def backends(device: str, quick: bool = False) -> dict:
@@ -440,6 +448,24 @@ def _min_ratio(r: Row) -> str:
     return "-" if not ours or not theirs else f"{theirs / ours:.2f}x"
 
 
+def _step_ms(r: Row, backend: Optional[str] = None) -> Optional[float]:
+    """The median of every single decode step timed in this case's calls (warm-up and timed calls: 7 x N)."""
+    steps = _res(r, backend).get("steps")
+    return 1e3 * statistics.median(steps) if steps else None
+
+
+def _step_cell(r: Row, backend: Optional[str] = None) -> str:
+    ms = _step_ms(r, backend)
+    return "-" if ms is None else f"{ms:.1f}"
+
+
+def _step_ratio(r: Row) -> str:
+    """sdpa's median step / fusedattn's median step: the decode speed-up from N x (repeats + 2) samples each, less
+    exposed than the call medians to other jobs' bursts."""
+    ours, theirs = _step_ms(r, "fusedattn"), _step_ms(r, "sdpa")
+    return "-" if not ours or not theirs else f"{theirs / ours:.2f}x"
+
+
 def _bound(r: Row) -> str:
     s = _res(r, "sdpa").get("attn_share")
     return "-" if s is None or s >= 1 else f"{1 / (1 - s):.2f}x"
@@ -457,6 +483,9 @@ extra_columns = [
     ("attn share fusedattn", lambda r: _share(r, "fusedattn")),
     ("bound", _bound),
     ("min ratio vs sdpa", _min_ratio),
+    ("step ms sdpa", lambda r: _step_cell(r, "sdpa")),
+    ("step ms fusedattn", lambda r: _step_cell(r, "fusedattn")),
+    ("step ratio vs sdpa", _step_ratio),
 ]
 
 
