@@ -10,7 +10,9 @@ and plots.
 
 ``distributed`` (ring attention over W CPU processes on gloo, ``--world-size W``, default 2, vs one-process
 attention at the same total length, and the communication share) spawns its own processes and takes
-minutes (~5 on 2 loaded cores): ``all`` leaves it out, name it.
+minutes (~5 on 2 loaded cores): ``all`` leaves it out, name it. ``features`` (each optional feature -- sinks,
+rotary in the decode append, cache_leftpad -- against the same kernel without it, same run) is left out of
+``all`` too.
 
 ``--where [FAMILY:]KEY=V1,V2`` keeps the cases whose KEY is one of the values (repeatable; without FAMILY it
 applies to every family run). ``--time-cap S``: cases (and backends) not started within S seconds of the
@@ -28,10 +30,10 @@ import time
 
 import torch
 
-from . import attention, decode, distributed, hf, model
+from . import attention, decode, distributed, features, hf, model
 from .core import machine_info, parse_where, run_family, write_bundle
 
-FAMILIES = {fam.name: fam for fam in (attention, decode, model, hf, distributed)}
+FAMILIES = {fam.name: fam for fam in (attention, decode, model, hf, features, distributed)}
 IN_ALL = [n for n, fam in FAMILIES.items() if getattr(fam, "in_all", True)]  # `all`: not distributed (slow)
 
 
