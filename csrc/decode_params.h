@@ -1,6 +1,7 @@
-// The parameters of decode_fwd that the CPU (csrc/cpu/decode.h) and CUDA (csrc/cuda/params.h) kernels share,
-// written once: plain pointers, sizes and element strides, filled by fill_decode (csrc/params_fill.h) after the
-// checks of csrc/checks.h. Each device's DecodeParams derives from DecodeCommon and adds only its own fields.
+// The parameters of decode_fwd and merge_attention_states that the CPU (csrc/cpu/decode.h) and CUDA
+// (csrc/cuda/params.h) kernels share, written once: plain pointers, sizes and element strides, filled by
+// fill_decode / fill_merge (csrc/params_fill.h) after the checks of csrc/checks.h. Each device's DecodeParams
+// (MergeParams) derives from DecodeCommon (MergeCommon) and adds only its own fields.
 // Torch-free and CUDA-free, so that the per-ISA CPU kernels and a bare nvcc compile it.
 //
 // Semantics (fusedattn::decode_fwd, csrc/torch_bindings.cpp): sequence b has Lk_b = cache_seqlens[b] + Lnew keys
@@ -35,6 +36,19 @@ struct DecodeCommon {
   int64_t num_splits;                        // >= 1 key-range splits per sequence (at most the keys read, >= 1)
   void* out;                                 // (B, Lq, Hq, Dv) contiguous, dtype of q
   float* lse;                                // (B, Hq, Lq) contiguous, natural log
+};
+
+// Log-sum-exp merge of two attention states over disjoint key sets (merge_attention_states):
+//   out = (e^(lse_a - M) out_a + e^(lse_b - M) out_b) / (e^(lse_a - M) + e^(lse_b - M)),
+//   lse = M + log(e^(lse_a - M) + e^(lse_b - M)),  M = max(lse_a, lse_b).
+struct MergeCommon {
+  int64_t B, L, H, D;
+  const void* out_a; int64_t oa_stride[3];   // (B, L, H, D), unit stride along D
+  const void* out_b; int64_t ob_stride[3];
+  const float* lse_a; int64_t la_stride[3];  // (B, H, L)
+  const float* lse_b; int64_t lb_stride[3];
+  void* out;                                 // (B, L, H, D) contiguous, dtype of out_a
+  float* lse;                                // (B, H, L) contiguous
 };
 
 }  // namespace fusedattn

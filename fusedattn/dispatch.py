@@ -21,8 +21,9 @@ Families and their op signatures (the C++ schemas, csrc/torch_bindings.cpp):
   merge      (out_a, lse_a, out_b, lse_b) -> (out, lse)
 
 Availability (extension loaded, CUDA present, Triton importable) is probed once, at import, into plain dicts, so
-torch.compile traces ``resolve`` without graph breaks. Adding a backend: its entries in ``TABLE`` (op + rule), its
-probe in ``_PROBES``, its place in ``DEVICE_PREFERENCE``, its kernel module, and one line in the test fixture.
+torch.compile traces ``resolve`` without graph breaks. Adding a backend: its probe in ``_PROBES`` (which also makes
+it one of ``BACKENDS``), its entries in ``_SPEC`` (op + rule per family; ``TABLE`` is built from it), its place in
+``DEVICE_PREFERENCE``, its kernel module, and one line in the test fixture (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ from . import _ops
 from .checks import default_scale
 from .reference import attention_ref, decode_attention_ref, merge_attention_states_ref, varlen_attention_ref
 
-BACKENDS = ("cpu", "triton", "cuda", "reference")  # the real backends (the test fixture's order)
-CHOICES = ("auto",) + BACKENDS  # what a public function's backend= accepts
-FAMILIES = ("attention", "sdpa", "varlen", "decode", "merge")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # "auto": the kernels tried, in order, for tensors on each device type. One choice for every family: the
@@ -131,6 +129,8 @@ _PROBES: Dict[str, Callable[[], Optional[str]]] = {
     "cuda": _probe_cuda,
     "reference": lambda: None,
 }
+BACKENDS = tuple(_PROBES)  # the real backends (the test fixture's order)
+CHOICES = ("auto",) + BACKENDS  # what a public function's backend= accepts
 _INTERPRETING = _interpreting()
 _REASONS: Dict[str, Optional[str]] = {name: _PROBES[name]() for name in BACKENDS}
 
@@ -413,6 +413,7 @@ _SPEC = {
         "reference": (lambda: _merge_reference, _everything),
     },
 }
+FAMILIES = tuple(_SPEC)  # ("attention", "sdpa", "varlen", "decode", "merge")
 FALLBACK = {
     "attention": "reference",
     "sdpa": "torch",

@@ -382,44 +382,6 @@ def _err(msg: str) -> RuntimeError:
 _is_concrete = checks.is_concrete  # plain tensors holding values (not fake / functional ones while compiling)
 
 
-def _check_decode_args(
-    q,
-    k_cache,
-    v_cache,
-    cache_seqlens,
-    k_new,
-    v_new,
-    block_table,
-    cache_batch_idx,
-    scale,
-    window_left,
-    window_right,
-    softcap,
-    num_splits,
-) -> None:
-    """The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's), the rules of
-    fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars; with concrete tensors the
-    storage under every view and the append's aliasing and in-place rules (those of the C++ op); then -- with
-    concrete CPU tensors (the interpreter) -- every index the kernels follow."""
-    checks.check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, err=_err)
-    checks.check_append(k_cache, v_cache, k_new, v_new, err=_err)
-    if q.dtype not in _FUSED_DTYPES:
-        raise _err(f"q must be float32, bfloat16 or float16, got {q.dtype}")
-    checks.check_scale(scale, err=_err)
-    checks.check_softcap(softcap, err=_err)
-    checks.check_window_sizes(window_left, window_right, err=_err)
-    checks.check_num_splits(num_splits, err=_err)
-    if q.device.type != "cpu" or not _is_concrete(cache_seqlens, block_table, cache_batch_idx) or q.shape[0] == 0:
-        # On a GPU (a device sync and a few launches per call would cost a decode step ~5-10%; the public
-        # wrapper checks eagerly) and while tracing: the kernels refuse bad indices themselves -- no access
-        # outside the tensors, and the affected sequence's output and lse are NaN.
-        return
-    # Value checks (interpreter, CPU tensors).
-    checks.check_decode_indices(
-        k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx, err=_err
-    )
-
-
 def _decode_impl(
     q,
     k_cache,
@@ -438,21 +400,25 @@ def _decode_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Checks, appends k_new/v_new in place, runs the split-KV kernel and, for > 1 split, the combine.
     `launch(kernel)` is the kernel itself (eager / interpreter) or wrap_triton(kernel) (triton_op)."""
-    _check_decode_args(
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        k_new,
-        v_new,
-        block_table,
-        cache_batch_idx,
-        scale,
-        window_left,
-        window_right,
-        softcap,
-        num_splits,
-    )
+    # The op's own checks (direct torch.ops calls and compiled graphs skip the Python wrapper's), the rules of
+    # fusedattn/checks.py raised as RuntimeErrors: shapes, dtypes, devices, scalars; with concrete tensors the
+    # storage under every view and the append's aliasing and in-place rules (those of the C++ op).
+    checks.check_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, cache_batch_idx, err=_err)
+    checks.check_append(k_cache, v_cache, k_new, v_new, err=_err)
+    if q.dtype not in _FUSED_DTYPES:
+        raise _err(f"q must be float32, bfloat16 or float16, got {q.dtype}")
+    checks.check_scale(scale, err=_err)
+    checks.check_softcap(softcap, err=_err)
+    checks.check_window_sizes(window_left, window_right, err=_err)
+    checks.check_num_splits(num_splits, err=_err)
+    if q.device.type == "cpu" and _is_concrete(cache_seqlens, block_table, cache_batch_idx) and q.shape[0] > 0:
+        # Value checks (interpreter, concrete CPU tensors): every index the kernels follow. Not on a GPU (a device
+        # sync and a few launches per call would cost a decode step ~5-10%; the public wrapper checks eagerly) nor
+        # while tracing: there the kernels refuse bad indices themselves -- no access outside the tensors, and the
+        # affected sequence's output and lse are NaN.
+        checks.check_decode_indices(
+            k_cache, cache_seqlens, 0 if k_new is None else k_new.shape[1], block_table, cache_batch_idx, err=_err
+        )
     B, Lq, Hq, D = q.shape
     Hkv, Dv = k_cache.shape[2], v_cache.shape[3]
     paged = block_table is not None
@@ -654,21 +620,7 @@ def _decode_op(
     )
 
 
-def _decode_fake(
-    q,
-    k_cache,
-    v_cache,
-    cache_seqlens,
-    k_new,
-    v_new,
-    block_table,
-    cache_batch_idx,
-    scale,
-    window_left,
-    window_right,
-    softcap,
-    num_splits,
-):
+def _decode_fake(q, k_cache, v_cache, *_):  # the shapes follow from q and v_cache
     B, Lq, Hq, _ = q.shape
     return q.new_empty((B, Lq, Hq, v_cache.shape[-1])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 

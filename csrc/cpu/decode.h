@@ -17,18 +17,9 @@ struct DecodeParams : DecodeCommon {
   int64_t kv_heads_per_task;                 // divides Hkv: kv heads one task processes together
 };
 
-// Log-sum-exp merge of two attention states over disjoint key sets (merge_attention_states):
-//   out = (e^(lse_a - M) out_a + e^(lse_b - M) out_b) / (e^(lse_a - M) + e^(lse_b - M)),
-//   lse = M + log(e^(lse_a - M) + e^(lse_b - M)),  M = max(lse_a, lse_b).
-struct MergeParams {
+// merge_attention_states: the shared fields (csrc/decode_params.h, with the formula), plus the CPU's.
+struct MergeParams : MergeCommon {
   InDtype dtype;                             // of out_a, out_b and out
-  int64_t B, L, H, D;
-  const void* out_a; int64_t oa_stride[3];   // (B, L, H, D), unit stride along D
-  const void* out_b; int64_t ob_stride[3];
-  const float* lse_a; int64_t la_stride[3];  // (B, H, L)
-  const float* lse_b; int64_t lb_stride[3];
-  void* out;                                 // (B, L, H, D) contiguous
-  float* lse;                                // (B, H, L) contiguous
 };
 
 // Implemented once per ISA in namespace fusedattn::cpu::<ISA>.

@@ -53,16 +53,9 @@ struct DecodeParams : DecodeCommon {
   float* lse_partial;                           // (num_splits, B, Hq, Lq) fp32 scratch, natural log
 };
 
-// merge_attention_states: out = (w_a out_a + w_b out_b) / (w_a + w_b), w_x = e^(lse_x - max(lse_a, lse_b)).
-struct MergeParams {
-  int64_t B, L, H, D;
-  const void* out_a; int64_t oa_stride[3];      // (B, L, H, D), unit stride along D
-  const void* out_b; int64_t ob_stride[3];
-  const float* lse_a; int64_t la_stride[3];     // (B, H, L)
-  const float* lse_b; int64_t lb_stride[3];
-  void* out;                                    // (B, L, H, D) contiguous
-  float* lse;                                   // (B, H, L) contiguous
-};
+// merge_attention_states: the fields both devices share (csrc/decode_params.h, with the formula); the CUDA kernel
+// needs no other (the launcher is templated on the dtype).
+using MergeParams = MergeCommon;
 
 // Launchers: T is __half or __nv_bfloat16 (merge also float), D the head dim (64, 128 or 256). Each
 // returns cudaGetLastError() after its launches. Instantiated in flash_fwd_hdim*.cu, flash_bwd_hdim*.cu,
