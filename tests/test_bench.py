@@ -291,3 +291,23 @@ def test_hf_family_token_check_accepts_only_rounding_ties():
     logits[1, 0, 3] = 1.5  # a clear winner (by 1) changed: wrong
     res = _compare_tokens(logits.argmax(-1), logits, ref_tokens, ref_logits)
     assert res["not_ties"] == 1
+
+
+def test_features_family_checks_each_call_against_its_own_reference(tmp_path, monkeypatch):
+    """bench features --quick: every feature row and its plain twin pass their checks and are timed; a feature
+    call that ignored its feature would fail the check against the reference with it."""
+    from fusedattn.bench import features as ffam
+
+    small = [dict(c, L=64, B=2, Hq=4, Hkv=2, D=32) for c in ffam.cases(quick=True, device="cpu", dtypes=["fp32"])]
+    monkeypatch.setattr(ffam, "cases", lambda **kw: small)
+    bench.main(["features", "--repeats", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "cpu_features.json").read_text())
+    rows = data["rows"]
+    assert {r["case"]["feature"] for r in rows} == {"sinks", "rotary", "leftpad"}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    fns = ffam.backends("cpu")
+    plain_as_feature = fns["fusedattn_plain"]
+    monkeypatch.setattr(plain_as_feature, "with_feature", True)  # checked against the reference with the feature
+    for case in small:
+        err, tol = ffam.check(plain_as_feature, case, "cpu")
+        assert err > tol, case
