@@ -16,6 +16,7 @@ PYBIND11_MODULE(_C, m) {
         d["torch_version"] = FUSEDATTN_TORCH_VERSION;   // torch the binary was built against
         d["cpu_isas"] = FUSEDATTN_CPU_ISAS;             // kernel builds inside this binary
         d["cpu_isa_selected"] = fusedattn::cpu::selected_isa();
+        d["cpu_bf16_forward"] = fusedattn::cpu::bf16_forward_path();  // what serves the bf16 forward
         d["cuda"] = static_cast<bool>(FUSEDATTN_WITH_CUDA);  // CUDA kernels (csrc/cuda) compiled in
         d["cuda_archs"] = FUSEDATTN_CUDA_ARCHS;              // e.g. "80-real,90a-real"; "" without CUDA
         d["cuda_reason"] = FUSEDATTN_CUDA_REASON;            // why not, or what they were built for

@@ -36,6 +36,8 @@ def info() -> None:
             f"  CPU kernels built for: {bi['cpu_isas']}; used here: {bi['cpu_isa_selected']} "
             f"(torch reports CPU capability {torch.backends.cpu.get_cpu_capability()})"
         )
+        if "cpu_bf16_forward" in bi:
+            print(f"  CPU bf16 attention forward: {bi['cpu_bf16_forward']}")
         print(f"  CUDA kernels: {'yes' if bi['cuda'] else 'no'} ({bi['cuda_reason']})")
         if bi["torch_version"].split("+")[0] != torch.__version__.split("+")[0]:
             print(

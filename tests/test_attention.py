@@ -715,3 +715,74 @@ def test_torch_func_grad_and_jacrev(gen, transform, entry, backend):
     if backend in FUSED_BACKENDS:  # the reference differentiates twice
         with pytest.raises(RuntimeError, match="double backward is not supported"):
             torch.func.grad(lambda q: _func_transform("grad", fn, w_d)(q, k_d, v_d)[1].sum())(q_d)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU bf16 forward paths (csrc/cpu/dispatch.cpp): AMX tiles, vdpbf16ps dot products, or bf16 widened to fp32,
+# chosen from cpuid and FUSEDATTN_CPU_BF16 (read at every call). Every path available here must meet the 2x rule;
+# on a CPU without the instructions a forced path falls back to widening, which must meet it too.
+# --------------------------------------------------------------------------------------------------------------
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _bf16_info() -> str:
+    return fusedattn._C.build_info()["cpu_bf16_forward"]
+
+
+@pytest.mark.parametrize("path", ["auto", "amx", "avx512_bf16", "off"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(B=1, H=2, Hkv=2, Lq=64, Lk=64, D=64, Dv=64, causal="none"),
+        dict(B=2, H=4, Hkv=2, Lq=77, Lk=301, D=64, Dv=64, causal="bottom_right"),
+        dict(B=1, H=2, Hkv=1, Lq=130, Lk=97, D=128, Dv=128, causal="top_left"),
+        dict(B=1, H=2, Hkv=2, Lq=70, Lk=259, D=96, Dv=32, causal="none", window=(17, 3)),
+        dict(B=1, H=2, Hkv=2, Lq=33, Lk=47, D=40, Dv=24, causal="none"),  # not an AMX shape: widened
+        dict(B=1, H=1, Hkv=1, Lq=65, Lk=129, D=64, Dv=64, causal="none", softcap=20.0),
+        dict(B=1, H=2, Hkv=2, Lq=40, Lk=90, D=64, Dv=64, causal="none", mask=True),
+    ],
+    ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()),
+)
+def test_cpu_bf16_forward_paths(path, case, gen, monkeypatch):
+    if "cpu_bf16_forward" not in fusedattn._C.build_info():
+        pytest.skip("fusedattn._C reports no bf16 forward path")
+    monkeypatch.setenv("FUSEDATTN_CPU_BF16", path)
+    c = dict(case)
+    B, H, Hkv, Lq, Lk, D, Dv = (c.pop(n) for n in ("B", "H", "Hkv", "Lq", "Lk", "D", "Dv"))
+    mask = randn(B, 1, Lq, Lk, gen=gen) if c.pop("mask", False) else None
+    q = randn(B, H, Lq, D, dtype=torch.bfloat16, gen=gen)
+    # K and V with non-contiguous strides (the AMX and dot-product paths copy or read them in place)
+    k = randn(B, Lk, Hkv, D, dtype=torch.bfloat16, gen=gen).transpose(1, 2)
+    v = randn(B, Hkv, Lk, Dv, dtype=torch.bfloat16, gen=gen)
+    check_forward(q, k, v, attn_mask=mask, **c)
+
+
+def test_cpu_bf16_path_reported():
+    """`info` names the path: AMX where the CPU has it (and the build), and the reason otherwise."""
+    bi = fusedattn._C.build_info()
+    if "cpu_bf16_forward" not in bi:
+        pytest.skip("fusedattn._C reports no bf16 forward path")
+    line = _bf16_info()
+    flags = _cpu_flags()
+    built = "AVX512_BF16" in bi["cpu_isas"].split(",")
+    if built and bi["cpu_isa_selected"] == "AVX512" and {"amx_bf16", "amx_tile"} <= flags:
+        assert line.startswith("AMX tiles"), line
+    else:
+        assert "widened to fp32" in line and "AMX" in line, line
+
+
+def test_cpu_bf16_env_off_and_bad_value(monkeypatch):
+    monkeypatch.setenv("FUSEDATTN_CPU_BF16", "off")
+    assert "turned off by FUSEDATTN_CPU_BF16=off" in _bf16_info()
+    monkeypatch.setenv("FUSEDATTN_CPU_BF16", "fast")
+    q = torch.randn(1, 1, 8, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="FUSEDATTN_CPU_BF16"):
+        fusedattn.attention(q, q, q)

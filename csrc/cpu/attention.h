@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace fusedattn::cpu {
 
@@ -64,12 +65,21 @@ struct AttnBwdParams {
 FUSEDATTN_DECLARE_ISA(DEFAULT)
 FUSEDATTN_DECLARE_ISA(AVX2)
 FUSEDATTN_DECLARE_ISA(AVX512)
+FUSEDATTN_DECLARE_ISA(AVX512_BF16)  // the forward's bf16 case only (vdpbf16ps); everything else is AVX512's
 #undef FUSEDATTN_DECLARE_ISA
+namespace AVX512_BF16 {
+// The bf16 forward on AMX tiles (D % 32 == 0, Dv % 16 == 0); built when the compiler has -mamx-bf16
+// (FUSEDATTN_HAS_AMX), called only after the process has the kernel's permission to use AMX state.
+void attention_fwd_amx_kernel(const AttnFwdParams& p);
+}
 
 // Run-time choice (dispatch.cpp).
 void attention_fwd_dispatch(const AttnFwdParams& p);
 void attention_bwd_dispatch(const AttnBwdParams& p);
 // Name of the ISA the dispatcher uses on this machine ("AVX512", "AVX2" or "DEFAULT").
 const char* selected_isa();
+// What serves the bf16 attention forward here and why (AMX tiles, vdpbf16ps, or the selected ISA's
+// widening kernel with the reason). Follows FUSEDATTN_CPU_BF16 as it is now.
+std::string bf16_forward_path();
 
 }  // namespace fusedattn::cpu

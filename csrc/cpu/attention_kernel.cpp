@@ -5,6 +5,8 @@
 // Design, and why it beats ATen's cpu_flash_attention on small core counts:
 //  * All arithmetic is fp32. bf16/fp16 inputs are converted exactly once (K to row-major fp32,
 //    V into GEMM panels, Q per query block); fp32 K is read in place, whatever its strides.
+//    Exception: the AVX512_BF16 build's bf16 forward (fwd_impl's kPath) multiplies bf16 operands on
+//    AMX tiles or with vdpbf16ps, accumulating in fp32; dispatch.cpp says when each is used.
 //  * Our own register-tiled GEMM micro-kernel (MR x NR = 6x16 on AVX2, 12x32 on AVX-512, ~94%
 //    of one core's FMA peak measured) instead of BLAS calls that re-pack K for every query block.
 //    It broadcasts A elements through arbitrary (row, k) strides, so K, P^T and dS^T need no
@@ -23,6 +25,9 @@
 #include <vector>
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
 #endif
 
 #include "cpu/attention.h"
@@ -111,7 +116,9 @@ void pack_col_panels(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t
 // ---------------------------------------------------------------------------------------------
 // Query rows per block: a compile-time constant so the per-column statistics of a whole block
 // (BM / VL vectors) live in registers while the key rows stream past.
-constexpr int64_t BLOCK_M_FWD = 64;  // multiple of NR on every ISA
+constexpr int64_t BLOCK_M_FWD = 64;  // multiple of NR on every ISA; four 16-query AMX tiles
+constexpr int64_t AMX_ROWS = 16;       // rows of every AMX tile; 32 bf16 (16 pairs) or 16 fp32 per row
+constexpr int64_t AMX_TILE_KEYS = 32;  // keys per row of an AMX A tile of V^T
 constexpr int XV = BLOCK_M_FWD / VL;  // vectors per scores row
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -142,7 +149,12 @@ inline vfloat exp2_nonpositive(vfloat t) {
 // running sum l (l = alpha * l + sum), alpha = exp(m_old - m_new) for rescaling O, and a NaN flag
 // (a NaN score makes the row NaN at the end; its statistics are kept finite meanwhile).
 // Both passes walk st row by row (contiguous) with the column state in registers.
-void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alpha, float* nan_flag) {
+// kPackBf16 (the AVX512_BF16 build's bf16 forward): instead of writing p back into st, write it
+// rounded to bf16 into pb in the key-pair layout of the P.V dot products (see PairGemm below);
+// the running sum l still adds the fp32 values, as torch's CPU flash attention and FlashAttention do.
+template <bool kPackBf16 = false>
+void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alpha, float* nan_flag,
+                          uint16_t* pb = nullptr) {
   constexpr int64_t BM = BLOCK_M_FWD;
   vfloat mx[XV];
   vint isnan[XV];
@@ -179,13 +191,34 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
     vfloat sum[XH];
 #pragma GCC unroll 16
     for (int x = 0; x < XH; ++x) sum[x] = vfloat{};
-    for (int64_t j = 0; j < nk; ++j) {
-      float* row = st + j * BM + x0 * VL;
+    if constexpr (kPackBf16) {
+#if defined(__AVX512BF16__)
+      // Key rows j and j+1 -> one key pair: lane 2r + h of the 32 bf16 holds key j + h of query r.
+      const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                  23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      for (int64_t j = 0; j < nk; j += 2) {
+        const float* row = st + j * BM + x0 * VL;
+        const bool two = j + 1 < nk;  // an odd last key pairs with a zero (its V row is zero too)
+        uint16_t* dst = pb + (j / 2) * 2 * BM + x0 * VL * 2;
 #pragma GCC unroll 16
-      for (int x = 0; x < XH; ++x) {
-        const vfloat e = exp2_nonpositive((load_v(row + x * VL) + neg_m[x0 + x]) * kLog2e);
-        store_v(row + x * VL, e);
-        sum[x] += e;
+        for (int x = 0; x < XH; ++x) {
+          const vfloat e0 = exp2_nonpositive((load_v(row + x * VL) + neg_m[x0 + x]) * kLog2e);
+          const vfloat e1 = two ? exp2_nonpositive((load_v(row + BM + x * VL) + neg_m[x0 + x]) * kLog2e) : vfloat{};
+          sum[x] += e0 + e1;
+          const __m512i lo_hi = (__m512i)_mm512_cvtne2ps_pbh((__m512)e1, (__m512)e0);  // [e0 x16 | e1 x16]
+          _mm512_storeu_si512(dst + x * VL * 2, _mm512_permutexvar_epi16(interleave, lo_hi));
+        }
+      }
+#endif
+    } else {
+      for (int64_t j = 0; j < nk; ++j) {
+        float* row = st + j * BM + x0 * VL;
+#pragma GCC unroll 16
+        for (int x = 0; x < XH; ++x) {
+          const vfloat e = exp2_nonpositive((load_v(row + x * VL) + neg_m[x0 + x]) * kLog2e);
+          store_v(row + x * VL, e);
+          sum[x] += e;
+        }
       }
     }
 #pragma GCC unroll 16
@@ -195,14 +228,168 @@ void column_softmax_block(float* st, int64_t nk, float* m, float* l, float* alph
     }
   }
 }
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------------------------------------
+// bf16 dot products (AVX512_BF16 build only). vdpbf16ps takes two vectors of 16 pairs of bf16 and
+// adds both products of pair i to fp32 lane i: acc[i] += a[2i] * b[2i] + a[2i+1] * b[2i+1]. The
+// products are exact in fp32, so against widening to fp32 and FMAs it only changes the order of
+// the additions, and it does 32 multiply-adds per instruction instead of 16 with no conversions.
+// Operands are laid out so that the reduction index runs along the pair:
+//   A (M rows): element pair (r, kp) = the two bf16 at A + r*a_rs + kp*a_ks, broadcast as one
+//               32-bit value (K rows in place: a_rs = row stride, a_ks = 2; P: a_rs = 2, a_ks = 2*BM);
+//   B (panels of NR = 32 columns): for pair kp, 64 bf16 = two vectors, lane c of vector v holds
+//               (X[2kp][v*16 + c], X[2kp+1][v*16 + c]).
+// Mode 0: C = out_scale * AB; mode 2: C = row_scale[r] * C + AB (the online-softmax rescale).
+// ---------------------------------------------------------------------------------------------
+static_assert(VL == 16 && NR == 32, "the bf16 dot-product path is written for 16-lane AVX-512 vectors");
+constexpr int64_t PAIR_PANEL = 2 * NR;  // bf16 per pair step of a B panel
+
+template <int M>
+inline void pair_micro_kernel(int64_t KP, const uint16_t* __restrict A, int64_t a_rs, int64_t a_ks,
+                              const uint16_t* __restrict B, float* __restrict C, int64_t ldc, int mode,
+                              const float* row_scale, float out_scale) {
+  __m512 c0[M], c1[M];
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    c0[r] = _mm512_setzero_ps();
+    c1[r] = _mm512_setzero_ps();
+  }
+  for (int64_t kp = 0; kp < KP; ++kp) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + kp * PAIR_PANEL);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + kp * PAIR_PANEL + NR);
+    const uint16_t* a = A + kp * a_ks;
+#pragma GCC unroll 16
+    for (int r = 0; r < M; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * a_rs, sizeof(pair));
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+      c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < M; ++r) {
+    float* c = C + r * ldc;
+    if (mode == 0) {
+      const __m512 s = _mm512_set1_ps(out_scale);
+      _mm512_storeu_ps(c, _mm512_mul_ps(c0[r], s));
+      _mm512_storeu_ps(c + VL, _mm512_mul_ps(c1[r], s));
+    } else {
+      const __m512 s = _mm512_set1_ps(row_scale[r]);
+      _mm512_storeu_ps(c, _mm512_fmadd_ps(_mm512_loadu_ps(c), s, c0[r]));
+      _mm512_storeu_ps(c + VL, _mm512_fmadd_ps(_mm512_loadu_ps(c + VL), s, c1[r]));
+    }
+  }
+}
+
+template <int M>
+inline void pair_micro_dispatch(int m, int64_t KP, const uint16_t* A, int64_t a_rs, int64_t a_ks, const uint16_t* B,
+                                float* C, int64_t ldc, int mode, const float* rs, float out_scale) {
+  if constexpr (M > 0) {
+    if (m == M) return pair_micro_kernel<M>(KP, A, a_rs, a_ks, B, C, ldc, mode, rs, out_scale);
+    return pair_micro_dispatch<M - 1>(m, KP, A, a_rs, a_ks, B, C, ldc, mode, rs, out_scale);
+  }
+}
+
+// C[M x (n_panels*NR)] op= A[M x 2KP] . B, B = n_panels pair panels (panel p at Bp + p*panel_stride).
+inline void pair_gemm(int64_t M, int64_t n_panels, int64_t KP, const uint16_t* A, int64_t a_rs, int64_t a_ks,
+                      const uint16_t* Bp, int64_t panel_stride, float* C, int64_t ldc, int mode,
+                      const float* row_scale, float out_scale = 1.f) {
+  for (int64_t p = 0; p < n_panels; ++p) {
+    const uint16_t* b = Bp + p * panel_stride;
+    float* c = C + p * NR;
+    int64_t r = 0;
+    for (; r + MR <= M; r += MR)
+      pair_micro_kernel<MR>(KP, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
+                            row_scale ? row_scale + r : nullptr, out_scale);
+    if (r < M)
+      pair_micro_dispatch<MR - 1>(static_cast<int>(M - r), KP, A + r * a_rs, a_rs, a_ks, b, c + r * ldc, ldc, mode,
+                                  row_scale ? row_scale + r : nullptr, out_scale);
+  }
+}
+
+// X (rows x cols, bf16, any strides) as pair panels over its columns, the reduction running over
+// rows: out[p*panel_stride + (i/2)*64 + v*32 + c*2 + i%2] = X[i][p*32 + v*16 + c], zero beyond
+// rows / cols; panel_stride = cdiv(rows, 2) * 64. (V for P.V: rows = keys.)
+inline void pack_pair_panels_rows(const c10::BFloat16* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                                  uint16_t* out) {
+  const int64_t n_panels = cdiv(cols, NR), panel_stride = cdiv(rows, 2) * PAIR_PANEL;
+  std::memset(out, 0, n_panels * panel_stride * sizeof(uint16_t));
+  for (int64_t i = 0; i < rows; ++i) {
+    const c10::BFloat16* s = src + i * rs;
+    uint16_t* o = out + (i / 2) * PAIR_PANEL + (i % 2);
+    for (int64_t col = 0; col < cols; ++col) o[(col / NR) * panel_stride + (col % NR) * 2] = s[col * cs].x;
+  }
+}
+
+// X^T as pair panels, the reduction running over X's columns (Q for K.Q^T: rows = queries):
+// out[p*panel_stride + (d/2)*64 + v*32 + c*2 + d%2] = X[p*32 + v*16 + c][d], zero beyond rows / cols;
+// panel_stride = cdiv(cols, 2) * 64; n_panels panels are written (rows <= n_panels*32).
+inline void pack_pair_panels_cols(const c10::BFloat16* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols,
+                                  int64_t n_panels, uint16_t* out) {
+  const int64_t panel_stride = cdiv(cols, 2) * PAIR_PANEL;
+  std::memset(out, 0, n_panels * panel_stride * sizeof(uint16_t));
+  for (int64_t r = 0; r < rows; ++r) {
+    const c10::BFloat16* s = src + r * rs;
+    uint16_t* o = out + (r / NR) * panel_stride + (r % NR) * 2;
+    for (int64_t d = 0; d < cols; ++d) o[(d / 2) * PAIR_PANEL + (d % 2)] = s[d * cs].x;
+  }
+}
+#endif  // __AVX512BF16__
+
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define FUSEDATTN_AMX 1
+// ---------------------------------------------------------------------------------------------
+// AMX tiles. tdpbf16ps C, A, B: C (16 x 16 fp32) += A (16 rows x 32 bf16) . B, B being 16 rows of
+// 16 bf16 pairs (B row k, pair n = (X[2k][n], X[2k+1][n])): the same pair layout as the vdpbf16ps
+// B panels above, so the Q block and P are packed once for either. Every tile is 16 rows x 64
+// bytes; tiles 0-3 accumulate (four 16-query column tiles), 4 holds A, 5 holds B. The tile state
+// is per thread: each task loads the configuration and releases it when it ends.
+// ---------------------------------------------------------------------------------------------
+struct TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+// GCC's tile intrinsics are asm statements that declare no memory operands (ldtilecfg declares 8
+// of its 64 bytes): a compiler barrier before tile loads and after tile stores keeps ordinary
+// loads and stores of the same buffers on the right side of them.
+inline void amx_barrier() { __asm__ volatile("" ::: "memory"); }
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 6; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  amx_barrier();
+  _tile_loadconfig(&cfg);
+  amx_barrier();
+}
+// The tile number of an intrinsic is pasted into the instruction text: one literal per
+// accumulator tile.
+#define FUSEDATTN_ACC_TILES(X) X(0) X(1) X(2) X(3)
+#endif
+
 // Keys per forward block; the FUSEDATTN_CPU_BLOCK_N knob (kernel_utils.h) overrides it.
 inline int64_t block_n_fwd() {
   static const int64_t v = env_block_size("FUSEDATTN_CPU_BLOCK_N", 256, 4096, MR);
   return v;
 }
 
-template <typename T>
+// kPath: how the two products are computed.
+//  kWiden (every ISA, every dtype): inputs widened to fp32, the register-tile FMA GEMM above.
+//  kPairDot (bf16, AVX512_BF16 build): vdpbf16ps on bf16 operands, K read in place (or copied,
+//    still bf16), V and the Q block packed into pair panels, P rounded to bf16 by the softmax.
+//  kAmx (bf16, AVX512_BF16 build with AMX; D % 32 == 0, Dv % 16 == 0): the same operands on AMX
+//    tiles; K copied into zero-padded rows, V transposed (O is accumulated transposed, Dv x
+//    queries, so that P^T is the B operand in the layout the softmax writes).
+// The scores, softmax statistics and O stay fp32 in every path; masking, softcap and the online
+// softmax are shared code.
+enum FwdPath : int { kWiden = 0, kPairDot = 1, kAmx = 2 };
+
+template <typename T, int kPath = kWiden>
 void fwd_impl(const AttnFwdParams& p) {
+  constexpr bool kPair = kPath == kPairDot, kTiles = kPath == kAmx, kBf16Ops = kPath != kWiden;
   const int64_t B = p.B, Hq = p.Hq, Hkv = p.Hkv, Lq = p.Lq, Lk = p.Lk, D = p.D, Dv = p.Dv;
   const int64_t group = Hq / Hkv;
   const T* q = static_cast<const T*>(p.q);
@@ -214,13 +401,61 @@ void fwd_impl(const AttnFwdParams& p) {
   const Band band{Lk, p.mask.diag_offset, p.mask.window_left, p.mask.window_right};
   constexpr bool kIsFloat = std::is_same_v<T, float>;
 
-  // K as the A operand: fp32 inputs in place, others converted once to row-major fp32.
-  const bool k_in_place = kIsFloat;
+  // K as the A operand: fp32 inputs in place, others converted once to row-major fp32. The pair
+  // path reads bf16 K in place when its pairs are adjacent (last stride 1, even D), else it copies
+  // K into rows of D2 = round_up(D, 2) bf16 (zero pad).
+  const int64_t D2 = round_up(D, 2), Lk2 = round_up(Lk, 2);
+  const bool k_in_place = kIsFloat || (kPair && p.k_stride[3] == 1 && D % 2 == 0);
+  // AMX: K rows padded by one tile of zero rows (the scores of a block are computed for whole
+  // tiles of 16 keys); V^T rows of ldvt keys, zero past Lk (P.V runs over whole tiles of 32 keys).
+  const int64_t ldvt = Lk2 + 2 * AMX_TILE_KEYS;
   // V is always packed into row panels (a cheap, contiguous copy): reading fp32 V in place, the
   // panel's rows sit one V row apart and alias in L1 (measured ~7% slower at D=64).
-  const int64_t k_conv_sz = k_in_place ? 0 : Lk * D, v_pack_sz = Dv_pad * Lk;
+  // (The pair path's buffers hold bf16: half as many floats.)
+  const int64_t k_conv_sz =
+      k_in_place ? 0 : (kTiles ? (Lk + AMX_TILE_KEYS) * D2 / 2 : (kPair ? cdiv(Lk * D2, 2) : Lk * D));
+  const int64_t v_pack_sz = kTiles ? Dv * ldvt / 2 : (kPair ? Dv_pad * Lk2 / 2 : Dv_pad * Lk);
   Scratch k_conv(B * Hkv * k_conv_sz), v_pack(B * Hkv * v_pack_sz);
-  {
+  if constexpr (kTiles) {
+#if defined(FUSEDATTN_AMX)
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        const c10::BFloat16* kb = reinterpret_cast<const c10::BFloat16*>(k) + b * p.k_stride[0] + h * p.k_stride[1];
+        uint16_t* kc = reinterpret_cast<uint16_t*>(k_conv.data() + bh * k_conv_sz);
+        for (int64_t j = 0; j < Lk; ++j)
+          for (int64_t d = 0; d < D; ++d) kc[j * D2 + d] = kb[j * p.k_stride[2] + d * p.k_stride[3]].x;
+        std::memset(kc + Lk * D2, 0, AMX_TILE_KEYS * D2 * sizeof(uint16_t));
+        const c10::BFloat16* vsrc = reinterpret_cast<const c10::BFloat16*>(v) + b * p.v_stride[0] + h * p.v_stride[1];
+        uint16_t* vt = reinterpret_cast<uint16_t*>(v_pack.data() + bh * v_pack_sz);
+        for (int64_t col = 0; col < Dv; ++col) {
+          uint16_t* row = vt + col * ldvt;
+          for (int64_t j = 0; j < Lk; ++j) row[j] = vsrc[j * p.v_stride[2] + col * p.v_stride[3]].x;
+          std::memset(row + Lk, 0, (ldvt - Lk) * sizeof(uint16_t));
+        }
+      }
+    });
+#endif
+  } else if constexpr (kPair) {
+#if defined(__AVX512BF16__)
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / Hkv, h = bh % Hkv;
+        if (!k_in_place) {
+          const c10::BFloat16* kb = reinterpret_cast<const c10::BFloat16*>(k) + b * p.k_stride[0] + h * p.k_stride[1];
+          uint16_t* kc = reinterpret_cast<uint16_t*>(k_conv.data() + bh * k_conv_sz);
+          for (int64_t j = 0; j < Lk; ++j) {
+            for (int64_t d = 0; d < D; ++d) kc[j * D2 + d] = kb[j * p.k_stride[2] + d * p.k_stride[3]].x;
+            if (D2 > D) kc[j * D2 + D] = 0;
+          }
+        }
+        pack_pair_panels_rows(reinterpret_cast<const c10::BFloat16*>(v) + b * p.v_stride[0] + h * p.v_stride[1],
+                              p.v_stride[2], p.v_stride[3], Lk, Dv,
+                              reinterpret_cast<uint16_t*>(v_pack.data() + bh * v_pack_sz));
+      }
+    });
+#endif
+  } else {
     at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / Hkv, h = bh % Hkv;
@@ -236,24 +471,43 @@ void fwd_impl(const AttnFwdParams& p) {
   const int64_t nqb = cdiv(Lq, BM);
   struct Ctx {
     std::vector<float> qt, st, o, m, l, alpha, lo, hi, nan;
+    std::vector<uint16_t> qp, pb;  // bf16 paths: Q block pair panels (BM x D2), P pairs (cdiv(BN, 2) x BM x 2)
+    std::vector<float> orow;       // AMX: one output row gathered from O^T
   };
+  // AMX: the scores of whole 16-key tiles, P pairs of whole 32-key tiles.
+  const int64_t st_rows = kTiles ? round_up(BN, AMX_ROWS) : BN;
+  const int64_t pb_pairs = kTiles ? round_up(cdiv(BN, 2), AMX_ROWS) : cdiv(BN, 2);
   run_tasks(
       B * Hq * nqb,
       [&] {
-        return Ctx{std::vector<float>(std::max<int64_t>(D, 1) * BM), std::vector<float>(BN * BM),
+        return Ctx{std::vector<float>(kBf16Ops ? 0 : std::max<int64_t>(D, 1) * BM), std::vector<float>(st_rows * BM),
                    std::vector<float>(BM * Dv_pad), std::vector<float>(BM), std::vector<float>(BM),
                    std::vector<float>(BM), std::vector<float>(BM), std::vector<float>(BM),
-                   std::vector<float>(BM)};
+                   std::vector<float>(BM), std::vector<uint16_t>(kBf16Ops ? BM * D2 : 0),
+                   std::vector<uint16_t>(kBf16Ops ? pb_pairs * 2 * BM : 0), std::vector<float>(kTiles ? Dv_pad : 0)};
       },
       [&](Ctx& c, int64_t t) {
         // Heaviest (last, for causal) query blocks first, heads interleaved.
         const int64_t qb = nqb - 1 - t / (B * Hq), bh = t % (B * Hq);
         const int64_t b = bh / Hq, h = bh % Hq, hk = h / group;
         const int64_t i0 = qb * BM, rows = std::min(BM, Lq - i0);
-        // qt: BM/NR column panels (D x NR) of scale * q[b, h, i0:i0+rows, :] (zero beyond rows)
-        pack_col_panels(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
-                        p.q_stride[3], rows, D, c.qt.data(), p.scale);
-        std::fill(c.qt.begin() + cdiv(rows, NR) * D * NR, c.qt.end(), 0.f);  // lanes past the last query
+#if defined(FUSEDATTN_AMX)
+        if constexpr (kTiles) amx_configure();
+#endif
+        if constexpr (kBf16Ops) {
+          // qp: BM/NR pair panels of q[b, h, i0:i0+rows, :], unscaled (exact bf16; the scale is
+          // applied to the fp32 scores)
+#if defined(__AVX512BF16__)
+          pack_pair_panels_cols(reinterpret_cast<const c10::BFloat16*>(q) + b * p.q_stride[0] + h * p.q_stride[1] +
+                                    i0 * p.q_stride[2],
+                                p.q_stride[2], p.q_stride[3], rows, D, BM / NR, c.qp.data());
+#endif
+        } else {
+          // qt: BM/NR column panels (D x NR) of scale * q[b, h, i0:i0+rows, :] (zero beyond rows)
+          pack_col_panels(q + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2], p.q_stride[2],
+                          p.q_stride[3], rows, D, c.qt.data(), p.scale);
+          std::fill(c.qt.begin() + cdiv(rows, NR) * D * NR, c.qt.end(), 0.f);  // lanes past the last query
+        }
         std::fill(c.o.begin(), c.o.end(), 0.f);
         std::fill(c.m.begin(), c.m.end(), kNegInf);
         std::fill(c.l.begin(), c.l.end(), 0.f);
@@ -261,17 +515,61 @@ void fwd_impl(const AttnFwdParams& p) {
         const int64_t bk = b * Hkv + hk;
         const float* ka = k_in_place ? reinterpret_cast<const float*>(k) + b * p.k_stride[0] + hk * p.k_stride[1]
                                      : k_conv.data() + bk * k_conv_sz;
-        const int64_t ka_rs = k_in_place ? p.k_stride[2] : D, ka_ks = k_in_place ? p.k_stride[3] : 1;
+        const int64_t ka_rs = k_in_place ? p.k_stride[2] : (kBf16Ops ? D2 : D), ka_ks = k_in_place ? p.k_stride[3] : 1;
         const float* vb = v_pack.data() + bk * v_pack_sz;
+        // Pair path: K rows as bf16 (in place or the copy), V pair panels.
+        [[maybe_unused]] const uint16_t* kpair =
+            !kBf16Ops ? nullptr
+            : k_in_place
+                ? reinterpret_cast<const uint16_t*>(reinterpret_cast<const c10::BFloat16*>(k) + b * p.k_stride[0] +
+                                                    hk * p.k_stride[1])
+                : reinterpret_cast<const uint16_t*>(k_conv.data() + bk * k_conv_sz);
+        [[maybe_unused]] const uint16_t* vpair = reinterpret_cast<const uint16_t*>(vb);
         const float* mask_b =
             p.mask.mask ? p.mask.mask + b * p.mask.mask_stride[0] + h * p.mask.mask_stride[1] : nullptr;
-        const int64_t n_lo = band.lo(i0), n_hi = band.hi(i0 + rows - 1);  // keys any row can see
+        // Keys any row can see; the pair path starts at an even key (V pairs are keys 2kp, 2kp+1: a
+        // key before band.lo(i0) is then in the block and the band masks it).
+        const int64_t n_lo = kBf16Ops ? band.lo(i0) / 2 * 2 : band.lo(i0), n_hi = band.hi(i0 + rows - 1);
         const int64_t n_panels = BM / NR;
         for (int64_t n0 = n_lo; n0 < n_hi; n0 += BN) {
           const int64_t nk = std::min(BN, n_hi - n0);  // key rows of st
           float* st = c.st.data();
           // st (nk x BM) = k[n0:n0+nk] . qt
-          gemm_panels(nk, n_panels, D, ka + n0 * ka_rs, ka_rs, ka_ks, c.qt.data(), D * NR, st, BM, 0);
+          if constexpr (kTiles) {
+#if defined(FUSEDATTN_AMX)
+            // 16 keys x 64 queries per step: A = 16 K rows x 32 dims, B = the Q pair panel of 16
+            // queries x 16 dim pairs (panel t / 2, vector t % 2: 128 bytes per dim pair).
+            const int64_t q_panel = D2 / 2 * PAIR_PANEL;
+            amx_barrier();
+            for (int64_t j0 = 0; j0 < nk; j0 += AMX_ROWS) {
+#define FUSEDATTN_ZERO(t) _tile_zero(t);
+              FUSEDATTN_ACC_TILES(FUSEDATTN_ZERO)
+#undef FUSEDATTN_ZERO
+              for (int64_t d0 = 0; d0 < D; d0 += 32) {
+                _tile_loadd(4, kpair + (n0 + j0) * ka_rs + d0, ka_rs * 2);
+                const uint16_t* qd = c.qp.data() + d0 / 2 * PAIR_PANEL;
+#define FUSEDATTN_QK(t)                                                                    \
+  _tile_loadd(5, qd + ((t) / 2) * q_panel + ((t) % 2) * VL * 2, PAIR_PANEL * 2);          \
+  _tile_dpbf16ps(t, 4, 5);
+                FUSEDATTN_ACC_TILES(FUSEDATTN_QK)
+#undef FUSEDATTN_QK
+              }
+#define FUSEDATTN_STORE_S(t) _tile_stored(t, st + j0 * BM + (t) * VL, BM * 4);
+              FUSEDATTN_ACC_TILES(FUSEDATTN_STORE_S)
+#undef FUSEDATTN_STORE_S
+            }
+            amx_barrier();
+            const Vec sc(p.scale);
+            for (int64_t x = 0; x < nk * BM; x += VL) (Vec::loadu(st + x) * sc).store(st + x);
+#endif
+          } else if constexpr (kPair) {
+#if defined(__AVX512BF16__)
+            pair_gemm(nk, n_panels, D2 / 2, kpair + n0 * ka_rs, ka_rs, 2, c.qp.data(), D2 / 2 * PAIR_PANEL, st, BM,
+                      0, nullptr, p.scale);
+#endif
+          } else {
+            gemm_panels(nk, n_panels, D, ka + n0 * ka_rs, ka_rs, ka_ks, c.qt.data(), D * NR, st, BM, 0);
+          }
           if (p.softcap > 0.f) {
             const Vec capv(p.softcap), inv(1.f / p.softcap);
             for (int64_t x = 0; x < nk * BM; x += VL) ((Vec::loadu(st + x) * inv).tanh() * capv).store(st + x);
@@ -304,17 +602,64 @@ void fwd_impl(const AttnFwdParams& p) {
               }
             }
           }
-          column_softmax_block(st, nk, c.m.data(), c.l.data(), c.alpha.data(), c.nan.data());
-          // o (BM x Dv_pad) = alpha * o + st^T . v[n0:n0+nk]
-          gemm_panels(rows, Dv_pad / NR, nk, st, 1, BM, vb + n0 * NR, Lk * NR, c.o.data(), Dv_pad, 2,
-                      c.alpha.data());
+          if constexpr (kTiles) {
+#if defined(FUSEDATTN_AMX)
+            column_softmax_block<true>(st, nk, c.m.data(), c.l.data(), c.alpha.data(), c.nan.data(), c.pb.data());
+            const int64_t pairs = cdiv(nk, 2), pairs_pad = round_up(pairs, AMX_ROWS);
+            std::memset(c.pb.data() + pairs * 2 * BM, 0, (pairs_pad - pairs) * 2 * BM * sizeof(uint16_t));
+            // o^T (Dv x BM) = alpha * o^T + v[n0:n0+nk]^T . p: rescale the columns, then 16 value
+            // dims x 64 queries per step: A = 16 rows of V^T x 32 keys, B = 16 key pairs x 16 queries.
+            float* ot = c.o.data();
+            for (int64_t col = 0; col < Dv; ++col)
+              for (int64_t x = 0; x < BM; x += VL)
+                (Vec::loadu(ot + col * BM + x) * Vec::loadu(c.alpha.data() + x)).store(ot + col * BM + x);
+            amx_barrier();
+            for (int64_t c0 = 0; c0 < Dv; c0 += AMX_ROWS) {
+#define FUSEDATTN_LOAD_O(t) _tile_loadd(t, ot + c0 * BM + (t) * VL, BM * 4);
+              FUSEDATTN_ACC_TILES(FUSEDATTN_LOAD_O)
+#undef FUSEDATTN_LOAD_O
+              for (int64_t kp0 = 0; kp0 < pairs_pad; kp0 += AMX_ROWS) {
+                _tile_loadd(4, vpair + c0 * ldvt + n0 + 2 * kp0, ldvt * 2);
+                const uint16_t* pk = c.pb.data() + kp0 * 2 * BM;
+#define FUSEDATTN_PV(t)                                    \
+  _tile_loadd(5, pk + (t) * VL * 2, 2 * BM * 2);          \
+  _tile_dpbf16ps(t, 4, 5);
+                FUSEDATTN_ACC_TILES(FUSEDATTN_PV)
+#undef FUSEDATTN_PV
+              }
+#define FUSEDATTN_STORE_O(t) _tile_stored(t, ot + c0 * BM + (t) * VL, BM * 4);
+              FUSEDATTN_ACC_TILES(FUSEDATTN_STORE_O)
+#undef FUSEDATTN_STORE_O
+            }
+            amx_barrier();
+#endif
+          } else if constexpr (kPair) {
+#if defined(__AVX512BF16__)
+            column_softmax_block<true>(st, nk, c.m.data(), c.l.data(), c.alpha.data(), c.nan.data(), c.pb.data());
+            // o (BM x Dv_pad) = alpha * o + p^T . v[n0:n0+nk]   (n0 even: pair n0/2 of the V panels)
+            pair_gemm(rows, Dv_pad / NR, cdiv(nk, 2), c.pb.data(), 2, 2 * BM, vpair + n0 / 2 * PAIR_PANEL,
+                      Lk2 / 2 * PAIR_PANEL, c.o.data(), Dv_pad, 2, c.alpha.data());
+#endif
+          } else {
+            column_softmax_block(st, nk, c.m.data(), c.l.data(), c.alpha.data(), c.nan.data());
+            // o (BM x Dv_pad) = alpha * o + st^T . v[n0:n0+nk]
+            gemm_panels(rows, Dv_pad / NR, nk, st, 1, BM, vb + n0 * NR, Lk * NR, c.o.data(), Dv_pad, 2,
+                        c.alpha.data());
+          }
         }
         const int64_t out_rs = p.out_stride[2];
         T* out_rows = out + b * p.out_stride[0] + h * p.out_stride[1] + i0 * out_rs;
         float* lse_rows = p.lse + b * p.lse_stride[0] + h * p.lse_stride[1] + i0;
+#if defined(FUSEDATTN_AMX)
+        if constexpr (kTiles) _tile_release();
+#endif
         for (int64_t r = 0; r < rows; ++r) {
           const float m = c.m[r], l = c.l[r];
           const float* o = c.o.data() + r * Dv_pad;
+          if constexpr (kTiles) {  // row r of O is column r of O^T
+            for (int64_t col = 0; col < Dv; ++col) c.orow[col] = c.o[col * BM + r];
+            o = c.orow.data();
+          }
           if (c.nan[r] != 0.f || l != l) {  // a NaN score, or a +inf one (inf - inf in the update)
             store_row(o, NAN, out_rows + r * out_rs, Dv);
             lse_rows[r] = NAN;
@@ -481,10 +826,23 @@ void bwd_impl(const AttnBwdParams& p) {
 void attention_fwd_kernel(const AttnFwdParams& p) {
   switch (p.dtype) {
     case InDtype::kFloat32: return fwd_impl<float>(p);
-    case InDtype::kBFloat16: return fwd_impl<c10::BFloat16>(p);
+    case InDtype::kBFloat16:
+#if defined(__AVX512BF16__)
+      return fwd_impl<c10::BFloat16, kPairDot>(p);
+#else
+      return fwd_impl<c10::BFloat16>(p);
+#endif
     case InDtype::kFloat16: return fwd_impl<c10::Half>(p);
   }
 }
+
+#if defined(FUSEDATTN_AMX)
+void attention_fwd_amx_kernel(const AttnFwdParams& p) {
+  TORCH_CHECK(p.dtype == InDtype::kBFloat16 && p.D % 32 == 0 && p.Dv % 16 == 0,
+              "fusedattn (cpu): the AMX forward takes bf16 with D % 32 == 0 and Dv % 16 == 0");
+  fwd_impl<c10::BFloat16, kAmx>(p);
+}
+#endif
 
 void attention_bwd_kernel(const AttnBwdParams& p) {
   switch (p.dtype) {
