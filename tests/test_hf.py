@@ -260,3 +260,99 @@ def test_hf_decode_arbitrary_mask_falls_back_visibly(gen):
         out, _ = fhf.fusedattn_attention_forward(module, q, k, v, mask)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     assert (out - ref.transpose(1, 2)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# attention sinks: transformers' gpt-oss attention passes its `sinks` parameter to the hook as `s_aux`
+def _gpt_oss(impl: str, state=None, dtype=torch.float32):  # (its experts take no float64)
+    config = transformers.GptOssConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,  # layer 0 sliding (window 8), layer 1 full attention
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM._from_config(config, attn_implementation=impl).eval()
+    if state is None:
+        with torch.no_grad():  # sinks large enough to matter (the init's std 0.02 would hardly show)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2 + 1)
+    else:
+        model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def test_hf_gpt_oss_sinks_logits_match_eager(gen, monkeypatch):
+    eager = _gpt_oss("eager")
+    state = eager.state_dict()
+    ours = _gpt_oss("fusedattn", state)
+    seen = []
+    real = fusedattn.attention
+    monkeypatch.setattr(fusedattn, "attention", lambda *a, **k: seen.append(k.get("sinks")) or real(*a, **k))
+    idx, mask = _left_padded(gen, T=13)  # longer than the window: layer 0's sliding mask matters
+    kw = dict(attention_mask=mask, position_ids=_positions(mask))
+    with torch.no_grad():
+        out, ref = ours(idx, **kw).logits, eager(idx, **kw).logits
+        for layer in eager.model.layers:  # the same model without sinks (a sink of -inf weighs nothing)
+            layer.self_attn.sinks.fill_(-float("inf"))
+        no_sinks = eager(idx, **kw).logits
+    assert len(seen) == 2 and all(s is not None and s.shape == (4,) for s in seen)
+    keep = mask.bool()
+    err = (out[keep] - ref[keep]).abs().max()
+    assert err < 1e-4, err
+    assert (no_sinks[keep] - ref[keep]).abs().max() > 100 * max(err, 1e-6)  # the sinks change the logits
+
+
+def test_hf_gpt_oss_sinks_generate_matches_eager(gen, monkeypatch):
+    eager = _gpt_oss("eager")
+    ours = _gpt_oss("fusedattn", eager.state_dict())
+    calls = []
+    real = fusedattn.decode_attention
+    monkeypatch.setattr(
+        fusedattn, "decode_attention", lambda *a, **k: calls.append(k.get("sinks") is not None) or real(*a, **k)
+    )
+    idx, mask = _left_padded(gen, T=13)
+    kw = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        theirs, out = eager.generate(idx, **kw), ours.generate(idx, **kw)
+    assert torch.equal(out.sequences, theirs.sequences)
+    assert len(calls) == 11 * 2 and all(calls)  # every one-token step of both layers, with the sinks
+    for a, b in zip(out.scores, theirs.scores):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_hf_gpt_oss_sinks_gradient_matches_eager(gen):
+    eager = _gpt_oss("eager")
+    ours = _gpt_oss("fusedattn", eager.state_dict())
+    idx = torch.randint(3, V, (2, 11), generator=gen)
+    grads = []
+    for m in (ours, eager):
+        m.zero_grad()
+        m(idx, labels=idx).loss.backward()
+        grads.append(torch.stack([layer.self_attn.sinks.grad for layer in m.model.layers]))
+    assert grads[1].abs().max() > 1e-6
+    assert (grads[0] - grads[1]).abs().max() < 1e-4 * max(1.0, float(grads[1].abs().max()))
+
+
+def test_hf_sinks_fallback_keeps_the_sinks(gen):
+    """output_attentions has no fused path; the fallback must not drop the sinks as sdpa's function would."""
+    q = torch.randn(2, 4, 5, 16, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, 5, 16, generator=gen, dtype=torch.float64) for _ in range(2))
+    sinks = torch.randn(4, generator=gen, dtype=torch.float64)
+    module = torch.nn.Module()
+    with pytest.warns(UserWarning, match="eager"):
+        out, w = fhf.fusedattn_attention_forward(module, q, k, v, None, s_aux=sinks, output_attentions=True)
+    ref = fusedattn.reference.attention_ref(q, k, v, causal=True, sinks=sinks, compute_dtype=torch.float64)
+    assert (out - ref.transpose(1, 2)).abs().max() < 1e-12
+    assert w.shape == (2, 4, 5, 5) and bool((w.sum(-1) < 1).all())  # the sink takes its share of every row

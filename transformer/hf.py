@@ -26,7 +26,10 @@ Which kernel a call gets:
     hands the same mask to every layer).
   * everything else -- prefill, masks that are not such ranges (arbitrary masks), float (additive) masks, rows
     that see no key, grads, and masked calls under torch.compile (the analysis reads the mask's values) --
-    runs the dense ``fusedattn.attention`` with the mask. For a decode step with a mask that is not such ranges
+    runs the dense ``fusedattn.attention`` with the mask.
+  * attention sinks (gpt-oss: transformers passes the module's ``sinks`` parameter as ``s_aux``) go to either
+    kernel as ``sinks=`` (differentiable through the dense kernel); the fallbacks for dropout / attention weights
+    use an eager computation with the sinks, since transformers' sdpa function would drop them. For a decode step with a mask that is not such ranges
     (or a float mask, or k and v strides that differ) that is a visible fallback: a ``UserWarning`` names the
     reason. Both kernels give the same result up to rounding; the decode kernel is the one built for few rows.
 """
@@ -144,7 +147,7 @@ def _pages(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((_num_pages(t), 1, Hkv, D), (sL, sL, sH, 1))
 
 
-def _decode(query, key, value, plan: _Plan, scaling, window, softcap):
+def _decode(query, key, value, plan: _Plan, scaling, window, softcap, sinks=None):
     """decode_attention over transformers' caches; returns (B, Lq, Hq, D) or None when the layout does not fit."""
     q = query.transpose(1, 2)  # (B, Lq, Hq, D), a view
     if plan.uniform:
@@ -169,8 +172,31 @@ def _decode(query, key, value, plan: _Plan, scaling, window, softcap):
         scale=scaling,
         window=window,
         softcap=softcap,
+        sinks=sinks,
         backend=_backend,
     )
+
+
+def _eager_with_sinks(module, query, key, value, mask, dropout, scaling, is_causal, sinks):
+    """The visible fallback for a model with attention sinks (gpt-oss's eager attention, in float32 statistics):
+    scores, the sink logit appended to every row, softmax, the sink column dropped, dropout, @ value."""
+    B, Hq, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    scale = scaling if scaling is not None else D**-0.5
+    k = key.repeat_interleave(Hq // Hkv, dim=1)
+    v = value.repeat_interleave(Hq // Hkv, dim=1)
+    acc = torch.promote_types(query.dtype, torch.float32)  # statistics in float32 at least
+    s = torch.matmul(query, k.transpose(2, 3)).to(acc) * scale
+    if mask is not None:
+        mask = mask[..., :Lk]
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.to(acc)
+    elif (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Lq > 1:
+        # transformers' meaning of no mask with Lq > 1 (sdpa's is_causal): top-left, as in the dense path below
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    logits = torch.cat([s, sinks.to(acc).reshape(1, Hq, 1, 1).expand(B, Hq, Lq, 1)], dim=-1)
+    p = torch.softmax(logits, dim=-1)[..., :-1]
+    p = torch.nn.functional.dropout(p, p=dropout, training=True).to(value.dtype)
+    return torch.matmul(p, v).transpose(1, 2).contiguous(), p
 
 
 def fusedattn_attention_forward(
@@ -187,15 +213,19 @@ def fusedattn_attention_forward(
     """transformers' attention-function signature: query (B, Hq, Lq, D), key / value (B, Hkv, Lk, D) (already
     concatenated with the cache), attention_mask (B or 1, 1, Lq, Lk) bool / additive float or None.
     Returns (attn_output (B, Lq, Hq, D), None)."""
+    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per query head joining every row's softmax
     if dropout > 0.0 or kwargs.get("output_attentions", False) or kwargs.get("position_bias") is not None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
         warnings.warn(
-            "fusedattn: falling back to transformers' sdpa attention (dropout > 0, output_attentions "
-            "or a position bias: the fused kernels have none of these)",
+            "fusedattn: falling back to transformers' "
+            + ("eager" if sinks is not None else "sdpa")
+            + " attention (dropout > 0, output_attentions or a position bias: the fused kernels have none of these)",
             UserWarning,
             stacklevel=2,
         )
+        if sinks is not None:  # sdpa cannot express sinks
+            return _eager_with_sinks(module, query, key, value, attention_mask, dropout, scaling, is_causal, sinks)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
@@ -209,7 +239,8 @@ def fusedattn_attention_forward(
     sliding = kwargs.get("sliding_window")
     if 0 < Lq <= DECODE_MAX_QUERIES and Lk > Lq and B > 0:
         out, why = None, ""
-        if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        needs_grad = any(t is not None and t.requires_grad for t in (query, key, value, sinks))
+        if torch.is_grad_enabled() and needs_grad:
             why = None  # decode_attention is inference-only; the dense kernel has a backward (not a fallback)
         elif mask is not None and torch.compiler.is_compiling():
             why = None  # the mask analysis reads values (a graph break); the dense kernel takes the mask as is
@@ -217,7 +248,7 @@ def fusedattn_attention_forward(
             plan, why = _plan_for(attention_mask, mask, B, Lq, Lk, query.device, bool(is_causal))
             if plan is not None:
                 window = (int(sliding) - 1, 0) if sliding is not None and mask is None else (-1, -1)
-                out = _decode(query, key, value, plan, scaling, window, softcap)
+                out = _decode(query, key, value, plan, scaling, window, softcap, sinks)
                 why = "a cache layout without a page-size-1 view (k and v strides differ)" if out is None else ""
         if out is not None:
             return out, None
@@ -247,6 +278,7 @@ def fusedattn_attention_forward(
         attn_mask=mask,
         softcap=softcap,
         window=window,
+        sinks=sinks,
         backend=_backend,
     )  # (B, Hq, Lq, D)
     return out.transpose(1, 2).contiguous(), None
