@@ -105,9 +105,11 @@ def _check_varlen(dout, q, k, v, out, lse, dq, dk, dv, cu_q, cu_k, max_q, max_k,
 # ------------------------------------------------------------------------------------------------
 # the reference backward: the formula above, with materialized scores (fusedattn/reference.py's semantics)
 # ------------------------------------------------------------------------------------------------
-def _dense_reference(dout, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, _g):
+def _dense_reference(dout, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap, g):
     """(B, H, L, D) tensors; float32 arithmetic, like the reference forward. Written out rather than through the
-    reference's autograd: an op's impl runs below the autograd dispatch key, where no graph is recorded."""
+    reference's autograd: an op's impl runs below the autograd dispatch key, where no graph is recorded.
+    attn_mask: None, bool (True = attend) or additive float, broadcast to (B, Hq, Lq, Lk), as the forward's;
+    g: the lse's gradient (B, Hq, Lq) or None, as the fused backward ops take it."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -123,11 +125,17 @@ def _dense_reference(dout, q, k, v, out, lse, attn_mask, scale, window_left, win
     visible = make_window_mask(
         Lq, Lk, False, "bottom_right" if bottom_right else "top_left", (window_left, window_right), device=q.device
     )
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask.to(f32)
     lse_c = lse.to(f32).unsqueeze(-1)  # (B, Hq, Lq, 1)
     # P = exp(S - lse) on visible keys of rows that see any (lse -inf: the row has no probability mass)
     keep = visible & (lse_c > float("-inf"))
     probs = torch.where(keep, torch.exp(scores - torch.where(keep, lse_c, 0.0)), 0.0)
     d_rows = (dout_c * out.to(f32)).sum(-1, keepdim=True)  # D: (B, Hq, Lq, 1)
+    if g is not None:
+        d_rows = d_rows - g.to(f32).unsqueeze(-1)  # d lse / d S = P
     dv = probs.transpose(-2, -1) @ dout_c  # (B, Hq, Lk, Dv)
     ds = probs * (dout_c @ vc.transpose(-2, -1) - d_rows)  # (B, Hq, Lq, Lk)
     if tanh is not None:
@@ -162,32 +170,11 @@ def _varlen_reference(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, 
             wr,
             True,
             softcap,
-            None,
+            None if _g is None else _g[:, sq:eq].unsqueeze(0),
         )
         for dst, x, s, e in ((dq, g[0], sq, eq), (dk, g[1], sk, ek), (dv, g[2], sk, ek)):
             dst[s:e] = x[0].transpose(0, 1)
     return dq, dk, dv
-
-
-def _triton_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, bottom_right, softcap, g):
-    # the Triton varlen op is always bottom-right aligned: no bottom_right argument
-    return torch.ops.fusedattn.triton_varlen_bwd(
-        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, g
-    )
-
-
-# backend (as dispatch.resolve names it for the forward family) -> the backward its forward's autograd runs
-_DENSE_BACKWARD = {
-    "cpu": lambda: torch.ops.fusedattn.attention_bwd,
-    "cuda": lambda: torch.ops.fusedattn.attention_bwd,  # the dispatcher picks the CUDA kernel from the device
-    "triton": lambda: torch.ops.fusedattn.triton_attention_bwd,
-    "reference": lambda: _dense_reference,
-}
-_VARLEN_BACKWARD = {
-    "cpu": lambda: torch.ops.fusedattn.varlen_bwd,
-    "triton": lambda: _triton_varlen_bwd,
-    "reference": lambda: _varlen_reference,
-}
 
 
 def _copy_grads(grads, dq, dk, dv, layout: str = "bhld") -> None:
@@ -226,7 +213,7 @@ def attention_backward(
     entry = dispatch.resolve("attention", backend, case)
     douth, qh, kh, vh, outh = _to_bhld(layout, dout, q, k, v, out)
     with torch.no_grad():
-        grads = _DENSE_BACKWARD[entry.backend]()(
+        grads = dispatch.backward_op("attention", entry.backend)(
             douth,
             qh,
             kh,
@@ -280,7 +267,7 @@ def varlen_attention_backward(
     case = dispatch.Case(q.device, q.dtype, q.shape[-1], v.shape[-1], softcap=softcap)
     entry = dispatch.resolve("varlen", backend, case)
     with torch.no_grad():
-        grads = _VARLEN_BACKWARD[entry.backend]()(
+        grads = dispatch.backward_op("varlen", entry.backend)(
             dout,
             q,
             k,

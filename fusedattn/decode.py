@@ -31,9 +31,6 @@ from .sinks import apply_sinks
 
 __all__ = ["decode_attention", "merge_attention_states"]
 
-# None when the Triton decode ops (kernels/decode.py, imported by fusedattn/dispatch.py) are registered, else why not.
-_TRITON_IMPORT_ERROR: Optional[str] = dispatch.AVAILABILITY[("decode", "triton")]
-
 
 def _cache_rows_aligned(*caches: torch.Tensor) -> bool:
     """Every row of the caches starts on a 16-byte boundary (what the CUDA kernel's cp.async needs). While

@@ -300,6 +300,24 @@ def _triton_varlen(
     )
 
 
+def _triton_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, bottom_right, softcap, g):
+    # the Triton varlen op is always bottom-right aligned: no bottom_right argument
+    return torch.ops.fusedattn.triton_varlen_bwd(
+        dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, g
+    )
+
+
+def _backward_reference(name: str):
+    """backward.py's float32 formula (imported when the table is built: backward.py imports this module)."""
+
+    def factory():
+        from . import backward
+
+        return getattr(backward, name)
+
+    return factory
+
+
 def _varlen_reference(
     q,
     k,
@@ -414,6 +432,43 @@ _SPEC = {
     },
 }
 FAMILIES = tuple(_SPEC)  # ("attention", "sdpa", "varlen", "decode", "merge")
+# The differentiable families: backend -> factory of the backward its forward pairs with (the same backend, so the
+# same availability), one signature per family:
+#   attention: bwd(dout, q, k, v, out, lse, attn_mask, scale, window_left, window_right, bottom_right, softcap,
+#                  grad_lse) -> (dq, dk, dv), (B, H, L, D) tensors
+#   varlen:    bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+#                  window_left, window_right, bottom_right, softcap, grad_lse) -> (dq, dk, dv), packed tensors
+# The ops' autograd (fusedattn/_ops.py) pairs each forward op with its backward op by name; this table is what the
+# callers that run a backward on their own (fusedattn/backward.py's ops, the ring in distributed.py) read.
+_BACKWARD_SPEC = {
+    "attention": {
+        "cpu": lambda: _op("attention_bwd"),
+        "triton": lambda: _op("triton_attention_bwd"),
+        "cuda": lambda: _op("attention_bwd"),
+        "reference": _backward_reference("_dense_reference"),
+    },
+    "varlen": {
+        "cpu": lambda: _op("varlen_bwd"),
+        "triton": lambda: _triton_varlen_bwd,
+        "reference": _backward_reference("_varlen_reference"),
+    },
+}
+_BACKWARD_OPS: Dict[Tuple[str, str], Callable] = {}
+
+
+def backward_op(family: str, backend: str) -> Callable:
+    """The backward of ``resolve(family, ...)``'s entry ``backend`` (see _BACKWARD_SPEC for the signatures)."""
+    if family not in _BACKWARD_SPEC:
+        raise ValueError(f"family must be one of {tuple(_BACKWARD_SPEC)} (the differentiable ones), got {family!r}")
+    factory = _BACKWARD_SPEC[family].get(backend)
+    reason = AVAILABILITY.get((family, backend), "not in the table")
+    if factory is None or reason is not None:
+        raise RuntimeError(f"fusedattn backend {backend!r} has no {family} backward here: {reason or 'none written'}")
+    if (family, backend) not in _BACKWARD_OPS:
+        _BACKWARD_OPS[(family, backend)] = factory()
+    return _BACKWARD_OPS[(family, backend)]
+
+
 FALLBACK = {
     "attention": "reference",
     "sdpa": "torch",

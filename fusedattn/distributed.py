@@ -42,9 +42,6 @@ from . import checks, dispatch
 
 __all__ = ["ring_attention", "shard", "unshard", "sdpa_for_context_parallel"]
 
-# the backward op of each backend's forward (dense and varlen); the reference has none
-_DENSE_BWD = {"cpu": "attention_bwd", "cuda": "attention_bwd", "triton": "triton_attention_bwd"}
-_VARLEN_BWD = {"cpu": "varlen_bwd", "triton": "triton_varlen_bwd"}
 _KV_TAG, _DKV_TAG = 0, 1  # two exchanges can be in flight at once in the backward: gloo matches them by tag
 
 # When a dict, the ring adds the seconds it spends blocked on communication to _timing["wait_s"] and counts
@@ -344,19 +341,11 @@ def _block_backward(spec: _Spec, task: _Task, dout, q, k, v, out, lse):
     dop, op_ = _take(dout, sdim, task.q_part).contiguous(), _take(out, sdim, task.q_part).contiguous()
     lp = _take(lse, ldim, task.q_part).contiguous()
     entry = _resolve(spec, q, v, task.mask is not None)
-    table = _VARLEN_BWD if spec.varlen else _DENSE_BWD
-    if entry.backend not in table:
-        raise RuntimeError(
-            f"ring_attention backward: backend {entry.backend!r} has no fused backward op to run a block with "
-            f"the global out and lse (use backend='cpu', 'cuda' or 'triton')"
-        )
-    bwd = getattr(torch.ops.fusedattn, table[entry.backend])
+    bwd = dispatch.backward_op("varlen" if spec.varlen else "attention", entry.backend)
     wl, wr = task.window_left, task.window_right
     if not spec.varlen:
         return bwd(dop, qp, kp, vp, op_, lp, task.mask, spec.scale, wl, wr, False, spec.softcap, None)
     lens = (task.cu_q, task.cu_k, task.max_q, task.max_k, spec.scale, wl, wr)
-    if entry.backend == "triton":  # the Triton varlen op is always bottom-right: no bottom_right argument
-        return bwd(dop, qp, kp, vp, op_, lp, *lens, spec.softcap, None)
     return bwd(dop, qp, kp, vp, op_, lp, *lens, True, spec.softcap, None)
 
 

@@ -39,7 +39,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from . import checks
+from . import checks, dispatch
 from .api import attention
 from .backward import attention_backward as _attention_backward_op
 from .backward import varlen_attention_backward as _varlen_backward_op
@@ -662,8 +662,8 @@ def install(backend: str = "auto") -> None:
     FLASH_ATTN_VERSION; functions called without ``backend=`` then use ``backend``. Logs and warns once. A package
     that already imported the real flash-attn keeps it. Undo with ``uninstall()``."""
     global _saved, _DEFAULT_BACKEND
-    if backend not in ("auto", "cpu", "triton", "cuda", "reference"):
-        raise ValueError(f"backend must be one of auto, cpu, triton, cuda, reference, got {backend!r}")
+    if backend not in dispatch.CHOICES:
+        raise ValueError(f"backend must be one of {', '.join(dispatch.CHOICES)}, got {backend!r}")
     _DEFAULT_BACKEND = backend
     if _saved is not None:
         return

@@ -484,7 +484,7 @@ def _availability(dispatch, missing=(), reason="not installed here"):
 def test_dispatch_names_and_availability():
     from fusedattn import dispatch
 
-    assert dispatch.BACKENDS == ("cpu", "triton", "cuda", "reference")
+    assert {"cpu", "triton", "cuda", "reference"} <= set(dispatch.BACKENDS)  # a new backend adds itself
     assert fusedattn.BACKENDS == ("auto",) + dispatch.BACKENDS  # what backend= accepts
     assert set(dispatch.available_backends()) == set(dispatch.BACKENDS)
     assert dispatch.available_backends()["reference"] is None
@@ -568,24 +568,24 @@ def test_explicit_backend_raises_with_the_reason(monkeypatch):
 
 
 def test_public_modules_compare_no_backend_names():
-    """Dispatch is data: api.py, decode.py and varlen.py call the resolved entry's op, never branch on a name."""
+    """Dispatch is data: the public modules call the resolved entry's op (or its backward), never branch on a name."""
     import inspect
 
-    from fusedattn import api, decode, varlen
+    from fusedattn import api, backward, decode, distributed, varlen
 
     names = "|".join(("auto",) + fusedattn.dispatch.BACKENDS + ("torch",))
     pattern = re.compile(rf"""(==|!=|\bin|\bis)\s*\(?\s*["']({names})["']|["']({names})["']\s*(==|!=|\bin\b)""")
-    for module in (api, decode, varlen):
+    for module in (api, decode, varlen, backward, distributed):
         hits = pattern.findall(inspect.getsource(module))
         assert not hits, f"{module.__name__} compares backend names: {hits}"
 
 
 def test_one_max_splits(gen):
     """One bound on num_splits: the build's (C++) where it exports one, used by the public check and the Triton op."""
-    from fusedattn import checks, decode
+    from fusedattn import checks
 
     assert checks.MAX_SPLITS == fusedattn._ops._BUILD_INFO.get("max_splits", 1024)
-    if decode._TRITON_IMPORT_ERROR is None:
+    if fusedattn.dispatch.AVAILABILITY[("decode", "triton")] is None:
         from fusedattn.kernels import decode as kd
 
         assert kd.MAX_SPLITS is checks.MAX_SPLITS
@@ -821,3 +821,36 @@ def test_fallback_warnings_point_at_the_callers_line(gen):
     with pytest.warns(UserWarning, match="falling back") as record:
         fusedattn.scaled_dot_product_attention(q, k, v)
     assert record[0].filename == __file__ and record[0].lineno == here.f_lineno - 1
+
+
+@pytest.mark.parametrize("family", ["attention", "varlen"])
+def test_backward_table_entries_share_one_signature(family, gen):
+    """dispatch.backward_op: every backend's backward takes the family's one signature (mask and grad_lse
+    included), so callers that run a backward on their own (backward.py's ops, the ring) never branch on names."""
+    from fusedattn import dispatch
+
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 9, 13, 16
+    names = [b for b in dispatch.BACKENDS if b in ("cpu", "reference") and dispatch.AVAILABILITY[(family, b)] is None]
+    if len(names) < 2:
+        pytest.skip("needs the CPU kernels")
+    with pytest.raises(RuntimeError, match="no varlen backward"):
+        dispatch.backward_op("varlen", "cuda")
+    with pytest.raises(ValueError, match="differentiable"):
+        dispatch.backward_op("decode", "cpu")
+    if family == "attention":
+        q, k, v = randn(B, Hq, Lq, D, gen=gen), randn(B, Hkv, Lk, D, gen=gen), randn(B, Hkv, Lk, D, gen=gen)
+        mask = torch.rand(B, 1, Lq, Lk, generator=gen) > 0.3
+        out, lse = attention_ref(q, k, v, attn_mask=mask, return_lse=True)
+        dout, glse = randn(*out.shape, gen=gen), randn(*lse.shape, gen=gen)
+        args = (dout, q, k, v, out, lse, mask, D**-0.5, -1, 0, True, 0.0, glse)
+    else:
+        cu_q, cu_k = torch.tensor([0, 4, 9], dtype=torch.int32), torch.tensor([0, 6, 13], dtype=torch.int32)
+        q, k, v = randn(9, Hq, D, gen=gen), randn(13, Hkv, D, gen=gen), randn(13, Hkv, D, gen=gen)
+        out, lse = fusedattn.varlen_attention(q, k, v, cu_q, cu_k, 5, 7, causal=True, return_lse=True)
+        dout, glse = randn(*out.shape, gen=gen), randn(*lse.shape, gen=gen)
+        args = (dout, q, k, v, out, lse, cu_q, cu_k, 5, 7, D**-0.5, -1, 0, True, 0.0, glse)
+    got = {name: dispatch.backward_op(family, name)(*args) for name in names}
+    for a, b in zip(got["cpu"], got["reference"]):
+        assert (a.float() - b.float()).abs().max() < 1e-4
+    no_glse = dispatch.backward_op(family, "reference")(*args[:-1], None)
+    assert (no_glse[0] - got["reference"][0]).abs().max() > 1e-3  # grad_lse reaches the reference too
