@@ -32,23 +32,37 @@ def _config(kind: str):
     common = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if kind == "gpt2":
         return transformers.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4, **common)
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **common,
-    )
+    llama_like = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **common)
+    if kind == "gpt_oss":  # layer 0 sliding (window 8), layer 1 full attention; attention sinks
+        return transformers.GptOssConfig(
+            intermediate_size=64,
+            head_dim=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            sliding_window=8,
+            max_position_embeddings=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            **llama_like,
+        )
+    return transformers.LlamaConfig(intermediate_size=128, max_position_embeddings=64, **llama_like)
+
+
+_MODELS = {
+    "gpt2": transformers.GPT2LMHeadModel,
+    "llama": transformers.LlamaForCausalLM,
+    "gpt_oss": transformers.GptOssForCausalLM,  # (its experts take no float64)
+}
 
 
 def _model(kind: str, impl: str, dtype=torch.float32, state=None):
-    cls = transformers.GPT2LMHeadModel if kind == "gpt2" else transformers.LlamaForCausalLM
     torch.manual_seed(0)
-    model = cls._from_config(_config(kind), attn_implementation=impl).eval()
+    model = _MODELS[kind]._from_config(_config(kind), attn_implementation=impl).eval()
     if state is not None:
         model.load_state_dict(state)
+    elif kind == "gpt_oss":
+        with torch.no_grad():  # sinks large enough to matter (the init's std 0.02 would hardly show)
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2 + 1)
     return model.to(dtype)
 
 
@@ -264,39 +278,10 @@ def test_hf_decode_arbitrary_mask_falls_back_visibly(gen):
 
 # ------------------------------------------------------------------------------------------------
 # attention sinks: transformers' gpt-oss attention passes its `sinks` parameter to the hook as `s_aux`
-def _gpt_oss(impl: str, state=None, dtype=torch.float32):  # (its experts take no float64)
-    config = transformers.GptOssConfig(
-        vocab_size=V,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,  # layer 0 sliding (window 8), layer 1 full attention
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        sliding_window=8,
-        max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM._from_config(config, attn_implementation=impl).eval()
-    if state is None:
-        with torch.no_grad():  # sinks large enough to matter (the init's std 0.02 would hardly show)
-            for layer in model.model.layers:
-                layer.self_attn.sinks.copy_(torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2 + 1)
-    else:
-        model.load_state_dict(state)
-    return model.to(dtype)
-
-
 def test_hf_gpt_oss_sinks_logits_match_eager(gen, monkeypatch):
-    eager = _gpt_oss("eager")
+    eager = _model("gpt_oss", "eager")
     state = eager.state_dict()
-    ours = _gpt_oss("fusedattn", state)
+    ours = _model("gpt_oss", "fusedattn", state=state)
     seen = []
     real = fusedattn.attention
     monkeypatch.setattr(fusedattn, "attention", lambda *a, **k: seen.append(k.get("sinks")) or real(*a, **k))
@@ -315,8 +300,8 @@ def test_hf_gpt_oss_sinks_logits_match_eager(gen, monkeypatch):
 
 
 def test_hf_gpt_oss_sinks_generate_matches_eager(gen, monkeypatch):
-    eager = _gpt_oss("eager")
-    ours = _gpt_oss("fusedattn", eager.state_dict())
+    eager = _model("gpt_oss", "eager")
+    ours = _model("gpt_oss", "fusedattn", state=eager.state_dict())
     calls = []
     real = fusedattn.decode_attention
     monkeypatch.setattr(
@@ -333,8 +318,8 @@ def test_hf_gpt_oss_sinks_generate_matches_eager(gen, monkeypatch):
 
 
 def test_hf_gpt_oss_sinks_gradient_matches_eager(gen):
-    eager = _gpt_oss("eager")
-    ours = _gpt_oss("fusedattn", eager.state_dict())
+    eager = _model("gpt_oss", "eager")
+    ours = _model("gpt_oss", "fusedattn", state=eager.state_dict())
     idx = torch.randint(3, V, (2, 11), generator=gen)
     grads = []
     for m in (ours, eager):

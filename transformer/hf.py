@@ -26,12 +26,12 @@ Which kernel a call gets:
     hands the same mask to every layer).
   * everything else -- prefill, masks that are not such ranges (arbitrary masks), float (additive) masks, rows
     that see no key, grads, and masked calls under torch.compile (the analysis reads the mask's values) --
-    runs the dense ``fusedattn.attention`` with the mask.
-  * attention sinks (gpt-oss: transformers passes the module's ``sinks`` parameter as ``s_aux``) go to either
-    kernel as ``sinks=`` (differentiable through the dense kernel); the fallbacks for dropout / attention weights
-    use an eager computation with the sinks, since transformers' sdpa function would drop them. For a decode step with a mask that is not such ranges
+    runs the dense ``fusedattn.attention`` with the mask. For a decode step with a mask that is not such ranges
     (or a float mask, or k and v strides that differ) that is a visible fallback: a ``UserWarning`` names the
     reason. Both kernels give the same result up to rounding; the decode kernel is the one built for few rows.
+  * attention sinks (gpt-oss: transformers passes the module's ``sinks`` parameter as ``s_aux``) go to either
+    kernel as ``sinks=`` (differentiable through the dense kernel); the fallbacks for dropout / attention weights
+    use an eager computation with the sinks, since transformers' sdpa function would drop them.
 """
 
 from __future__ import annotations
